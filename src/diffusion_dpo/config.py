@@ -1,0 +1,338 @@
+"""Typed configuration: dataclasses are the schema, YAML files and dotted overrides fill them.
+
+    cfg = load_config("configs/sd15_dpo.yaml", ["train.beta=5000", "lora.rank=16"])
+
+Unknown keys and values of the wrong type raise ConfigError naming the exact key. The resolved
+config is written next to every output (`save_config`) so a run can always be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = ""
+    """Hub id or local folder of a diffusers pipeline (model_index.json, unet/, vae/, text_encoder/ ...)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of `pretrained`."""
+    variant: Optional[str] = None
+    """Weight variant to load, e.g. 'fp16' for *.fp16.safetensors."""
+    family: Literal["auto", "sd", "sdxl", "lcm"] = "auto"
+    """Model family; 'auto' detects it from the pipeline folder."""
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
+    """Override the scheduler's prediction type (default: read from scheduler/scheduler_config.json)."""
+    vae: Optional[str] = None
+    """Optional separate VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix."""
+    frozen_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """dtype of the frozen VAE and text encoders (and of a frozen reference copy, unless reference_dtype is set)."""
+    reference_dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None
+    """dtype of the frozen reference UNet for full fine-tuning (default: frozen_dtype)."""
+    reference_on_cpu: bool = False
+    """Full fine-tuning only: keep the frozen reference UNet on the CPU and move it per step (saves GPU memory)."""
+    lcm_guidance_scale: float = 8.0
+    """LCM UNets only: guidance scale fed through the guidance embedding (time_cond_proj_dim)."""
+    trust_remote_code: bool = False
+    """Never execute code from a model repository unless this is set."""
+
+
+@dataclass
+class DataConfig:
+    source: str = ""
+    """Hub dataset id, parquet file or glob, saved `datasets` folder, JSONL/CSV manifest, folder pair, or a prepared cache folder."""
+    format: Literal["auto", "pickapic", "manifest", "folders", "cache"] = "auto"
+    """How to read `source`; 'auto' decides from what it points at."""
+    split: str = "train"
+    """Split to read from a hub dataset or a saved DatasetDict."""
+    resolution: int = 512
+    """Training resolution in pixels (images are resized and cropped to a square of this size)."""
+    crop: Literal["center", "random"] = "center"
+    """Crop after resizing the short side to `resolution`."""
+    random_flip: bool = False
+    """Randomly flip images horizontally."""
+    shared_transforms: bool = False
+    """Apply the same random crop and flip to both images of a pair. The official code draws them independently (False)."""
+    caption_dropout: float = 0.0
+    """Probability, per pair, of replacing the prompt with the empty string (paper: 0.2)."""
+    drop_ties: bool = True
+    """Drop tied pairs (label 0.5) and count them. Setting False is an error for tie labels: a tie has no winner."""
+    on_corrupt: Literal["skip", "error"] = "skip"
+    """A corrupt or missing image: skip its pair and count it ('skip'), or stop with an error ('error')."""
+    max_pairs: Optional[int] = None
+    """Use at most this many pairs (after dropping ties), for quick runs."""
+    prompts_file: Optional[str] = None
+    """Folder format: file with one prompt per image name ('name<TAB>prompt' lines or a JSON {name: prompt})."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    cache_dir: Optional[str] = None
+    """Where `prepare` writes (and `train` looks for) a latent cache; None: encode on the fly."""
+    latent_sampling: Literal["sample", "mean"] = "sample"
+    """From a cache: draw latents from the stored VAE distribution like the official code ('sample') or use its mean."""
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    """LoRA rank r."""
+    alpha: Optional[float] = None
+    """LoRA alpha (default: equal to rank, i.e. scale 1)."""
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """UNet module names that receive an adapter."""
+    init_weights: Literal["default", "gaussian"] = "default"
+    """'default' starts the B matrices at zero, so the policy begins exactly at the reference."""
+    export_kohya: bool = False
+    """Also write the LoRA in the kohya / A1111 / ComfyUI key format (lora_unet_*)."""
+
+
+@dataclass
+class TrainConfig:
+    method: Literal["dpo", "sft"] = "dpo"
+    """'dpo': Diffusion-DPO (Wallace et al. 2024, eq. 14); 'sft': diffusion loss on the preferred image only."""
+    beta: float = 2000.0
+    """DPO temperature. With error_reduction='mean' (official code) the effective temperature is beta/(2*C*H*W). See docs/losses.md."""
+    error_reduction: Literal["mean", "sum"] = "mean"
+    """Per-sample error: mean over C,H,W (official code, default) or sum (the paper's pseudocode)."""
+    finetune: Literal["lora", "full"] = "lora"
+    learning_rate: float = 1e-5
+    """Peak learning rate, used as given (no scaling by batch size). See docs/recipes.md for the paper's numbers."""
+    scale_lr: bool = False
+    """Multiply learning_rate by batch_size * gradient_accumulation * num_processes (the official launchers' convention)."""
+    batch_size: int = 1
+    """Pairs per device per micro-batch."""
+    gradient_accumulation: int = 1
+    max_steps: int = 2000
+    """Optimizer steps."""
+    optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 0
+    warmup_ratio: Optional[float] = None
+    """Warm-up as a fraction of max_steps (overrides warmup_steps), e.g. 0.25 for the paper's SD1.5 run."""
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    allow_tf32: bool = True
+    checkpoint_every: int = 500
+    """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    checkpoints_total_limit: Optional[int] = 3
+    """Keep at most this many checkpoints (oldest removed first)."""
+    resume: Literal["auto", "never"] = "auto"
+    """'auto': continue from the latest checkpoint in output.dir if there is one."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss: stop the run with an error ('stop') or skip that optimizer step and log it ('skip')."""
+    timestep_range: tuple[int, int] = (0, 1000)
+    """Timesteps are drawn uniformly from [low, high) (clipped to the scheduler's num_train_timesteps)."""
+    log_every: int = 1
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs/run"
+    report_to: Literal["none", "tensorboard", "wandb", "auto"] = "auto"
+    """'auto': TensorBoard if installed, else only metrics.jsonl."""
+    save_full_pipeline: bool = False
+    """Full fine-tuning: also write a complete pipeline folder (not only unet/)."""
+    push_to_hub: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks; raise ConfigError naming the key and the fix."""
+        t, d = self.train, self.data
+        if t.beta <= 0 and t.method == "dpo":
+            raise ConfigError(f"train.beta must be > 0 for method 'dpo', got {t.beta}")
+        for key, value in (("train.batch_size", t.batch_size), ("train.gradient_accumulation", t.gradient_accumulation),
+                           ("train.max_steps", t.max_steps), ("data.resolution", d.resolution), ("lora.rank", self.lora.rank)):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if d.resolution % 8:
+            raise ConfigError(f"data.resolution must be a multiple of 8 (the VAE downsamples by 8), got {d.resolution}")
+        if not 0.0 <= d.caption_dropout < 1.0:
+            raise ConfigError(f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
+        if t.warmup_ratio is not None and not 0.0 <= t.warmup_ratio <= 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1], got {t.warmup_ratio}")
+        lo, hi = t.timestep_range
+        if not 0 <= lo < hi:
+            raise ConfigError(f"train.timestep_range must satisfy 0 <= low < high, got {t.timestep_range}")
+        if self.model.reference_on_cpu and t.finetune != "full":
+            raise ConfigError("model.reference_on_cpu only applies to train.finetune=full (LoRA needs no reference copy)")
+
+    @property
+    def warmup(self) -> int:
+        if self.train.warmup_ratio is not None:
+            return int(round(self.train.warmup_ratio * self.train.max_steps))
+        return self.train.warmup_steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic machinery: dict -> dataclass with type checks, dotted overrides, YAML round trip.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and minimally convert) `value` against the annotation `tp`; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a (nested) dict; unknown keys raise ConfigError naming them."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            + f"; valid keys under '{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names))}"
+        )
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    out = dataclasses.asdict(obj)
+
+    def fix(v):  # tuples -> lists so YAML stays plain
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [fix(x) for x in v]
+        return v
+
+    return fix(out)
+
+
+def apply_override(data: dict, override: str, schema: type) -> None:
+    """Apply one 'section.key=value' override to a nested dict (value parsed as YAML)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. train.beta=5000")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    # Walk the schema first so a typo names the key even when the YAML omitted that section.
+    cls = schema
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override; valid keys under '{where}': {', '.join(sorted(names))}")
+        cls = typing.get_type_hints(cls)[part]
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema: type = RunConfig) -> Any:
+    """Read YAML (optional), apply dotted overrides, build and validate the typed config."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, train: ...), got {type(loaded).__name__}")
+        data = loaded
+    for override in overrides or []:
+        apply_override(data, override, schema)
+    cfg = from_dict(schema, data)
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        validate()
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
