@@ -17,9 +17,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and the fix."""
+from diffusion_dpo.errors import ConfigError
 
 
 @dataclass
