@@ -1,0 +1,108 @@
+"""Frozen encoders: prompts -> text conditioning, pixels -> VAE latent distribution.
+
+Used both on the fly by the trainer and once by `diffusion-dpo prepare` (the cache), so the two
+paths compute exactly the same tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class TextConditioning:
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    pooled_prompt_embeds: Optional[torch.Tensor] = None  # (B, D2), SDXL only
+
+    def repeat_pairs(self) -> "TextConditioning":
+        """(B, ...) -> (2B, ...): the same conditioning for the winner rows and the loser rows."""
+        pooled = None if self.pooled_prompt_embeds is None else self.pooled_prompt_embeds.repeat(2, 1)
+        return TextConditioning(self.prompt_embeds.repeat(2, 1, 1), pooled)
+
+    def to(self, device=None, dtype=None) -> "TextConditioning":
+        pooled = None if self.pooled_prompt_embeds is None else self.pooled_prompt_embeds.to(device, dtype)
+        return TextConditioning(self.prompt_embeds.to(device, dtype), pooled)
+
+    def select(self, mask: torch.Tensor, other: "TextConditioning") -> "TextConditioning":
+        """Rows where `mask` is True take `other`'s rows (broadcast from one row): caption dropout."""
+        m = mask.view(-1, 1, 1).to(self.prompt_embeds.device)
+        embeds = torch.where(m, other.prompt_embeds.expand_as(self.prompt_embeds), self.prompt_embeds)
+        pooled = None
+        if self.pooled_prompt_embeds is not None:
+            pooled = torch.where(m[:, :, 0], other.pooled_prompt_embeds.expand_as(self.pooled_prompt_embeds),
+                                 self.pooled_prompt_embeds)
+        return TextConditioning(embeds, pooled)
+
+
+class PromptEncoder:
+    """SD/LCM: last hidden state of the CLIP text encoder. SDXL: penultimate hidden states of both
+    encoders concatenated on the feature axis, pooled = text_encoder_2's projected output
+    (as StableDiffusionXLPipeline.encode_prompt computes them)."""
+
+    def __init__(self, family: str, encoders: list, device: torch.device | str = "cpu"):
+        self.family = family
+        self.encoders = encoders  # [(tokenizer, text_encoder)]
+        self.device = torch.device(device)
+
+    def to(self, device) -> "PromptEncoder":
+        self.device = torch.device(device)
+        for _, enc in self.encoders:
+            enc.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> TextConditioning:
+        hidden, pooled = [], None
+        for tokenizer, encoder in self.encoders:
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.device)
+            if self.family == "sdxl":
+                out = encoder(ids, output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+                if "text_embeds" in out:
+                    pooled = out.text_embeds
+            else:
+                hidden.append(encoder(ids).last_hidden_state)
+        embeds = torch.cat(hidden, dim=-1)
+        return TextConditioning(embeds.float(), None if pooled is None else pooled.float())
+
+
+@torch.no_grad()
+def encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixels (N, 3, H, W) in [-1, 1] -> latent distribution (mean, std), each (N, C, H/f, W/f), unscaled."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, noise: Optional[torch.Tensor] = None,
+                   mode: str = "sample") -> torch.Tensor:
+    """Scaled latents from a stored distribution: mean + std * noise ('sample', as the official code's
+    latent_dist.sample()) or the mean ('mean'); then times the VAE scaling factor."""
+    if mode == "mean":
+        return mean * scaling_factor
+    assert noise is not None, "sample mode needs a noise tensor"
+    return (mean + std * noise) * scaling_factor
+
+
+def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
+    """SDXL micro-conditioning per image: (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+
+    original_size, crop_top_left: (N, 2) -> (N, 6) float. Uses each image's true size and crop offset
+    (the official DPO code uses a constant (res, res, 0, 0, res, res))."""
+    target = torch.full_like(original_size, resolution)
+    return torch.cat([original_size, crop_top_left, target], dim=1).float()
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM guidance-scale embedding (sinusoidal of (w - 1) * 1000), as LatentConsistencyModelPipeline computes it."""
+    w = (w - 1.0) * 1000.0
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = w.float()[:, None] * freq[None, :].to(w.device)
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb

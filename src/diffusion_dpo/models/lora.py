@@ -1,0 +1,108 @@
+"""LoRA on the UNet (peft through diffusers' adapter API), the reference policy, and LoRA export.
+
+Reference model (Wallace et al. 2024): always the starting weights.
+- LoRA: the same network with the adapter switched off (`reference_mode`), no copy.
+- Full fine-tuning: a frozen copy, in a chosen dtype, optionally parked on the CPU between uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+
+def add_lora(unet, rank: int, alpha: Optional[float], dropout: float, target_modules: list[str],
+             init_weights: str = "default") -> None:
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                        target_modules=list(target_modules), init_lora_weights=True if init_weights == "default" else "gaussian")
+    unet.requires_grad_(False)
+    unet.add_adapter(config)
+    # LoRA parameters train in float32 even when the frozen base is in half precision
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+@contextlib.contextmanager
+def reference_mode(unet) -> Iterator[None]:
+    """Inside the block the LoRA UNet computes the reference (starting) policy: adapters disabled."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+class Reference:
+    """Computes the reference prediction for noisy inputs, without gradients."""
+
+    def __init__(self, unet, lora: bool, dtype: Optional[torch.dtype] = None, offload: bool = False):
+        self.lora = lora
+        self.offload = offload
+        if lora:
+            self.unet = unet  # the policy network itself, adapters off
+        else:
+            self.unet = copy.deepcopy(unet).requires_grad_(False).eval()
+            if dtype is not None:
+                self.unet.to(dtype)
+            if offload:
+                self.unet.to("cpu")
+
+    @torch.no_grad()
+    def __call__(self, call_unet, device) -> torch.Tensor:
+        """`call_unet(unet)` runs one forward with the given network and returns the prediction."""
+        if self.lora:
+            with reference_mode(self.unet):
+                return call_unet(self.unet)
+        if self.offload:
+            self.unet.to(device)
+            try:
+                return call_unet(self.unet)
+            finally:
+                self.unet.to("cpu")
+        return call_unet(self.unet)
+
+
+def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA weights in diffusers format (keys 'unet.…lora_A.weight' are added by save_lora_weights)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet, output_dir: str | Path, family: str, export_kohya: bool = False) -> list[Path]:
+    """Write pytorch_lora_weights.safetensors (loads with pipe.load_lora_weights(output_dir)) and,
+    optionally, a kohya/A1111/ComfyUI-format copy (lora_unet_* keys with alpha)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    pipe_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipe_cls.save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True)
+    written = [output_dir / "pytorch_lora_weights.safetensors"]
+    if export_kohya:
+        written.append(save_kohya(unet, output_dir / "lora_kohya.safetensors"))
+    return written
+
+
+def save_kohya(unet, path: Path) -> Path:
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    kohya = convert_state_dict_to_kohya(peft_state)
+    # convert_state_dict_to_kohya derives alpha from the peft config's rank when none is stored: make it explicit
+    config = unet.peft_config["default"]
+    for key in [k for k in kohya if k.endswith(".lora_down.weight")]:
+        kohya[key.replace(".lora_down.weight", ".alpha")] = torch.tensor(float(config.lora_alpha))
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in kohya.items()}, str(path))
+    return path

@@ -1,0 +1,66 @@
+"""Final outputs that stock tools load: a diffusers LoRA (optionally kohya format) or a unet/ folder,
+plus a model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from diffusion_dpo.config import RunConfig
+from diffusion_dpo.models.loading import ModelSpec
+
+_PIPELINE = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "lcm": "LatentConsistencyModelPipeline"}
+
+
+def write_final_outputs(out: Path, unet, cfg: RunConfig, spec: ModelSpec, summary: dict) -> list[Path]:
+    written: list[Path] = []
+    if cfg.train.finetune == "lora":
+        from diffusion_dpo.models.lora import save_lora
+
+        written += save_lora(unet, out, spec.family, export_kohya=cfg.lora.export_kohya)
+    else:
+        unet.save_pretrained(out / "unet", safe_serialization=True)
+        written.append(out / "unet")
+        if cfg.output.save_full_pipeline:
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(spec.pretrained, revision=spec.revision, unet=unet)
+            pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+            written.append(out / "pipeline")
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "README.md").write_text(model_card(cfg, spec, summary))
+    written.append(out / "README.md")
+    return written
+
+
+def model_card(cfg: RunConfig, spec: ModelSpec, summary: dict) -> str:
+    t = cfg.train
+    pipe = _PIPELINE[spec.family]
+    if t.finetune == "lora":
+        usage = (f"pipe = {pipe}.from_pretrained(\"{spec.pretrained}\")\n"
+                 f"pipe.load_lora_weights(\"{cfg.output.dir}\")")
+        kind = f"LoRA (rank {cfg.lora.rank}, alpha {cfg.lora.alpha or cfg.lora.rank})"
+    else:
+        usage = (f"unet = UNet2DConditionModel.from_pretrained(\"{cfg.output.dir}/unet\")\n"
+                 f"pipe = {pipe}.from_pretrained(\"{spec.pretrained}\", unet=unet)")
+        kind = "full UNet fine-tune"
+    method = "Diffusion-DPO (Wallace et al., CVPR 2024)" if t.method == "dpo" else "SFT on preferred images"
+    lines = [
+        "---", "library_name: diffusers", f"base_model: {spec.pretrained}", "tags:", "- diffusion-dpo",
+        f"- {t.method}", "- text-to-image", "---", "",
+        f"# {method}: {kind} of `{spec.pretrained}`", "",
+        f"Trained with [diffusion-dpo](https://github.com/) for {summary.get('steps')} optimizer steps.", "",
+        "| setting | value |", "| --- | --- |",
+        f"| family | {spec.family} ({spec.prediction_type}) |",
+        f"| method | {t.method} |",
+        f"| beta | {t.beta} (error reduction: {t.error_reduction}; see docs/losses.md) |",
+        f"| learning rate | {t.learning_rate} ({t.optimizer}, {t.lr_scheduler}, warm-up {cfg.warmup}) |",
+        f"| pairs per optimizer step | {t.batch_size} x {t.gradient_accumulation} x processes |",
+        f"| data | `{cfg.data.source}` at {cfg.data.resolution} px |",
+        f"| final loss (mean of last 10 steps) | {summary.get('loss_last10', float('nan')):.4f} |",
+    ]
+    if "implicit_acc_last10" in summary:
+        lines.append(f"| implicit accuracy (last 10 steps) | {summary['implicit_acc_last10']:.3f} |")
+    lines += ["", "## Use", "", "```python", f"from diffusers import {pipe}, UNet2DConditionModel", usage, "```", "",
+              "The resolved training config is in `config.yaml`; per-step metrics in `metrics.jsonl`.", ""]
+    return "\n".join(lines)

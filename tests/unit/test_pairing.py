@@ -1,0 +1,104 @@
+"""Pairing invariants: shared noise/timestep/text, identical policy and reference inputs, an
+adapter-off reference equal to the base model bit for bit, ln 2 at initialisation."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion_dpo.losses import DPOLoss
+from diffusion_dpo.models.diffusion import draw_pair_randomness, pair_generator, pair_noisy_inputs
+from diffusion_dpo.models.encode import PromptEncoder
+from diffusion_dpo.models.loading import detect_spec, load_noise_scheduler, load_text_encoders, load_unet
+from diffusion_dpo.models.lora import Reference, add_lora, reference_mode
+from diffusion_dpo.train.step import PairBatch, UNetCaller, preference_step
+
+
+def _batch(spec, b=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, 4, 16, 16)
+    enc = PromptEncoder(spec.family, load_text_encoders(spec))
+    cond = enc(["a red circle", "a blue square", "a small dog"][:b])
+    rnd = draw_pair_randomness([pair_generator(0, 0, i) for i in range(b)], shape[1:], 0, 1000, 0.0)
+    time_ids = torch.tensor([[32, 32, 0, 0, 32, 32]] * (2 * b), dtype=torch.float) if spec.family == "sdxl" else None
+    return PairBatch(torch.randn(shape, generator=g), torch.randn(shape, generator=g), cond, rnd["noise"],
+                     rnd["timesteps"], time_ids)
+
+
+def test_winner_and_loser_share_noise_and_timestep(tiny_sd):
+    spec = detect_spec(str(tiny_sd))
+    sched = load_noise_scheduler(spec)
+    b = 3
+    lw, ll, noise = torch.randn(b, 4, 8, 8), torch.randn(b, 4, 8, 8), torch.randn(b, 4, 8, 8)
+    t = torch.tensor([10, 500, 990])
+    noisy, t2, target = pair_noisy_inputs(sched, lw, ll, noise, t)
+    assert torch.equal(t2[:b], t2[b:]) and torch.equal(t2[:b], t)
+    assert torch.equal(target[:b], target[b:])  # epsilon target: the shared noise
+    a = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(noisy[:b], a * lw + s * noise, atol=1e-6)
+    assert torch.allclose(noisy[b:], a * ll + s * noise, atol=1e-6)
+
+
+def test_pair_randomness_depends_only_on_the_pair():
+    shape = (4, 8, 8)
+    one = draw_pair_randomness([pair_generator(3, 1, 7)], shape, 0, 1000, 0.2)
+    many = draw_pair_randomness([pair_generator(3, 1, i) for i in (5, 7, 9)], shape, 0, 1000, 0.2)
+    for key in one:
+        assert torch.equal(one[key][0], many[key][1])
+    other_epoch = draw_pair_randomness([pair_generator(3, 2, 7)], shape, 0, 1000, 0.2)
+    assert not torch.equal(one["noise"], other_epoch["noise"])
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sd_v", "tiny_sdxl", "tiny_lcm"])
+def test_policy_and_reference_see_identical_inputs_and_start_at_ln2(fixture, request):
+    spec = detect_spec(str(request.getfixturevalue(fixture)))
+    sched = load_noise_scheduler(spec)
+    unet = load_unet(spec)
+    add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=["to_q", "to_v"])
+    seen = []
+    hook = unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    call = UNetCaller(spec.family, 8.0, spec.time_cond_proj_dim)
+    out = preference_step(unet, Reference(unet, lora=True), DPOLoss(5000), sched, _batch(spec), call)
+    hook.remove()
+    assert len(seen) == 2  # reference, then policy
+    (args_r, kw_r), (args_p, kw_p) = seen
+    for x, y in zip(args_r, args_p):
+        assert torch.equal(x, y)
+    assert kw_r.keys() == kw_p.keys()
+    for k in kw_r:
+        if isinstance(kw_r[k], torch.Tensor):
+            assert torch.equal(kw_r[k], kw_p[k]), k
+        elif isinstance(kw_r[k], dict):
+            for kk in kw_r[k]:
+                assert torch.equal(kw_r[k][kk], kw_p[k][kk]), kk
+    b = 3
+    text = kw_p["encoder_hidden_states"]
+    assert torch.equal(text[:b], text[b:])  # one text embedding per pair
+    assert spec.prediction_type == ("v_prediction" if fixture == "tiny_sd_v" else "epsilon")
+    if spec.family == "lcm":
+        assert kw_p["timestep_cond"] is not None
+    if spec.family == "sdxl":
+        assert kw_p["added_cond_kwargs"]["text_embeds"].shape[0] == 2 * b
+    # LoRA B matrices start at zero: policy == reference, loss is exactly ln 2
+    assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_adapter_off_reference_equals_base_bit_for_bit(tiny_sd):
+    spec = detect_spec(str(tiny_sd))
+    base = load_unet(spec).eval()
+    unet = load_unet(spec).eval()
+    add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+             init_weights="gaussian")
+    with torch.no_grad():  # make the adapter matter
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    x, t, h = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        ref = base(x, t, h).sample
+        with reference_mode(unet):
+            off = unet(x, t, h).sample
+        on = unet(x, t, h).sample
+    assert torch.equal(off, ref)
+    assert not torch.allclose(on, ref)
