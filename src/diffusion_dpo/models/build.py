@@ -91,9 +91,11 @@ def build_vae(arch: str = "tiny", sample_size: int = 64):
     from diffusers import AutoencoderKL
 
     if arch in ("tiny", "mid"):
+        # scaling_factor 1.0: SD's 0.18215 is calibrated for its trained VAE; on a random one it would shrink
+        # the image-dependent part of the latents far below the diffusion noise.
         return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
                              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                             norm_num_groups=32, sample_size=sample_size)
+                             norm_num_groups=32, sample_size=sample_size, scaling_factor=1.0)
     return AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                          sample_size=sample_size)
