@@ -1,0 +1,482 @@
+"""Preference-pair sources: every supported input normalised to an indexable sequence of PairRecord.
+
+    source = open_source(cfg.data)      # pickapic (hub id, parquet, saved folder), manifest, folders
+    record = source[0]                  # PairRecord(prompt, chosen, rejected, key, meta), images still encoded
+    source.fingerprint                  # cache key: hash of exactly what determines the pairs
+    source.stats                        # {"rows_read": ..., "ties_dropped": ..., "pairs": ...}
+
+Sources are lazy: Pick-a-Pic-style data stays in a memory-mapped Arrow table (the `datasets` cache) and
+manifests/folders hold only paths, so indexing 850k pairs never loads their images. Nothing is dropped
+silently: tied rows, pairs beyond `max_pairs` and missing image files are counted in `stats`, logged,
+and shown by `describe()`. Corrupt or missing images are skipped (or raise) at decode time, in
+`data.dataset.PairDataset`, according to `data.on_corrupt`.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from diffusion_dpo.config import DataConfig
+from diffusion_dpo.data.records import ImageRef, PairRecord
+from diffusion_dpo.errors import DataError
+
+log = logging.getLogger("diffusion_dpo")
+
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+PICKAPIC_META = ("label_1", "ranking_id", "user_id", "model_0", "model_1")
+"""Optional Pick-a-Pic columns carried into PairRecord.meta when present."""
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MANIFEST_SUFFIXES = {".jsonl", ".json", ".csv"}
+PROMPT_FILES = ("prompts.jsonl", "prompts.json", "prompts.txt", "prompts.tsv")
+_GLOB_CHARS = set("*?[")
+
+
+class PairSource:
+    """An indexable, lazily read sequence of PairRecord with a fingerprint, counts and a description."""
+
+    def __init__(self, kind: str, location: str, fingerprint_parts: dict, stats: dict[str, int]):
+        self.kind = kind
+        self.location = location
+        self.stats = stats
+        self._fingerprint = hashlib.sha256(json.dumps(fingerprint_parts, sort_keys=True).encode()).hexdigest()[:20]
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> PairRecord:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        s = self.stats
+        parts = [f"rows read {s['rows_read']}"]
+        if s.get("ties_dropped"):
+            parts.append(f"ties dropped {s['ties_dropped']}")
+        if s.get("beyond_max_pairs"):
+            parts.append(f"{s['beyond_max_pairs']} pairs beyond data.max_pairs unused")
+        if s.get("missing_files"):
+            parts.append(f"{s['missing_files']} referenced image files missing (handled per data.on_corrupt)")
+        return f"{self.kind} {self.location}: {s['pairs']} pairs ({', '.join(parts)}) [fingerprint {self.fingerprint}]"
+
+
+def _cap(num_available: int, max_pairs: int | None, stats: dict[str, int]) -> int:
+    """Apply data.max_pairs (after tie dropping); count and log what it leaves out."""
+    kept = num_available if max_pairs is None else min(num_available, max_pairs)
+    stats["beyond_max_pairs"] = num_available - kept
+    stats["pairs"] = kept
+    if kept < num_available:
+        log.info("data.max_pairs=%d: using the first %d of %d pairs", max_pairs, kept, num_available)
+    return kept
+
+
+def _file_stat(path: Path) -> list:
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pick-a-Pic style tables (hub id, parquet files, saved `datasets` folder).
+
+
+class ArrowPairSource(PairSource):
+    """Rows of a memory-mapped `datasets.Dataset`; `rows[i]` is the table row of pair i (ties removed)."""
+
+    def __init__(self, ds, layout: Literal["pickapic", "pairs"], rows: np.ndarray, location: str,
+                 fingerprint_parts: dict, stats: dict[str, int]):
+        super().__init__("pickapic", location, fingerprint_parts, stats)
+        self._ds = ds
+        self._layout = layout
+        self._rows = rows
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> PairRecord:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"pair index {i} out of range for {len(self)} pairs")
+        row_index = int(self._rows[i])
+        row = self._ds[row_index]
+        if self._layout == "pairs":
+            meta = {k: v for k, v in row.items() if k not in PAIR_COLUMNS}
+            return PairRecord(row["prompt"], _image_ref(row["chosen"]), _image_ref(row["rejected"]), f"row{row_index}", meta)
+        # label_0 == 1: jpg_0 is preferred (Pick-a-Pic convention); ties were removed when the source opened.
+        first_wins = row["label_0"] == 1
+        chosen, rejected = (row["jpg_0"], row["jpg_1"]) if first_wins else (row["jpg_1"], row["jpg_0"])
+        meta = {k: row[k] for k in PICKAPIC_META if k in row}
+        meta["label_0"] = row["label_0"]
+        return PairRecord(row["caption"], _image_ref(chosen), _image_ref(rejected), f"row{row_index}", meta)
+
+
+def _image_ref(value) -> ImageRef:
+    """Raw bytes, or a `datasets.Image(decode=False)` cell {"bytes", "path"}. A null cell becomes empty
+    bytes, which decoding reports as a corrupt image (counted, not silently dropped)."""
+    if isinstance(value, dict):
+        return value["bytes"] if value.get("bytes") is not None else (value.get("path") or b"")
+    return value if value is not None else b""
+
+
+def _check_columns(columns: list[str], location: str) -> Literal["pickapic", "pairs"]:
+    if all(c in columns for c in PICKAPIC_COLUMNS):
+        return "pickapic"
+    if all(c in columns for c in PAIR_COLUMNS):
+        return "pairs"
+    # Report against whichever layout the table resembles more.
+    pickapic_missing = [c for c in PICKAPIC_COLUMNS if c not in columns]
+    pairs_missing = [c for c in PAIR_COLUMNS if c not in columns]
+    missing = pairs_missing if len(PAIR_COLUMNS) - len(pairs_missing) > len(PICKAPIC_COLUMNS) - len(pickapic_missing) else pickapic_missing
+    raise DataError(
+        f"{location}: missing column(s) {', '.join(missing)}; found columns {', '.join(columns) or '(none)'}. "
+        f"Expected Pick-a-Pic columns {', '.join(PICKAPIC_COLUMNS)} (label_1 optional; label_0 = 1 means jpg_0 is "
+        f"preferred, 0.5 a tie), or {', '.join(PAIR_COLUMNS)} with image bytes (chosen = preferred). "
+        "Rename the columns, e.g. with datasets' Dataset.rename_column, or use data.format=manifest for image paths."
+    )
+
+
+def _labels(ds, column: str) -> np.ndarray:
+    """One numeric column as float64 (nulls -> NaN), read from Arrow without touching the image columns."""
+    import pyarrow as pa
+
+    table = ds.select_columns([column]).with_format("arrow")[:]
+    return table.column(0).cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def _tie_filter(ds, drop_ties: bool, location: str, stats: dict[str, int]) -> np.ndarray:
+    """Validate labels; return the row indices of decisive pairs. Ties are counted and logged."""
+    label_0 = _labels(ds, "label_0")
+    valid = np.isin(label_0, (0.0, 0.5, 1.0))
+    if "label_1" in ds.column_names:
+        valid &= np.isclose(label_0 + _labels(ds, "label_1"), 1.0)
+    if not valid.all():
+        bad = np.flatnonzero(~valid)
+        raise DataError(
+            f"{location}: {len(bad)} row(s) have labels that are not (label_0, label_1) = (1, 0), (0, 1) or (0.5, 0.5), "
+            f"e.g. rows {bad[:5].tolist()} with label_0 {label_0[bad[:5]].tolist()}. Fix or remove these rows."
+        )
+    ties = label_0 == 0.5
+    num_ties = int(ties.sum())
+    if num_ties and not drop_ties:
+        raise DataError(
+            f"{location}: {num_ties} tied row(s) (label_0 == 0.5), e.g. rows {np.flatnonzero(ties)[:5].tolist()}; a tie has no "
+            "winner, so it cannot be a preference pair. Set data.drop_ties=true (the default) to drop and count them."
+        )
+    stats["rows_read"] = len(label_0)
+    stats["ties_dropped"] = num_ties
+    if num_ties:
+        log.info("%s: dropped %d tied rows (label_0 == 0.5) of %d (data.drop_ties=true)", location, num_ties, len(label_0))
+    return np.flatnonzero(~ties)
+
+
+def _arrow_source(ds, cfg: DataConfig, location: str, files: list, extra_parts: dict) -> ArrowPairSource:
+    import datasets
+
+    layout = _check_columns(list(ds.column_names), location)
+    if layout == "pickapic":  # read only what a PairRecord needs; Pick-a-Pic has many more columns
+        ds = ds.select_columns(list(PICKAPIC_COLUMNS) + [c for c in PICKAPIC_META if c in ds.column_names])
+    # Keep images encoded: an Image feature would otherwise decode every accessed row into PIL here.
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    stats: dict[str, int] = {}
+    if layout == "pickapic":
+        rows = _tie_filter(ds, cfg.drop_ties, location, stats)
+    else:
+        rows = np.arange(len(ds))
+        stats.update(rows_read=len(ds), ties_dropped=0)
+    rows = rows[: _cap(len(rows), cfg.max_pairs, stats)]
+    parts = {"format": "pickapic", "files": files, "drop_ties": cfg.drop_ties, "pairs": len(rows), **extra_parts}
+    return ArrowPairSource(ds, layout, rows, location, parts, stats)
+
+
+def _parquet_files(source: str) -> list[Path]:
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+    elif _GLOB_CHARS & set(source):
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True))
+    else:
+        files = [path]
+    if not files:
+        raise DataError(f"data.source {source!r} matches no parquet files; check the path or glob pattern")
+    not_parquet = [str(f) for f in files if f.suffix != ".parquet" or not f.is_file()]
+    if not_parquet:
+        raise DataError(f"data.source {source!r}: expected only .parquet files, got {not_parquet[:3]}")
+    return files
+
+
+def _open_parquet(cfg: DataConfig) -> ArrowPairSource:
+    import datasets
+
+    files = _parquet_files(cfg.source)
+    # load_dataset converts the parquet once into an Arrow file in the datasets cache, then memory-maps it,
+    # so random access by row stays cheap however large the data.
+    ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    return _arrow_source(ds, cfg, cfg.source, [_file_stat(f) for f in files], {})
+
+
+def _open_saved(cfg: DataConfig) -> ArrowPairSource:
+    import datasets
+
+    folder = Path(cfg.source)
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except FileNotFoundError as err:
+        raise DataError(f"{folder} is not a folder written by datasets' save_to_disk ({err})") from err
+    extra = {}
+    if isinstance(ds, datasets.DatasetDict):
+        if cfg.split not in ds:
+            raise DataError(f"{folder}: no split {cfg.split!r}; available splits: {', '.join(ds)}. Set data.split.")
+        ds = ds[cfg.split]
+        extra["split"] = cfg.split
+    files = [_file_stat(p) for p in sorted(folder.rglob("*")) if p.is_file()]
+    return _arrow_source(ds, cfg, str(folder), files, extra)
+
+
+def _open_hub(cfg: DataConfig) -> ArrowPairSource:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.source, split=cfg.split)
+    except (ConnectionError, FileNotFoundError) as err:
+        offline = datasets.config.HF_DATASETS_OFFLINE or os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "while offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set) and it is not in the local cache" if offline else f"({err})"
+        raise DataError(
+            f"data.source {cfg.source!r} is not a local file or folder, and the Hugging Face dataset {cfg.source!r} could not "
+            f"be reached {why}. Pass local data instead: a parquet file or glob (data.source='data/train-*.parquet'), "
+            "a folder written by Dataset.save_to_disk, a JSONL/CSV manifest, or a folder with chosen/ and rejected/ subfolders."
+        ) from err
+    except ValueError as err:  # e.g. an unknown split name
+        raise DataError(f"hub dataset {cfg.source!r}, split {cfg.split!r}: {err}. Check data.split.") from err
+    files = [_file_stat(Path(f["filename"])) for f in ds.cache_files]
+    return _arrow_source(ds, cfg, f"hub:{cfg.source}", files, {"hub_id": cfg.source, "split": cfg.split})
+
+
+# ----------------------------------------------------------------------------------------------
+# Path-based sources (manifest, folders): lists of prompts and image paths.
+
+
+class PathPairSource(PairSource):
+    """Pairs whose images are files; holds only prompts, paths and meta."""
+
+    def __init__(self, kind: str, location: str, records: list[PairRecord], fingerprint_parts: dict, stats: dict[str, int]):
+        super().__init__(kind, location, fingerprint_parts, stats)
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, i: int) -> PairRecord:
+        return self._records[i]
+
+
+def _stat_images(paths: list[str]) -> tuple[list, int]:
+    """Fingerprint entries (path, size, mtime) for every image, and how many are missing."""
+    entries, missing = [], 0
+    for p in paths:
+        try:
+            entries.append(_file_stat(Path(p)))
+        except FileNotFoundError:
+            entries.append([p, None, None])
+            missing += 1
+    return entries, missing
+
+
+def _read_manifest_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from a JSONL, JSON (list of objects) or CSV manifest."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        return [(n + 2, dict(row)) for n, row in enumerate(reader)]  # +2: header is line 1
+    if path.suffix == ".json":
+        rows = json.loads(text)
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{path}: a .json manifest must be a list of objects with keys prompt, chosen, rejected")
+        return list(enumerate(rows, start=1))
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {n}: not valid JSON ({err})") from err
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {n}: expected a JSON object with keys prompt, chosen, rejected")
+        out.append((n, row))
+    return out
+
+
+def _open_manifest(cfg: DataConfig) -> PathPairSource:
+    path = Path(cfg.source)
+    if path.suffix not in MANIFEST_SUFFIXES:
+        raise DataError(f"{path}: a manifest must be a .jsonl, .json or .csv file")
+    rows = _read_manifest_rows(path)
+    records = []
+    for n, row in rows:
+        missing = [c for c in PAIR_COLUMNS if row.get(c) is None]  # a short CSV row gives None too
+        if missing:
+            raise DataError(f"{path} line {n}: missing column(s) {', '.join(missing)}; found {', '.join(row) or '(none)'}; "
+                            f"expected {', '.join(PAIR_COLUMNS)} (image paths relative to the manifest's folder, or absolute)")
+        empty = [c for c in ("chosen", "rejected") if not str(row[c]).strip()]
+        if empty:
+            raise DataError(f"{path} line {n}: empty image path in column(s) {', '.join(empty)}")
+        chosen, rejected = (str(path.parent / row[c]) for c in ("chosen", "rejected"))  # absolute paths stay as they are
+        meta = {k: v for k, v in row.items() if k not in PAIR_COLUMNS}
+        records.append(PairRecord(str(row["prompt"]), chosen, rejected, f"line{n}", meta))
+    stats = {"rows_read": len(records), "ties_dropped": 0}
+    records = records[: _cap(len(records), cfg.max_pairs, stats)]
+    images, stats["missing_files"] = _stat_images([p for r in records for p in (r.chosen, r.rejected)])
+    if stats["missing_files"]:
+        log.warning("%s: %d referenced image files do not exist; their pairs will be %s at decode time (data.on_corrupt=%s)",
+                    path, stats["missing_files"], "skipped and counted" if cfg.on_corrupt == "skip" else "an error", cfg.on_corrupt)
+    parts = {"format": "manifest", "files": [_file_stat(path)] + images, "pairs": len(records)}
+    return PathPairSource("manifest", str(path), records, parts, stats)
+
+
+def _find_prompts_file(folder: Path, prompts_file: str | None) -> Path:
+    if prompts_file is not None:
+        candidates = [Path(prompts_file)] if Path(prompts_file).is_absolute() else [folder / prompts_file, Path(prompts_file)]
+        for c in candidates:
+            if c.is_file():
+                return c
+        raise DataError(f"data.prompts_file {prompts_file!r} not found (looked at {', '.join(str(c) for c in candidates)})")
+    for name in PROMPT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"{folder}: no prompts file; add one of {', '.join(PROMPT_FILES)} (JSON {{name: prompt}}, JSONL lines "
+                    '{"name": ..., "prompt": ...} or "name<TAB>prompt" lines), or set data.prompts_file')
+
+
+def _read_prompts(path: Path) -> dict[str, str]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        prompts = json.loads(text)
+        if not isinstance(prompts, dict):
+            raise DataError(f"{path}: expected a JSON object {{image name: prompt}}")
+        return {str(k): str(v) for k, v in prompts.items()}
+    prompts = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            row = json.loads(line)
+            if not isinstance(row, dict) or "name" not in row or "prompt" not in row:
+                raise DataError(f"{path} line {n}: expected {{\"name\": ..., \"prompt\": ...}}")
+            prompts[str(row["name"])] = str(row["prompt"])
+        else:
+            name, tab, prompt = line.partition("\t")
+            if not tab:
+                raise DataError(f"{path} line {n}: expected 'name<TAB>prompt'")
+            prompts[name] = prompt
+    return prompts
+
+
+def _list_images(folder: Path) -> dict[str, Path]:
+    """{stem: path} of the image files in `folder`; file names are matched across sides by stem."""
+    images: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+            if p.stem in images:
+                raise DataError(f"{folder}: two images share the name {p.stem!r} ({images[p.stem].name}, {p.name}); names must be unique")
+            images[p.stem] = p
+    return images
+
+
+def _open_folders(cfg: DataConfig) -> PathPairSource:
+    folder = Path(cfg.source)
+    sides = {side: folder / side for side in ("chosen", "rejected")}
+    for side, sub in sides.items():
+        if not sub.is_dir():
+            raise DataError(f"{folder}: no {side}/ subfolder; the folders format needs chosen/ and rejected/ with matching file names")
+    chosen, rejected = _list_images(sides["chosen"]), _list_images(sides["rejected"])
+    only_chosen, only_rejected = sorted(set(chosen) - set(rejected)), sorted(set(rejected) - set(chosen))
+    if only_chosen or only_rejected:
+        raise DataError(f"{folder}: {len(only_chosen)} image(s) only in chosen/ (e.g. {only_chosen[:3]}) and {len(only_rejected)} only "
+                        f"in rejected/ (e.g. {only_rejected[:3]}); every image needs a partner with the same name on the other side")
+    prompts_path = _find_prompts_file(folder, cfg.prompts_file)
+    prompts = _read_prompts(prompts_path)
+
+    def prompt_for(name: str) -> str | None:  # prompts may be keyed by file name or by stem
+        for key in (chosen[name].name, rejected[name].name, name):
+            if key in prompts:
+                return prompts[key]
+        return None
+
+    no_prompt = [name for name in chosen if prompt_for(name) is None]
+    if no_prompt:
+        raise DataError(f"{prompts_path}: no prompt for {len(no_prompt)} image name(s), e.g. {no_prompt[:3]}")
+    records = [PairRecord(prompt_for(name), str(chosen[name]), str(rejected[name]), name) for name in sorted(chosen)]
+    stats = {"rows_read": len(records), "ties_dropped": 0}
+    records = records[: _cap(len(records), cfg.max_pairs, stats)]
+    images, _ = _stat_images([p for r in records for p in (r.chosen, r.rejected)])
+    parts = {"format": "folders", "files": [_file_stat(prompts_path)] + images, "pairs": len(records)}
+    return PathPairSource("folders", str(folder), records, parts, stats)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """'owner/name' with no path-like features (the source was already found not to exist locally)."""
+    parts = source.split("/")
+    return (len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
+            and not _GLOB_CHARS & set(source) and Path(source).suffix == "")
+
+
+def detect_format(cfg: DataConfig) -> str:
+    """'pickapic:hub' / 'pickapic:parquet' / 'pickapic:saved' / 'manifest' / 'folders' for data.source."""
+    source, fmt = cfg.source, cfg.format
+    if not source:
+        raise DataError("data.source is empty; set it to a parquet file, a manifest, a folder pair or a hub dataset id")
+    path = Path(source)
+    if fmt == "cache":
+        raise DataError("data.format=cache: a prepared latent cache is read by diffusion_dpo.cache (CachedPairDataset), "
+                        "not by data.sources.open_source; use diffusion_dpo.cache for it")
+    if path.is_dir():
+        if fmt in ("auto", "folders") and (path / "chosen").is_dir() and (path / "rejected").is_dir():
+            return "folders"
+        if fmt in ("auto", "pickapic"):
+            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+                return "pickapic:saved"
+            if any(path.glob("*.parquet")):
+                return "pickapic:parquet"
+        raise DataError(f"data.source {source!r} is a folder but not one this toolkit reads as format {fmt!r}: expected chosen/ "
+                        "and rejected/ subfolders (folders), a datasets save_to_disk folder, or *.parquet files (pickapic)")
+    if path.is_file():
+        if path.suffix == ".parquet" and fmt in ("auto", "pickapic"):
+            return "pickapic:parquet"
+        if path.suffix in MANIFEST_SUFFIXES and fmt in ("auto", "manifest"):
+            return "manifest"
+        raise DataError(f"data.source {source!r}: cannot read a {path.suffix or 'suffix-less'} file as format {fmt!r}; "
+                        "use a .parquet file (pickapic) or a .jsonl/.json/.csv manifest")
+    if _GLOB_CHARS & set(source) and fmt in ("auto", "pickapic"):
+        return "pickapic:parquet"
+    if _looks_like_hub_id(source) and fmt in ("auto", "pickapic"):
+        return "pickapic:hub"
+    raise DataError(f"data.source not found: {source!r} (no such file or folder{'' if path.is_absolute() else f' under {Path.cwd()}'})")
+
+
+def open_source(cfg: DataConfig) -> PairSource:
+    """Open `cfg.source` as a PairSource; raise DataError naming the problem and the fix."""
+    opener = {
+        "pickapic:hub": _open_hub,
+        "pickapic:parquet": _open_parquet,
+        "pickapic:saved": _open_saved,
+        "manifest": _open_manifest,
+        "folders": _open_folders,
+    }[detect_format(cfg)]
+    source = opener(cfg)
+    log.info("data: %s", source.describe())
+    return source
