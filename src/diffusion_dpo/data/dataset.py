@@ -1,0 +1,133 @@
+"""Decode + transform pairs for training on the fly, and collate them into the raw batch.
+
+    dataset = PairDataset(open_source(cfg.data), PairTransform.from_config(cfg.data), seed=cfg.train.seed)
+    loader = DataLoader(dataset, batch_size=4, collate_fn=collate_pairs)
+
+A corrupt or missing image skips its pair (PairDataset returns None, collate_pairs drops it and counts it
+in `num_skipped`) or raises CorruptImageError, per `on_corrupt`. Caption dropout is NOT applied here: the
+trainer does it per pair, so the same dataset serves training, caching and evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from diffusion_dpo.data.records import ImageRef
+from diffusion_dpo.data.sources import PairSource
+from diffusion_dpo.data.transforms import PairTransform
+from diffusion_dpo.errors import CorruptImageError
+
+log = logging.getLogger("diffusion_dpo")
+
+
+def decode_image(ref: ImageRef, name: str | None = None) -> Image.Image:
+    """Decode image bytes or a file into an RGB PIL image; transparency is composited onto white.
+
+    Raises CorruptImageError naming `name` (or the path) for a missing, unreadable or truncated image.
+    `img.load()` forces a full decode: `Image.open` alone reads only the header and would let a
+    truncated JPEG through.
+    """
+    label = name or (str(ref) if isinstance(ref, (str, Path)) else f"<{len(ref)} image bytes>")
+    try:
+        with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise CorruptImageError(f"image file not found: {label}") from err
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        # PIL reports unidentifiable/truncated data as OSError (UnidentifiedImageError is one), some
+        # malformed headers as ValueError or SyntaxError.
+        raise CorruptImageError(f"cannot decode image {label}: {err}") from err
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed per (seed, epoch, index): neighbouring indices get unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Map-style dataset over a PairSource: item i is decoded, transformed and returned as a dict.
+
+    Random crops/flips come from a torch.Generator seeded by (seed, epoch, i), so item i is the same in
+    every process and worker and across resumes; call `set_epoch(e)` to draw new augmentations per epoch.
+    """
+
+    def __init__(self, source: PairSource, transform: PairTransform, seed: int = 0,
+                 on_corrupt: Literal["skip", "error"] = "skip"):
+        if on_corrupt not in ("skip", "error"):
+            raise ValueError(f"on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
+        self.source = source
+        self.transform = transform
+        self.seed = seed
+        self.on_corrupt = on_corrupt
+        self.epoch = 0
+        self.num_corrupt = 0
+        """Corrupt pairs skipped by THIS process (DataLoader workers keep their own; use batch['num_skipped'])."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> dict | None:
+        record = self.source[i]
+        try:
+            img_w = decode_image(record.chosen, f"{record.key} (chosen: {_short(record.chosen)})")
+            img_l = decode_image(record.rejected, f"{record.key} (rejected: {_short(record.rejected)})")
+        except CorruptImageError as err:
+            if self.on_corrupt == "error":
+                raise CorruptImageError(f"{err}. Set data.on_corrupt=skip to skip and count such pairs.") from err
+            self.num_corrupt += 1
+            log.warning("skipping pair %d: %s", i, err)
+            return None
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, i))
+        out = self.transform(img_w, img_l, generator)
+        return {
+            "pixel_values": out["pixel_values"],  # (2, 3, R, R): row 0 chosen, row 1 rejected
+            "prompt": record.prompt,
+            "original_size": out["original_size"],
+            "crop_top_left": out["crop_top_left"],
+            "index": i,
+        }
+
+
+def _short(ref: ImageRef) -> str:
+    return str(ref) if isinstance(ref, (str, Path)) else "bytes"
+
+
+def collate_pairs(items: list[dict | None]) -> dict:
+    """Stack PairDataset items into the raw batch of docs/architecture.md; None items (corrupt pairs)
+    are dropped and counted in `num_skipped`. If every item is None the batch has B = 0 and
+    pixel_values of shape (0, 2, 3, 0, 0) (the resolution is unknown): the trainer skips it."""
+    kept = [item for item in items if item is not None]
+    num_skipped = len(items) - len(kept)
+    if not kept:
+        return {
+            "pixel_values": torch.zeros(0, 2, 3, 0, 0),
+            "prompts": [],
+            "original_size": torch.zeros(0, 2, 2, dtype=torch.int64),
+            "crop_top_left": torch.zeros(0, 2, 2, dtype=torch.int64),
+            "indices": torch.zeros(0, dtype=torch.int64),
+            "num_skipped": num_skipped,
+        }
+    return {
+        "pixel_values": torch.stack([item["pixel_values"] for item in kept]),  # (B, 2, 3, R, R)
+        "prompts": [item["prompt"] for item in kept],
+        "original_size": torch.stack([item["original_size"] for item in kept]),  # (B, 2, 2)
+        "crop_top_left": torch.stack([item["crop_top_left"] for item in kept]),  # (B, 2, 2)
+        "indices": torch.tensor([item["index"] for item in kept], dtype=torch.int64),
+        "num_skipped": num_skipped,
+    }
