@@ -1,0 +1,155 @@
+"""`diffusion-dpo evaluate`: score sampled images with reward models and compare models to a baseline.
+
+Score existing samples (folders written by `diffusion-dpo sample`):
+    diffusion-dpo evaluate --samples samples/ --baseline base --metrics pickscore,hpsv21,aesthetic --out report/
+Or sample first (base and each tuned model, same seeds; resumable), then score:
+    diffusion-dpo evaluate --base sd15/ --tuned dpo=out/lora --prompts partiprompts --out report/ --preset paper
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from diffusion_dpo.evaluate.sample_cli import add_sampling_arguments
+
+DEFAULT_METRICS = "pickscore,pickscore_cosine,hpsv21,aesthetic,clip"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="report folder: results.json, results.md, report.html, scores.jsonl")
+    parser.add_argument("--samples", default=None,
+                        help="folder holding one subfolder per model (from `diffusion-dpo sample`); default OUT/samples")
+    parser.add_argument("--models", default=None, help="comma-separated model subfolders to compare (default: all)")
+    parser.add_argument("--baseline", default=None, help="model the others are compared with (default: 'base' "
+                        "if present, else the first model)")
+    parser.add_argument("--metrics", default=DEFAULT_METRICS,
+                        help="comma-separated metrics: names (pickscore, pickscore_cosine, hpsv2, hpsv21, aesthetic, "
+                             "clip, text_alignment), name=SOURCE (local folder/file or hub id) or module:function "
+                             f"(default {DEFAULT_METRICS})")
+    parser.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE",
+                        help="scorer option, e.g. aesthetic.clip=/models/clip-l14, clip.scale=1, "
+                             "text_alignment.captioner=/models/llava (repeatable; VALUE parsed as JSON if it can be)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for win-rate intervals")
+    parser.add_argument("--bootstrap-seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per reward-model call")
+    parser.add_argument("--device", default="cpu", help="torch device for sampling and scoring")
+    parser.add_argument("--html-max-prompts", type=int, default=200, help="prompts shown in report.html")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = parser.add_argument_group("sampling first (optional)")
+    g.add_argument("--base", default=None, help="base pipeline folder or hub id: sample it (as 'base') and every "
+                   "--tuned model into --samples before scoring")
+    g.add_argument("--tuned", action="append", default=[], metavar="NAME=DIR",
+                   help="a tuned model: a LoRA folder or a UNet folder (repeatable)")
+    add_sampling_arguments(parser, required=False)
+
+
+def _parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    from diffusion_dpo.errors import ConfigError
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        metric, dot, option = key.partition(".")
+        if not sep or not dot or not option:
+            raise ConfigError(f"--metric-option {item!r}: expected METRIC.KEY=VALUE, e.g. clip.scale=1")
+        try:
+            parsed: Any = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(metric.strip().lower(), {})[option.strip()] = parsed
+    return out
+
+
+def _tuned_spec(item: str, base: str):
+    from diffusion_dpo.errors import ConfigError
+    from diffusion_dpo.evaluate.sampling import ModelSpec
+
+    name, sep, folder = item.partition("=")
+    if not sep:
+        raise ConfigError(f"--tuned {item!r}: expected NAME=DIR (a LoRA folder or a UNet folder)")
+    path = Path(folder)
+    if any(path.glob("*lora*.safetensors")) or any(path.glob("*lora*.bin")):
+        return ModelSpec(name, base, lora=folder)
+    if (path / "config.json").exists() or (path / "unet" / "config.json").exists():
+        return ModelSpec(name, base, unet=folder)
+    raise ConfigError(f"--tuned {item!r}: {folder} holds neither LoRA weights (*lora*.safetensors) nor a UNet "
+                      f"(config.json or unet/config.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusion_dpo.errors import ConfigError, DataError
+    from diffusion_dpo.evaluate import scoring
+    from diffusion_dpo.evaluate.report import write_report
+    from diffusion_dpo.evaluate.rewards import load_reward
+
+    samples_dir = Path(args.samples or Path(args.out) / "samples")
+    options = _parse_options(args.metric_option)
+    metric_specs = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if not metric_specs:
+        raise ConfigError("--metrics is empty; name at least one metric")
+
+    # 1. sample first, if asked (resumable: finished images are skipped)
+    if args.base:
+        from diffusion_dpo.evaluate.prompts import load_prompts
+        from diffusion_dpo.evaluate.sample_cli import check_counts, sampling_overrides
+        from diffusion_dpo.evaluate.sampling import ModelSpec, sample_model
+
+        if not args.prompts:
+            raise ConfigError("--base needs --prompts (a built-in prompt set or a local file)")
+        check_counts(args)
+        prompts = load_prompts(args.prompts, cache_dir=args.prompt_cache).limit(args.limit)
+        specs = [ModelSpec("base", args.base)] + [_tuned_spec(t, args.base) for t in args.tuned]
+        for spec in specs:
+            r = sample_model(spec, prompts, samples_dir, preset=args.preset, images_per_prompt=args.images_per_prompt,
+                             seed=args.seed, batch_size=args.sample_batch_size, device=args.device, dtype=args.dtype,
+                             progress=not args.quiet, **sampling_overrides(args))
+            print(f"{spec.name}: {r.generated} images generated, {r.skipped} already on disk")
+    elif args.tuned:
+        raise ConfigError("--tuned needs --base (the pipeline the LoRA or UNet applies to)")
+
+    # 2. read the sample folders and check they are comparable
+    if args.models:
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+    else:
+        names = sorted(p.name for p in samples_dir.iterdir() if (p / "samples.jsonl").exists()) \
+            if samples_dir.is_dir() else []
+    if not names:
+        raise DataError(f"no sampled models in {samples_dir}; run `diffusion-dpo sample --out {samples_dir} ...` "
+                        f"first, or pass --samples")
+    sets = {n: scoring.read_samples(samples_dir / n) for n in names}
+    baseline = args.baseline or ("base" if "base" in sets else names[0])
+    if baseline not in sets:
+        raise ConfigError(f"--baseline {baseline!r} is not among the models: {', '.join(sets)}")
+    scoring.check_comparable(list(sets.values()))
+
+    # 3. score every model with every metric, one reward model in memory at a time
+    scores: dict[str, dict[str, Any]] = {}
+    infos: dict[str, dict] = {}
+    for spec in metric_specs:
+        name = spec.partition("=")[0].strip()
+        reward = load_reward(spec, device=args.device, batch_size=args.batch_size, **options.get(name.lower(), {}))
+        infos[reward.name] = reward.info
+        scores[reward.name] = {}
+        for model, s in sets.items():
+            if not args.quiet:
+                print(f"scoring {model} with {reward.name} ({len(s.records)} images)")
+            scores[reward.name][model] = scoring.score_set(reward, s, batch_size=args.batch_size)
+        del reward
+
+    # 4. compare, write the report, print the table
+    entries = scoring.compare(scores, sets, infos, baseline, resamples=args.bootstrap, seed=args.bootstrap_seed)
+    first = sets[baseline]
+    summary = {"prompt_set": first.sampling.get("prompt_set"), "prompt_source": first.sampling.get("prompt_source"),
+               "num_prompts": first.num_prompts, "images_per_prompt": first.images_per_prompt,
+               "seed": first.sampling.get("seed"), "seed_rule": first.sampling.get("seed_rule"),
+               "baseline": baseline, "models": {n: s.sampling.get("model") for n, s in sets.items()},
+               "sampler": {n: s.sampling.get("sampler") for n, s in sets.items()},
+               "bootstrap_resamples": args.bootstrap, "bootstrap_seed": args.bootstrap_seed,
+               "win_rule": "per prompt: mean over its images; win 1, tie 0.5, loss 0"}
+    paths = write_report(args.out, entries, infos, scores, sets, baseline, summary, args.html_max_prompts)
+    print(paths["markdown"].read_text().split("\n## Metrics")[0])
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0

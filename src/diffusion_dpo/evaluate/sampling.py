@@ -1,0 +1,254 @@
+"""Sampling a prompt set with fixed seeds, for a base model, a LoRA on it, or a tuned UNet.
+
+Every image (prompt p, index i) gets its own torch.Generator seeded with `image_seed(seed, p, i)` on the
+CPU, so base and tuned models start from the same noise, and batching or the device does not change
+which noise an image gets. Layout of one model's folder:
+
+    <out>/<model_name>/00000_00.png ...   image i of prompt p: f"{p:05d}_{i:02d}.png"
+    <out>/<model_name>/samples.jsonl      one line per planned image: prompt, category, seed, file
+    <out>/<model_name>/sampling.json      model, sampler settings, prompt set, seeds: what made the images
+
+Images are written to a temporary file and renamed, so an interrupted run never leaves a half-written
+PNG; a rerun skips the images already on disk. A rerun with different settings is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffusion_dpo.errors import ConfigError, ModelLoadError, UserError
+from diffusion_dpo.evaluate.prompts import PromptSet
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = {  # name -> diffusers class name; "default" keeps the pipeline's own scheduler
+    "default": None, "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler",
+}
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How images are drawn. `guidance=None` and `resolution=None` mean: the preset's per-family value,
+    else the pipeline's default."""
+
+    scheduler: str = "default"
+    steps: int = 50
+    guidance: float | None = None
+    resolution: int | None = None
+    negative_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"--scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1, got {self.steps}")
+        if self.resolution is not None and self.resolution % 8:
+            raise ConfigError(f"--resolution must be a multiple of 8, got {self.resolution}")
+
+
+# The published settings (docs/evaluation.md). Guidance per family where the paper states it.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Diffusion-DPO's notebook: pipeline default scheduler, 50 steps, guidance 7.5 (SD1.5) / 5 (SDXL)
+    "paper": {"scheduler": "default", "steps": 50, "guidance": {"sd": 7.5, "sdxl": 5.0, "lcm": None}},
+    # Curriculum-DPO's DrawBench table: SD DDIM 30 steps 512 px; LCM: LCM scheduler 8 steps 768 px
+    "drawbench-sd": {"scheduler": "ddim", "steps": 30, "resolution": 512, "guidance": {"sd": 7.5, "sdxl": 7.5}},
+    "drawbench-lcm": {"scheduler": "lcm", "steps": 8, "resolution": 768, "guidance": {}},
+}
+
+
+def resolve_settings(preset: str | None, family: str, **overrides: Any) -> SamplerSettings:
+    """Preset values for this model family, then every non-None override on top."""
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        values = dict(PRESETS[preset])
+        values["guidance"] = values.get("guidance", {}).get(family)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return SamplerSettings(**values)
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """The seed of image `image_index` of prompt `prompt_index`: first 8 bytes of
+    sha256(f"{seed}:{prompt_index}:{image_index}"), masked to 63 bits. Independent of batch, device, model."""
+    digest = hashlib.sha256(f"{seed}:{prompt_index}:{image_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def image_name(prompt_index: int, image_index: int) -> str:
+    return f"{prompt_index:05d}_{image_index:02d}.png"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to sample: a base pipeline (folder or hub id), optionally a LoRA folder or a tuned UNet folder."""
+
+    name: str
+    base: str
+    lora: str | None = None
+    unet: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.lora and self.unet:
+            raise ConfigError(f"model {self.name!r}: give --lora or --unet, not both")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"model name {self.name!r} must be a plain folder name (no '/')")
+
+
+def pipeline_family(pipe: Any) -> str:
+    name = type(pipe).__name__
+    if "XL" in name:
+        return "sdxl"
+    if "LatentConsistency" in name or pipe.unet.config.time_cond_proj_dim is not None:
+        return "lcm"
+    return "sd"
+
+
+def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "float32") -> Any:
+    """A diffusers pipeline for `spec`, with the LoRA loaded or the UNet replaced."""
+    import torch
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    local = Path(spec.base).exists()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(spec.base, dtype=torch_dtype, local_files_only=local or offline)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise ModelLoadError(f"cannot load base pipeline {spec.base!r}: {err}; pass a local diffusers folder "
+                             f"with --base PATH") from err
+    if spec.unet:
+        unet_dir = Path(spec.unet)
+        if (unet_dir / "unet" / "config.json").exists():
+            unet_dir = unet_dir / "unet"
+        if not (unet_dir / "config.json").exists():
+            raise ModelLoadError(f"--unet {spec.unet}: no config.json there (nor in {spec.unet}/unet); "
+                                 f"pass a folder saved with UNet2DConditionModel.save_pretrained")
+        pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=torch_dtype)
+    if spec.lora:
+        if not Path(spec.lora).exists():
+            raise ModelLoadError(f"--lora {spec.lora}: folder does not exist")
+        try:
+            pipe.load_lora_weights(spec.lora)
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelLoadError(f"--lora {spec.lora}: cannot load LoRA weights: {err}") from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _set_scheduler(pipe: Any, name: str) -> None:
+    if SCHEDULERS[name] is None:
+        return
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name])  # diffusers exports its schedulers lazily
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+@dataclass
+class SampleResult:
+    folder: Path
+    generated: int = 0
+    skipped: int = 0
+    files: list[str] = field(default_factory=list)
+
+
+def sample_model(spec: ModelSpec, prompts: PromptSet, out_dir: str | os.PathLike, settings: SamplerSettings | None = None,
+                 preset: str | None = None, images_per_prompt: int = 1, seed: int = 0, batch_size: int = 4,
+                 device: str = "cpu", dtype: str = "float32", pipe: Any = None, progress: bool = True,
+                 **overrides: Any) -> SampleResult:
+    """Sample `images_per_prompt` images for each prompt into `out_dir/spec.name`, skipping finished ones.
+
+    `settings` fixes the sampler fully; otherwise it is resolved from `preset` and `overrides`
+    (scheduler, steps, guidance, resolution, negative_prompt) for the pipeline's family.
+    `pipe` may pass an already loaded pipeline for `spec` (it is then not reloaded).
+    """
+    import torch
+
+    folder = Path(out_dir) / spec.name
+    plan = [(p, i) for p in range(len(prompts)) for i in range(images_per_prompt)]
+    todo = [(p, i) for p, i in plan if not (folder / image_name(p, i)).exists()]
+    if pipe is None and todo:
+        pipe = load_pipeline(spec, device, dtype)
+    family = pipeline_family(pipe) if pipe is not None else None
+    if settings is None:
+        settings = resolve_settings(preset, family or "sd", **overrides)
+    record = {"model": asdict(spec), "family": family, "sampler": asdict(settings), "preset": preset,
+              "prompt_set": prompts.name, "prompt_source": prompts.source, "num_prompts": len(prompts),
+              "images_per_prompt": images_per_prompt, "seed": seed,
+              "seed_rule": "image_seed = sha256(f'{seed}:{prompt_index}:{image_index}')[:8] (63 bits), CPU generator",
+              "dtype": dtype}
+    _check_or_write_record(folder, record)
+    _write_manifest(folder, prompts, images_per_prompt, seed)
+    result = SampleResult(folder, skipped=len(plan) - len(todo), files=[image_name(p, i) for p, i in plan])
+    if not todo:
+        return result
+    _set_scheduler(pipe, settings.scheduler)
+    kwargs: dict[str, Any] = {"num_inference_steps": settings.steps, "output_type": "pil"}
+    if settings.guidance is not None:
+        kwargs["guidance_scale"] = settings.guidance
+    if settings.resolution is not None:
+        kwargs["height"] = kwargs["width"] = settings.resolution
+    if settings.negative_prompt is not None:
+        kwargs["negative_prompt"] = settings.negative_prompt
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"sampling {spec.name}", disable=not progress, unit="img")
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        texts = [prompts.prompts[p].text for p, _ in chunk]
+        generators = [torch.Generator("cpu").manual_seed(image_seed(seed, p, i)) for p, i in chunk]
+        if settings.negative_prompt is not None:
+            kwargs["negative_prompt"] = [settings.negative_prompt] * len(chunk)
+        images = pipe(prompt=texts, generator=generators, **kwargs).images
+        for (p, i), image in zip(chunk, images):
+            _save_atomic(image, folder / image_name(p, i))
+        result.generated += len(chunk)
+        bar.update(len(chunk))
+    bar.close()
+    return result
+
+
+def _save_atomic(image: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _check_or_write_record(folder: Path, record: dict) -> None:
+    path = folder / "sampling.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        # the number of prompts/images may grow on a rerun; everything else must match
+        keys = [k for k in record if k not in ("num_prompts", "images_per_prompt", "family")]
+        diff = [k for k in keys if old.get(k) != record[k] and not (k == "sampler" and record["family"] is None)]
+        if diff:
+            raise UserError(f"{folder} was sampled with different {', '.join(diff)} "
+                            f"(was {', '.join(repr(old.get(k)) for k in diff)}); use another --name or --out "
+                            f"instead of mixing images made with different settings")
+        if record["family"] is None:  # nothing to generate: keep the recorded settings
+            return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def _write_manifest(folder: Path, prompts: PromptSet, images_per_prompt: int, seed: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "samples.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for p, prompt in enumerate(prompts.prompts):
+            for i in range(images_per_prompt):
+                f.write(json.dumps({"prompt_index": p, "image_index": i, "prompt": prompt.text,
+                                    "category": prompt.category, "seed": image_seed(seed, p, i),
+                                    "file": image_name(p, i)}) + "\n")
+    os.replace(tmp, folder / "samples.jsonl")
