@@ -47,9 +47,10 @@ class RewardModel:
         if len(images) != len(prompts):
             raise UserError(f"reward {self.name!r}: {len(images)} images but {len(prompts)} prompts")
         out: list[torch.Tensor] = []
-        for start in range(0, len(images), self.batch_size):
-            imgs = [im.convert("RGB") for im in images[start:start + self.batch_size]]
-            out.append(self._score_batch(imgs, list(prompts[start:start + self.batch_size])).float().cpu())
+        with torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                imgs = [im.convert("RGB") for im in images[start:start + self.batch_size]]
+                out.append(self._score_batch(imgs, list(prompts[start:start + self.batch_size])).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def _score_batch(self, images: list, prompts: list[str]) -> torch.Tensor:
