@@ -125,3 +125,21 @@ def test_evaluate_samples_first_then_scores(world, tiny_sd, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["summary"]["baseline"] == "base" and results["summary"]["num_prompts"] == 2
     assert results["summary"]["models"]["tuned"]["unet"] == str(tmp_path / "tuned_unet")
+
+
+def test_evaluate_implicit_accuracy_only(world, tiny_sd, tmp_path):
+    from PIL import Image
+
+    rows = []
+    for i in range(3):
+        for kind, color in (("w", (200, 30, 30)), ("l", (30, 30, 200))):
+            Image.new("RGB", (40, 40), color).save(tmp_path / f"{kind}{i}.png")
+        rows.append(json.dumps({"prompt": "a red cat", "chosen": f"w{i}.png", "rejected": f"l{i}.png"}))
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows))
+    out = tmp_path / "report"
+    rc = main(["evaluate", "--base", str(tiny_sd), "--tuned", f"same={tiny_sd}", "--pairs", str(tmp_path / "pairs.jsonl"),
+               "--implicit-timesteps", "1", "--out", str(out)])
+    assert rc == 0
+    r = json.loads((out / "results.json").read_text())["summary"]["implicit_accuracy"]["same"]
+    assert (r["pairs"], r["ties"], r["accuracy"]) == (3, 3, 0.0)  # policy == reference: every logit is 0
+    assert "| same | 0.0% | 3 | 3 | 1 |" in (out / "results.md").read_text()

@@ -44,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tuned", action="append", default=[], metavar="NAME=DIR",
                    help="a tuned model: a LoRA folder or a UNet folder (repeatable)")
     add_sampling_arguments(parser, required=False)
+    g = parser.add_argument_group("implicit-reward accuracy (Diffusion-DPO Table 2; needs --base and --tuned)")
+    g.add_argument("--pairs", default=None, help="held-out preference pairs: a manifest (.jsonl/.csv of prompt, "
+                   "chosen, rejected), folder pairs or Pick-a-Pic parquet, as `train` reads them")
+    g.add_argument("--implicit-timesteps", type=int, default=8, help="fixed timesteps averaged per pair")
+    g.add_argument("--implicit-beta", type=float, default=5000.0, help="beta of the reported mean logit "
+                   "(the accuracy does not depend on it)")
+    g.add_argument("--implicit-max-pairs", type=int, default=None, help="use at most this many pairs")
 
 
 def _parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -91,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     if not metric_specs:
         raise ConfigError("--metrics is empty; name at least one metric")
 
-    # 1. sample first, if asked (resumable: finished images are skipped)
-    if args.base:
+    # 1. sample first, if asked (resumable: finished images are skipped); --pairs alone samples nothing
+    if args.base and (args.prompts or not args.pairs):
         from diffusion_dpo.evaluate.prompts import load_prompts
         from diffusion_dpo.evaluate.sample_cli import check_counts, sampling_overrides
         from diffusion_dpo.evaluate.sampling import ModelSpec, sample_model
@@ -107,10 +114,32 @@ def run(args: argparse.Namespace) -> int:
                              seed=args.seed, batch_size=args.sample_batch_size, device=args.device, dtype=args.dtype,
                              progress=not args.quiet, **sampling_overrides(args))
             print(f"{spec.name}: {r.generated} images generated, {r.skipped} already on disk")
-    elif args.tuned:
+    elif args.tuned and not args.base:
         raise ConfigError("--tuned needs --base (the pipeline the LoRA or UNet applies to)")
 
-    # 2. read the sample folders and check they are comparable
+    # 2. implicit-reward accuracy of each tuned model against the base, if asked
+    implicit: dict[str, dict] = {}
+    if args.pairs:
+        from diffusion_dpo.evaluate.implicit import implicit_accuracy
+
+        if not (args.base and args.tuned):
+            raise ConfigError("--pairs needs --base and at least one --tuned NAME=DIR")
+        for item in args.tuned:
+            spec = _tuned_spec(item, args.base)
+            implicit[spec.name] = implicit_accuracy(
+                args.base, args.pairs, lora=spec.lora, unet=spec.unet, num_timesteps=args.implicit_timesteps,
+                beta=args.implicit_beta, max_pairs=args.implicit_max_pairs, device=args.device, dtype=args.dtype,
+                seed=args.seed)
+            print(f"{spec.name}: implicit-reward accuracy {100 * implicit[spec.name]['accuracy']:.1f}% "
+                  f"on {implicit[spec.name]['pairs']} pairs")
+        if not args.prompts and not (samples_dir.is_dir() and any(samples_dir.glob("*/samples.jsonl"))):
+            from diffusion_dpo.evaluate.report import write_implicit_only
+
+            paths = write_implicit_only(args.out, implicit)
+            print(f"wrote {', '.join(str(p) for p in paths.values())}")
+            return 0
+
+    # 3. read the sample folders and check they are comparable
     if args.models:
         names = [m.strip() for m in args.models.split(",") if m.strip()]
     else:
@@ -125,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--baseline {baseline!r} is not among the models: {', '.join(sets)}")
     scoring.check_comparable(list(sets.values()))
 
-    # 3. score every model with every metric, one reward model in memory at a time
+    # 4. score every model with every metric, one reward model in memory at a time
     scores: dict[str, dict[str, Any]] = {}
     infos: dict[str, dict] = {}
     for spec in metric_specs:
@@ -139,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
             scores[reward.name][model] = scoring.score_set(reward, s, batch_size=args.batch_size)
         del reward
 
-    # 4. compare, write the report, print the table
+    # 5. compare, write the report, print the table
     entries = scoring.compare(scores, sets, infos, baseline, resamples=args.bootstrap, seed=args.bootstrap_seed)
     first = sets[baseline]
     summary = {"prompt_set": first.sampling.get("prompt_set"), "prompt_source": first.sampling.get("prompt_source"),
@@ -149,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
                "sampler": {n: s.sampling.get("sampler") for n, s in sets.items()},
                "bootstrap_resamples": args.bootstrap, "bootstrap_seed": args.bootstrap_seed,
                "win_rule": "per prompt: mean over its images; win 1, tie 0.5, loss 0"}
+    if implicit:
+        summary["implicit_accuracy"] = implicit
     paths = write_report(args.out, entries, infos, scores, sets, baseline, summary, args.html_max_prompts)
     print(paths["markdown"].read_text().split("\n## Metrics")[0])
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

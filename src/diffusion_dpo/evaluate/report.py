@@ -85,6 +85,9 @@ def markdown_tables(entries: list[dict], infos: dict[str, dict], models: list[st
                 cells = [f"{100 * e['by_category'][c]['vs_baseline_win_rate']:.1f}%" for c in cats]
                 lines.append(f"| {e['model']} | " + " | ".join(cells) + " |")
             lines.append("")
+    implicit = summary.get("implicit_accuracy") or {}
+    if implicit:
+        lines += ["", "## Implicit-reward accuracy (held-out pairs)", "", *implicit_table(implicit)]
     lines += ["", "## Metrics", ""]
     for m, info in infos.items():
         lines.append(f"- **{m}**: {info.get('model')} ({info.get('version')}); scale: {info.get('scale')}; "
@@ -133,3 +136,23 @@ def html_page(out: Path, entries: list[dict], scores: dict[str, dict[str, np.nda
         parts.append(f"<p>{len(prompts) - n} more prompts not shown (--html-max-prompts {max_prompts}).</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def implicit_table(implicit: dict[str, dict]) -> list[str]:
+    lines = ["| Model | accuracy | pairs | ties | timesteps | mean logit (beta) |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in implicit.items():
+        lines.append(f"| {name} | {100 * r['accuracy']:.1f}% | {r['pairs']} | {r['ties']} | {r['num_timesteps']} | "
+                     f"{r['mean_inside']:.4g} ({r['beta']:g}) |")
+    return lines
+
+
+def write_implicit_only(out_dir: str | os.PathLike, implicit: dict[str, dict]) -> dict[str, Path]:
+    """results.json and results.md when only implicit-reward accuracy was asked for."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md"}
+    _atomic_write(paths["json"], json.dumps({"summary": {"implicit_accuracy": implicit}, "metrics": {},
+                                             "entries": []}, indent=2))
+    _atomic_write(paths["markdown"], "\n".join(["# Implicit-reward accuracy (held-out pairs)", "",
+                                                 *implicit_table(implicit), ""]))
+    return paths

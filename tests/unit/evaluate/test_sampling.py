@@ -97,10 +97,15 @@ def test_tuned_unet_and_lora(tiny_sd, tmp_path):
     unet = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():  # peft initialises lora_B to zero: make the adapter change the output
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
     lora = sample_model(ModelSpec("lora", str(tiny_sd), lora=str(tmp_path / "lora")), PROMPTS.limit(1),
                         tmp_path / "s", **FAST)
     assert lora.generated == 1
+    assert (base.folder / "00000_00.png").read_bytes() != (lora.folder / "00000_00.png").read_bytes()
 
 
 def test_model_spec_checks():

@@ -1,0 +1,120 @@
+"""Implicit-reward accuracy (Diffusion-DPO, Table 2): a tuned model and its reference as a classifier.
+
+For each held-out preference pair, the DPO logit (losses/dpo.py, official form, errors are means over C,H,W)
+
+    inside = -0.5 * beta * ((err_policy(w) - err_policy(l)) - (err_ref(w) - err_ref(l)))
+
+is averaged over a FIXED set of K timesteps t_k = (k + 0.5) * T / K and one noise per (pair, k) drawn
+from `pair_generator(seed, k, pair_index)`; the same noise and timestep serve winner and loser, policy
+and reference. The pair is classified correctly when the averaged inside is > 0. Accuracy = the fraction
+of such pairs. beta scales inside but never changes its sign, so the accuracy does not depend on beta.
+Latents are the VAE posterior means (deterministic), times the VAE scaling factor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusion_dpo.errors import ConfigError, ModelLoadError
+
+
+def fixed_timesteps(num_train_timesteps: int, k: int) -> torch.Tensor:
+    """K timesteps evenly spread over [0, T): (k + 0.5) * T / K, as int64."""
+    return ((torch.arange(k, dtype=torch.float64) + 0.5) * num_train_timesteps / k).long()
+
+
+def _load_policy(base_spec: Any, lora: str | None, unet: str | None, dtype: torch.dtype):
+    """(policy unet, reference callable-holder). LoRA: one network, adapter off for the reference."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_dpo.models.loading import freeze, load_unet
+    from diffusion_dpo.models.lora import Reference
+
+    if bool(lora) == bool(unet):
+        raise ConfigError("implicit accuracy needs exactly one of a LoRA folder or a tuned UNet folder")
+    if lora:
+        policy = load_unet(base_spec, dtype)
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        try:  # the diffusers LoRA format written by pipe.save_lora_weights / our save_lora
+            state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(lora))
+            policy.load_lora_adapter(state, prefix="unet", network_alphas=alphas)
+        except (OSError, ValueError, KeyError) as err:
+            raise ModelLoadError(f"LoRA {lora}: cannot load: {err}") from err
+        return freeze(policy), Reference(policy, lora=True)
+    unet_dir = Path(unet)
+    if (unet_dir / "unet" / "config.json").exists():
+        unet_dir = unet_dir / "unet"
+    if not (unet_dir / "config.json").exists():
+        raise ModelLoadError(f"tuned UNet {unet}: no config.json there (nor in {unet}/unet)")
+    policy = freeze(UNet2DConditionModel.from_pretrained(unet_dir, dtype=dtype))
+    return policy, Reference(freeze(load_unet(base_spec, dtype)), lora=False)
+
+
+@torch.no_grad()
+def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str | None = None,
+                      num_timesteps: int = 8, seed: int = 0, beta: float = 5000.0, resolution: int | None = None,
+                      batch_size: int = 4, max_pairs: int | None = None, device: str = "cpu",
+                      dtype: str = "float32") -> dict[str, Any]:
+    """Accuracy of the tuned model's implicit reward on the preference pairs at `pairs` (any source
+    `diffusion_dpo.data.sources.open_source` reads: a manifest JSONL/CSV, folder pairs, Pick-a-Pic parquet)."""
+    from diffusion_dpo.config import DataConfig
+    from diffusion_dpo.data.dataset import PairDataset, collate_pairs
+    from diffusion_dpo.data.sources import open_source
+    from diffusion_dpo.data.transforms import PairTransform
+    from diffusion_dpo.models.diffusion import pair_generator, pair_noisy_inputs, per_sample_error
+    from diffusion_dpo.models.encode import PromptEncoder, encode_images, sdxl_time_ids
+    from diffusion_dpo.models.loading import detect_spec, load_noise_scheduler, load_text_encoders, load_vae
+    from diffusion_dpo.train.step import UNetCaller
+
+    if num_timesteps < 1:
+        raise ConfigError(f"--implicit-timesteps must be >= 1, got {num_timesteps}")
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    spec = detect_spec(base)
+    scheduler = load_noise_scheduler(spec)
+    vae = load_vae(spec, torch_dtype).to(device)
+    encoder = PromptEncoder(spec.family, load_text_encoders(spec, torch_dtype)).to(device)
+    policy, reference = _load_policy(spec, lora, unet, torch_dtype)
+    policy.to(device)
+    reference.unet.to(device)
+    call = UNetCaller(spec.family, time_cond_proj_dim=spec.time_cond_proj_dim)
+    res = resolution or policy.config.sample_size * spec.vae_downsample
+    source = open_source(DataConfig(source=str(pairs), resolution=res, max_pairs=max_pairs, on_corrupt="error"))
+    dataset = PairDataset(source, PairTransform(res), seed=seed, on_corrupt="error")
+    timesteps = fixed_timesteps(spec.num_train_timesteps, num_timesteps)
+
+    diffs: list[torch.Tensor] = []  # per pair: (diff_policy - diff_ref) averaged over the K draws
+    for start in range(0, len(dataset), batch_size):
+        idx = list(range(start, min(start + batch_size, len(dataset))))
+        batch = collate_pairs([dataset[i] for i in idx])
+        b = len(idx)
+        pixels = batch["pixel_values"]  # (B, 2, 3, R, R): [:, 0] chosen, [:, 1] rejected
+        mean_w, _ = encode_images(vae, pixels[:, 0])
+        mean_l, _ = encode_images(vae, pixels[:, 1])
+        lat_w, lat_l = mean_w * spec.vae_scaling_factor, mean_l * spec.vae_scaling_factor
+        cond2 = encoder(batch["prompts"]).to(device).repeat_pairs()  # (2B, ...): same text for w and l
+        time_ids = None
+        if spec.family == "sdxl":  # (2B, 6): winner rows then loser rows
+            time_ids = torch.cat([sdxl_time_ids(batch["original_size"][:, j], batch["crop_top_left"][:, j], res)
+                                  for j in (0, 1)]).to(device)
+        total = torch.zeros(b)
+        for k, t in enumerate(timesteps.tolist()):
+            noise = torch.stack([torch.randn(lat_w.shape[1:], generator=pair_generator(seed, k, i)) for i in idx])
+            t_b = torch.full((b,), t, dtype=torch.long)
+            noisy, t2, target = pair_noisy_inputs(scheduler, lat_w.cpu(), lat_l.cpu(), noise, t_b)
+            noisy, t2, target = noisy.to(device), t2.to(device), target.to(device)
+            ref = per_sample_error(reference(lambda net: call(net, noisy, t2, cond2, time_ids), device), target)
+            pol = per_sample_error(call(policy, noisy, t2, cond2, time_ids), target)
+            total += ((pol[:b] - pol[b:]) - (ref[:b] - ref[b:])).float().cpu()
+        diffs.append(total / num_timesteps)
+    diff = torch.cat(diffs)
+    inside = -0.5 * beta * diff  # (P,)
+    return {"accuracy": float((inside > 0).float().mean()), "pairs": int(diff.numel()),
+            "correct": int((inside > 0).sum()), "ties": int((inside == 0).sum()),
+            "mean_inside": float(inside.mean()), "beta": beta, "num_timesteps": num_timesteps,
+            "timesteps": timesteps.tolist(), "noise_seed": seed, "resolution": res,
+            "latents": "VAE posterior mean x scaling factor", "error": "mean over C,H,W",
+            "base": base, "lora": lora, "unet": unet, "pairs_source": source.describe()}
