@@ -1,0 +1,46 @@
+"""`diffusion-dpo prepare --config FILE.yaml [section.key=value ...]`: encode a dataset into a latent cache.
+
+Takes the same config as `train` (model, data, train.seed), so `train` with the same config and
+data.cache_dir finds the cache by its key. Multi-process: `accelerate launch --num_processes N
+$(which diffusion-dpo) prepare ...` splits the shards across processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (the one you train with)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. data.resolution=512")
+    p.add_argument("--cache-dir", help="where caches live (default: data.cache_dir); the cache is <dir>/<key>/")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of latents and text embeddings (default float16: half the bytes of float32)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs encoded per VAE / text-encoder call (default 8)")
+    p.add_argument("--shard-size", type=int, default=256,
+                   help="pairs per shard file (default 256); an interrupted cache keeps the shard size it started with")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from diffusion_dpo.cache.prepare import Distribution, prepare_cache
+    from diffusion_dpo.config import load_config
+    from diffusion_dpo.errors import ConfigError
+
+    for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    state = PartialState()
+    folder = prepare_cache(cfg, storage_dtype=args.dtype, batch_size=args.batch_size, shard_size=args.shard_size,
+                           num_workers=args.num_workers, cache_dir=args.cache_dir,
+                           dist=Distribution.from_accelerate(state),
+                           progress=not args.no_progress and state.is_main_process)
+    if state.is_main_process:
+        print(f"train from it with: data.source={folder}  (or keep data.cache_dir={folder.parent} and the same config)")
+    return 0

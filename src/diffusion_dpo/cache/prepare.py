@@ -1,0 +1,300 @@
+"""Encode a preference dataset once: VAE latent distributions of both images and the prompt's text
+conditioning, written shard by shard into a cache keyed by exactly what determines its contents.
+
+    folder = prepare_cache(cfg, storage_dtype="float16")   # or: diffusion-dpo prepare --config run.yaml
+    folder = ensure_cache(cfg)                              # prepare if missing or incomplete, else reuse
+
+The encoders and transforms are the trainer's own (models.encode.PromptEncoder / encode_images,
+data.transforms.PairTransform, data.dataset.decode_image), so with float32 storage and
+data.latent_sampling=mean, training from the cache computes the same losses as encoding on the fly.
+
+Resumable: shard k always covers source pairs [k*S, (k+1)*S); a finished shard is moved into place
+atomically and skipped on a rerun. Multi-process (`accelerate launch`): process r encodes shards
+k with k % world_size == r; the main process writes the final manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from diffusion_dpo.cache.store import (EMPTY_PROMPT, FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, cache_key,
+                                       completed_shards, read_manifest, shard_name, write_json_atomic,
+                                       write_safetensors_atomic)
+from diffusion_dpo.config import RunConfig
+from diffusion_dpo.errors import ConfigError, CorruptImageError
+
+log = logging.getLogger("diffusion_dpo")
+
+MODEL_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+"""Pipeline subfolders whose files determine the cached tensors (the UNet does not)."""
+
+
+def _folder_stats(root: Path, subfolders: tuple[str, ...] | None = None) -> list:
+    """[relative path, size, mtime_ns] of every file that determines the encoders' outputs."""
+    folders = [root / s for s in subfolders] if subfolders else [root]
+    out = []
+    for folder in folders:
+        for p in sorted(folder.rglob("*")) if folder.is_dir() else []:
+            if p.is_file():
+                st = p.stat()
+                out.append([p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def key_inputs(cfg: RunConfig, spec, data_fingerprint: str, storage_dtype: str) -> dict[str, Any]:
+    """Exactly what determines the cached tensors: no more (batch size, beta, learning rate, latent
+    sampling, workers ... are absent), no less."""
+    m, d = cfg.model, cfg.data
+    model: dict[str, Any] = {"pretrained": spec.pretrained, "revision": m.revision, "variant": m.variant,
+                             "family": spec.family, "vae": m.vae}
+    if Path(m.pretrained).is_dir():  # a local folder: its encoder files, not just its name
+        model["pretrained"] = str(Path(m.pretrained).resolve())
+        model["files"] = _folder_stats(Path(m.pretrained), MODEL_PARTS)
+    if m.vae and Path(m.vae).is_dir():
+        model["vae"] = str(Path(m.vae).resolve())
+        model["vae_files"] = _folder_stats(Path(m.vae))
+    random_crop = d.crop == "random"
+    transforms = {
+        "resolution": d.resolution, "crop": d.crop, "random_flip": d.random_flip,
+        # shared draws and the seed only matter when something is drawn at prepare time
+        "shared_transforms": d.shared_transforms if (random_crop or d.random_flip) else None,
+        "seed": cfg.train.seed if random_crop else None,
+    }
+    return {"format_version": FORMAT_VERSION, "data": data_fingerprint, "model": model,
+            "encoder_dtype": m.frozen_dtype, "storage_dtype": storage_dtype, "transforms": transforms}
+
+
+# ----------------------------------------------------------------------------------------------
+# Items: decode + transform one pair (and its mirror image when flips are on)
+
+
+class _PairItems(torch.utils.data.Dataset):
+    def __init__(self, source, indices: range, transform, flip_variants: bool, seed: int, on_corrupt: str):
+        self.source, self.indices, self.transform = source, indices, transform
+        self.flip_variants, self.seed, self.on_corrupt = flip_variants, seed, on_corrupt
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> dict[str, Any]:
+        from PIL import Image
+
+        from diffusion_dpo.data.dataset import _item_seed, decode_image
+
+        i = self.indices[j]
+        record = self.source[i]
+        try:
+            img_w = decode_image(record.chosen, f"{record.key} (chosen)")
+            img_l = decode_image(record.rejected, f"{record.key} (rejected)")
+        except CorruptImageError as err:
+            if self.on_corrupt == "error":
+                raise CorruptImageError(f"pair {i}: {err}. Set data.on_corrupt=skip to skip and count such pairs.") from err
+            log.warning("skipping pair %d: %s", i, err)
+            return {"index": i, "corrupt": True}
+        variants = [(img_w, img_l)]
+        if self.flip_variants:
+            mirror = Image.Transpose.FLIP_LEFT_RIGHT
+            variants.append((img_w.transpose(mirror), img_l.transpose(mirror)))
+        outs = []
+        for a, b in variants:
+            # the draws PairDataset makes for (seed, epoch 0, i): same crop for both variants
+            outs.append(self.transform(a, b, torch.Generator().manual_seed(_item_seed(self.seed, 0, i))))
+        return {
+            "index": i, "corrupt": False, "prompt": record.prompt,
+            "pixels": torch.stack([o["pixel_values"] for o in outs]),  # (V, 2, 3, R, R)
+            "original_size": outs[0]["original_size"],  # (2, 2)
+            "crop_top_left": torch.stack([o["crop_top_left"] for o in outs]),  # (V, 2, 2)
+        }
+
+
+@dataclass
+class Encoders:
+    vae: Any
+    prompt_encoder: Any
+
+
+def load_encoders(cfg: RunConfig, spec, device) -> Encoders:
+    from diffusion_dpo.models.encode import PromptEncoder
+    from diffusion_dpo.models.loading import DTYPES, load_text_encoders, load_vae
+
+    dtype = DTYPES[cfg.model.frozen_dtype]
+    vae = load_vae(spec, dtype, cfg.model.vae).to(device)
+    prompt_encoder = PromptEncoder(spec.family, load_text_encoders(spec, dtype), device)
+    prompt_encoder.to(device)
+    return Encoders(vae, prompt_encoder)
+
+
+def encode_shard(items: _PairItems, enc: Encoders, batch_size: int, num_workers: int, storage: torch.dtype,
+                 on_pairs: Callable[[int], None] = lambda n: None) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Encode one shard's pairs; returns its tensors and the source indices of skipped (corrupt) pairs."""
+    from diffusion_dpo.models.encode import encode_images
+
+    loader = torch.utils.data.DataLoader(items, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    parts: dict[str, list[torch.Tensor]] = {}
+    skipped: list[int] = []
+    for batch in loader:
+        kept = [it for it in batch if not it["corrupt"]]
+        skipped += [it["index"] for it in batch if it["corrupt"]]
+        if kept:
+            pixels = torch.stack([it["pixels"] for it in kept])  # (b, V, 2, 3, R, R)
+            b, v = pixels.shape[:2]
+            mean, std = encode_images(enc.vae, pixels.flatten(0, 2))  # (b*V*2, C, h, w), rows w, l per variant
+            cond = enc.prompt_encoder([it["prompt"] for it in kept])
+            new = {
+                "source_index": torch.tensor([it["index"] for it in kept], dtype=torch.int64),
+                "latent_mean": mean.unflatten(0, (b, v, 2)).to("cpu", storage),
+                "latent_std": std.unflatten(0, (b, v, 2)).to("cpu", storage),
+                "prompt_embeds": cond.prompt_embeds.to("cpu", storage),
+                "original_size": torch.stack([it["original_size"] for it in kept]),
+                "crop_top_left": torch.stack([it["crop_top_left"] for it in kept]),
+            }
+            if cond.pooled_prompt_embeds is not None:
+                new["pooled_prompt_embeds"] = cond.pooled_prompt_embeds.to("cpu", storage)
+            for k, t in new.items():
+                parts.setdefault(k, []).append(t)
+        on_pairs(len(batch))
+    return {k: torch.cat(v) for k, v in parts.items()}, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Distribution:
+    """Who encodes what: process `rank` of `world_size` takes shards k with k % world_size == rank."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: Any = "cpu"
+    barrier: Callable[[], None] = lambda: None
+
+    @classmethod
+    def from_accelerate(cls, state) -> "Distribution":
+        return cls(state.process_index, state.num_processes, state.device, state.wait_for_everyone)
+
+
+def locate_cache(cfg: RunConfig, storage_dtype: str = "float16", cache_dir: Optional[str] = None):
+    """(folder, key inputs, spec, source) of the cache that `cfg` describes; touches no image."""
+    from diffusion_dpo.data.sources import open_source
+    from diffusion_dpo.models.loading import detect_spec
+
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"cache storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
+    root = cache_dir or cfg.data.cache_dir
+    if not root:
+        raise ConfigError("no cache folder: set data.cache_dir (or pass --cache-dir to `diffusion-dpo prepare`)")
+    m = cfg.model
+    spec = detect_spec(m.pretrained, m.revision, m.variant, m.family, m.prediction_type)
+    source = open_source(cfg.data)
+    inputs = key_inputs(cfg, spec, source.fingerprint, storage_dtype)
+    return Path(root) / cache_key(inputs), inputs, spec, source
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file() and bool(read_manifest(folder).get("complete"))
+
+
+def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: int = 8, shard_size: int = 256,
+                  num_workers: int = 0, cache_dir: Optional[str] = None, dist: Optional[Distribution] = None,
+                  progress: bool = True) -> Path:
+    """Write (or finish) the cache `cfg` describes and return its folder. Safe to interrupt at any moment."""
+    from tqdm.auto import tqdm
+
+    from diffusion_dpo.data.transforms import PairTransform
+
+    dist = dist or Distribution()
+    folder, inputs, spec, source = locate_cache(cfg, storage_dtype, cache_dir)
+    key = folder.name
+    if is_complete(folder):
+        log.info("cache %s is complete: reusing it", folder)
+        return folder
+    d = cfg.data
+    settings = {"resolution": d.resolution, "crop": d.crop, "random_flip": d.random_flip,
+                "shared_transforms": d.shared_transforms, "seed": cfg.train.seed, "storage_dtype": storage_dtype,
+                "encoder_dtype": cfg.model.frozen_dtype}
+    if dist.rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".*.tmp"):  # half-written files of an interrupted run
+            stale.unlink()
+        if (folder / MANIFEST).is_file():
+            shard_size = read_manifest(folder)["shard_size"]  # keep the boundaries of the interrupted run
+        manifest = {
+            "format_version": FORMAT_VERSION, "key": key, "key_inputs": inputs, "complete": False,
+            "model": {"pretrained": spec.pretrained, "revision": spec.revision, "family": spec.family,
+                      "latent_channels": spec.latent_channels, "vae_scaling_factor": spec.vae_scaling_factor},
+            "settings": settings, "source": source.describe(), "num_source_pairs": len(source),
+            "shard_size": shard_size, "num_shards": -(-len(source) // shard_size),
+            "shards": _shard_index(folder, completed_shards(folder, key)),
+        }
+        write_json_atomic(folder / MANIFEST, manifest)
+    dist.barrier()
+    manifest = read_manifest(folder)
+    shard_size, num_shards = manifest["shard_size"], manifest["num_shards"]
+
+    enc = load_encoders(cfg, spec, dist.device)
+    if dist.rank == 0 and not (folder / EMPTY_PROMPT).is_file():
+        empty = enc.prompt_encoder([""])
+        tensors = {"prompt_embeds": empty.prompt_embeds.to("cpu", STORAGE_DTYPES[storage_dtype])}
+        if empty.pooled_prompt_embeds is not None:
+            tensors["pooled_prompt_embeds"] = empty.pooled_prompt_embeds.to("cpu", STORAGE_DTYPES[storage_dtype])
+        write_safetensors_atomic(folder / EMPTY_PROMPT, tensors, {"key": key})
+
+    done = completed_shards(folder, key)
+    todo = [k for k in range(num_shards) if k % dist.world_size == dist.rank and k not in done]
+    transform = PairTransform(d.resolution, d.crop, random_flip=False, shared=d.shared_transforms)
+    total = sum(min(shard_size, len(source) - k * shard_size) for k in todo)
+    bar = tqdm(total=total, desc=f"prepare [{dist.rank}]" if dist.world_size > 1 else "prepare", unit="pair",
+               disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for k in todo:
+        start, stop = k * shard_size, min((k + 1) * shard_size, len(source))
+        items = _PairItems(source, range(start, stop), transform, d.random_flip, cfg.train.seed, d.on_corrupt)
+        tensors, skipped = encode_shard(items, enc, batch_size, num_workers, STORAGE_DTYPES[storage_dtype], bar.update)
+        meta = {"key": key, "start": str(start), "stop": str(stop), "kept": str(stop - start - len(skipped)),
+                "skipped": json.dumps(skipped)}
+        write_safetensors_atomic(folder / shard_name(k), tensors, meta)
+        done[k] = meta
+        if dist.rank == 0:  # shard index, rewritten atomically after every shard
+            manifest["shards"] = _shard_index(folder, done)
+            write_json_atomic(folder / MANIFEST, manifest)
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    dist.barrier()
+    if dist.rank == 0:
+        done = completed_shards(folder, key)
+        missing = sorted(set(range(num_shards)) - set(done))
+        if missing:
+            raise RuntimeError(f"cache {folder}: shards {missing[:5]} are missing after every process finished")
+        manifest["shards"] = _shard_index(folder, done)
+        kept = sum(s["kept"] for s in manifest["shards"])
+        skipped = sum(len(s["skipped"]) for s in manifest["shards"])
+        size = sum(s["bytes"] for s in manifest["shards"])
+        manifest.update(complete=True, num_pairs=kept, num_skipped=skipped, bytes=size,
+                        bytes_per_pair=round(size / max(kept, 1)))
+        write_json_atomic(folder / MANIFEST, manifest)
+        print(f"prepared {total} pairs in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.2f} pairs/s"
+              + (f" on process 0 of {dist.world_size}" if dist.world_size > 1 else "") + f"); cache: {kept} pairs, "
+              f"{skipped} corrupt skipped, {size / 2**20:.1f} MiB, {manifest['bytes_per_pair']} bytes/pair -> {folder}")
+    dist.barrier()
+    return folder
+
+
+def _shard_index(folder: Path, done: dict[int, dict]) -> list[dict]:
+    return [{"file": shard_name(k), "start": int(m["start"]), "stop": int(m["stop"]), "kept": int(m["kept"]),
+             "skipped": json.loads(m["skipped"]), "bytes": (folder / shard_name(k)).stat().st_size}
+            for k, m in sorted(done.items())]
+
+
+def ensure_cache(cfg: RunConfig, accelerator=None, storage_dtype: str = "float16") -> Path:
+    """For `train` with data.cache_dir set: the cache folder of this config, prepared first if it is
+    missing or incomplete (every process must call this; they share the encoding)."""
+    dist = Distribution.from_accelerate(accelerator) if accelerator is not None else None
+    return prepare_cache(cfg, storage_dtype=storage_dtype, dist=dist,
+                         progress=accelerator is None or accelerator.is_main_process)

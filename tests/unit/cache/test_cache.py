@@ -1,0 +1,201 @@
+"""The latent cache: cached == on the fly, key inputs, resumed == uninterrupted, corrupt pairs, flips, checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_dpo.cache import prepare as prep
+from diffusion_dpo.cache.store import MANIFEST, CachedPairDataset, collate_cached
+from diffusion_dpo.cli import main
+from diffusion_dpo.config import load_config
+from diffusion_dpo.data.synthetic import write_pickapic_parquet
+from diffusion_dpo.errors import CorruptImageError, DataError
+
+
+@pytest.fixture(scope="module")
+def parquet(tmp_path_factory):
+    # 10 decisive pairs (one with a truncated JPEG) and 1 tie; 40x48 images, so the 32 px crop is real
+    return write_pickapic_parquet(tmp_path_factory.mktemp("pp") / "train.parquet", n=10, ties=1, corrupt=1)
+
+
+@pytest.fixture(scope="module")
+def clean_parquet(tmp_path_factory):
+    return write_pickapic_parquet(tmp_path_factory.mktemp("ppc") / "train.parquet", n=6)
+
+
+def _cfg(model, source, cache_dir, *extra):
+    return load_config(None, [f"model.pretrained={model}", f"data.source={source}", "data.resolution=32",
+                              f"data.cache_dir={cache_dir}", *extra])
+
+
+def _tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    ta, tb = _tensors(a), _tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for name in ta:
+        assert sorted(ta[name]) == sorted(tb[name]), name
+        for key in ta[name]:
+            assert torch.equal(ta[name][key], tb[name][key]), (name, key)
+    ma, mb = json.loads((a / MANIFEST).read_text()), json.loads((b / MANIFEST).read_text())
+    assert ma["shards"] == mb["shards"] and ma["num_pairs"] == mb["num_pairs"]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl"])
+def test_training_from_cache_gives_the_same_losses(fixture, request, tmp_path, clean_parquet):
+    """Mean mode, float32 storage: two optimizer steps (with caption dropout) match on-the-fly encoding."""
+    model = request.getfixturevalue(fixture)
+    common = [f"model.pretrained={model}", "data.resolution=32", "data.latent_sampling=mean", "data.caption_dropout=0.5",
+              "train.max_steps=2", "train.batch_size=2", "train.learning_rate=1e-2", "train.checkpoint_every=0",
+              "lora.rank=4", "output.report_to=none"]
+    cfg = load_config(None, [f"data.source={clean_parquet}", f"data.cache_dir={tmp_path / 'cache'}", *common])
+    folder = prep.prepare_cache(cfg, storage_dtype="float32", batch_size=3, shard_size=4, progress=False)
+    assert main(["train", f"data.source={clean_parquet}", f"output.dir={tmp_path / 'fly'}", *common]) == 0
+    assert main(["train", f"data.source={folder}", f"output.dir={tmp_path / 'cached'}", *common]) == 0
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("fly", "cached")}
+    assert len(rows["fly"]) == len(rows["cached"]) == 2
+    for fly, cached in zip(rows["fly"], rows["cached"]):
+        for key in ("loss", "err_policy_w", "err_policy_l", "err_ref_w", "err_ref_l"):
+            assert cached[key] == pytest.approx(fly[key], rel=1e-5, abs=1e-7), key
+        # the VAE sees the images in other batches than during training, which changes the last float bits;
+        # the gradient norm (a sum of squares near a loss of ln 2, after an lr 1e-2 Adam step) magnifies them
+        assert cached["grad_norm"] == pytest.approx(fly["grad_norm"], rel=1e-3)
+    assert rows["cached"][1]["loss"] != pytest.approx(0.693147, abs=1e-6)  # the second step saw trained weights
+
+
+def test_cache_key_changes_when_and_only_when_contents_change(tiny_sd, tiny_sdxl, parquet, clean_parquet, tmp_path):
+    def key(*overrides, model=tiny_sd, source=parquet, dtype="float16"):
+        folder, *_ = prep.locate_cache(_cfg(model, source, tmp_path, *overrides), dtype)
+        return folder.name
+
+    base = key()
+    # settings that do not touch the cached tensors
+    for same in ("train.beta=5000", "train.learning_rate=1e-3", "train.batch_size=4", "data.latent_sampling=mean",
+                 "data.caption_dropout=0.2", "data.num_workers=2", "train.seed=7", "data.shared_transforms=true",
+                 "lora.rank=16", "train.finetune=full", "data.on_corrupt=error", "model.prediction_type=v_prediction"):
+        assert key(same) == base, same
+    # inputs that do
+    changed = {key("data.resolution=24"), key("data.crop=random"), key("data.random_flip=true"),
+               key("model.frozen_dtype=bfloat16"), key(dtype="float32"), key(model=tiny_sdxl), key(source=clean_parquet),
+               key("data.max_pairs=5"), key("model.revision=abc")}
+    assert base not in changed and len(changed) == 9
+    # the seed and shared draws matter once something is drawn at prepare time
+    assert key("data.crop=random", "train.seed=7") != key("data.crop=random")
+    assert key("data.crop=random", "data.shared_transforms=true") != key("data.crop=random")
+
+
+def test_interrupted_prepare_resumes_to_an_identical_cache(tiny_sd, parquet, tmp_path, monkeypatch):
+    whole = prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path / "a"), batch_size=3, shard_size=3, progress=False)
+
+    cfg = _cfg(tiny_sd, parquet, tmp_path / "b")
+    real_write = prep.write_safetensors_atomic
+    calls = []
+
+    def dying_write(path, tensors, metadata):
+        calls.append(path.name)
+        if len(calls) == 3:  # empty prompt, shard 0, then die while writing shard 1: leave a half-written temp file
+            (path.parent / f".{path.name}.999.tmp").write_bytes(b"half a shard")
+            raise KeyboardInterrupt
+        real_write(path, tensors, metadata)
+
+    monkeypatch.setattr(prep, "write_safetensors_atomic", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        prep.prepare_cache(cfg, batch_size=3, shard_size=3, progress=False)
+    folder = whole.parent.parent / "b" / whole.name
+    assert sorted(p.name for p in folder.glob("shard-*")) == ["shard-00000.safetensors"]
+    assert json.loads((folder / MANIFEST).read_text())["complete"] is False
+    with pytest.raises(DataError, match="incomplete"):
+        CachedPairDataset(folder, None)
+    # rerun with a different batch size and shard size: the shard size of the first run is kept
+    monkeypatch.setattr(prep, "write_safetensors_atomic", real_write)
+    calls.clear()
+    resumed = prep.prepare_cache(cfg, batch_size=3, shard_size=5, progress=False)
+    assert resumed == folder and not list(folder.glob(".*.tmp"))
+    _assert_identical(whole, resumed)
+    # a complete cache is reused, not rewritten
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    prep.prepare_cache(cfg, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_corrupt_pairs_are_counted_and_skipped_or_an_error(tiny_sd, parquet, tmp_path):
+    folder = prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path), shard_size=4, progress=False)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["num_source_pairs"] == 10 and manifest["num_pairs"] == 9 and manifest["num_skipped"] == 1
+    assert manifest["bytes_per_pair"] > 0 and manifest["complete"]
+    with pytest.raises(CorruptImageError, match="on_corrupt=skip"):
+        prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path / "err", "data.on_corrupt=error"), progress=False)
+
+
+def test_dataset_items_and_collate(tiny_sd, tiny_sdxl, parquet, tmp_path):
+    from diffusion_dpo.models.loading import detect_spec
+
+    for model, family in ((tiny_sd, "sd"), (tiny_sdxl, "sdxl")):
+        folder = prep.prepare_cache(_cfg(model, parquet, tmp_path / family), shard_size=4, progress=False)
+        ds = CachedPairDataset(folder, detect_spec(str(model)), "sample", resolution=32)
+        assert len(ds) == 9
+        batch = collate_cached([ds[i] for i in (0, 5, 8)])
+        assert batch["latent_mean"].shape == batch["latent_std"].shape == (3, 2, 4, 16, 16)
+        assert batch["latent_mean"].dtype == torch.float32 and (batch["latent_std"] > 0).all()
+        assert batch["original_size"].tolist()[0] == [[40, 48], [40, 48]]
+        assert batch["crop_top_left"].shape == (3, 2, 2) and batch["indices"].tolist() == [0, 5, 8]
+        assert batch["num_skipped"] == 0
+        assert batch["prompt_embeds"].shape[:2] == (3, 77)
+        empty = ds.empty_conditioning()
+        assert empty.prompt_embeds.shape == (1, 77, batch["prompt_embeds"].shape[2])
+        if family == "sdxl":
+            assert batch["pooled_prompt_embeds"].shape[0] == 3 and empty.pooled_prompt_embeds.shape[0] == 1
+        else:
+            assert "pooled_prompt_embeds" not in batch and empty.pooled_prompt_embeds is None
+
+
+def test_cache_refuses_another_model_or_resolution(tiny_sd, tiny_sdxl, parquet, tmp_path):
+    from diffusion_dpo.models.loading import detect_spec
+
+    folder = prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path), progress=False)
+    with pytest.raises(DataError, match="model.pretrained.*model.family"):
+        CachedPairDataset(folder, detect_spec(str(tiny_sdxl)))
+    with pytest.raises(DataError, match="data.resolution: cache 32, training config 64"):
+        CachedPairDataset(folder, detect_spec(str(tiny_sd)), resolution=64)
+    with pytest.raises(DataError, match="not a prepared cache"):
+        CachedPairDataset(tmp_path, detect_spec(str(tiny_sd)))
+
+
+def test_flip_variants_match_on_the_fly_flips(tiny_sd, clean_parquet, tmp_path):
+    """With data.random_flip the cache stores both mirror images; item i of epoch e uses exactly the flips
+    PairDataset draws for (seed, e, i)."""
+    from diffusion_dpo.data.dataset import PairDataset
+    from diffusion_dpo.data.sources import open_source
+    from diffusion_dpo.data.transforms import PairTransform
+    from diffusion_dpo.models.encode import encode_images
+    from diffusion_dpo.models.loading import detect_spec, load_vae
+
+    cfg = _cfg(tiny_sd, clean_parquet, tmp_path, "data.random_flip=true", "train.seed=3")
+    folder = prep.prepare_cache(cfg, storage_dtype="float32", progress=False)
+    spec = detect_spec(str(tiny_sd))
+    cached = CachedPairDataset(folder, spec, "mean", seed=3)
+    fly = PairDataset(open_source(cfg.data), PairTransform(32, "center", random_flip=True), seed=3)
+    vae = load_vae(spec)
+    flips_seen = set()
+    for epoch in (0, 1):
+        cached.set_epoch(epoch)
+        fly.set_epoch(epoch)
+        for i in range(len(fly)):
+            raw = fly[i]
+            mean, _ = encode_images(vae, raw["pixel_values"])
+            item = cached[i]
+            torch.testing.assert_close(item["latent_mean"], mean, rtol=1e-5, atol=1e-6)
+            assert torch.equal(item["crop_top_left"], raw["crop_top_left"])
+            flips_seen.add(cached._flips(i))
+    assert len(flips_seen) > 1  # both variants were used
