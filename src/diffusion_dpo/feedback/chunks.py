@@ -1,0 +1,126 @@
+"""Resumable, shardable work in fixed chunks: the machinery `label` and `generate-pairs` share.
+
+Item range [0, N) is cut into chunks of `chunk_size`; chunk k covers [k*S, (k+1)*S). A finished chunk's
+results go to `chunks/chunk-0000k.json`, written to a temporary file and renamed, so it exists complete
+or not at all. A rerun skips finished chunks; the final output is assembled from the chunk files in
+order, so an interrupted-then-resumed run writes exactly the bytes of an uninterrupted one.
+
+Under `accelerate launch`, process r takes chunks k with k % world_size == r (cache.prepare.Distribution);
+the main process assembles once every process has passed the barrier.
+
+`run.json` records the settings that determine the results; a rerun with different settings is refused
+instead of mixing outputs. The chunk size of an interrupted run is kept.
+
+Test hook: with DIFFUSION_DPO_FAIL_AFTER_CHUNKS=k set, a process raises after writing its k-th chunk
+(simulates a kill midway; used by the resume tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from diffusion_dpo.errors import UserError
+
+FAIL_ENV = "DIFFUSION_DPO_FAIL_AFTER_CHUNKS"
+RUN_FILE = "run.json"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by the DIFFUSION_DPO_FAIL_AFTER_CHUNKS test hook."""
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_png_atomic(image: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def dumps_jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+
+class ChunkedRun:
+    """Chunk bookkeeping for one output folder. Settings in `settings` must match on a rerun."""
+
+    def __init__(self, out: Path, num_items: int, chunk_size: int, settings: dict, rank: int = 0, world_size: int = 1,
+                 command: str = "feedback"):
+        if chunk_size < 1:
+            raise UserError(f"--chunk-size must be >= 1, got {chunk_size}")
+        self.out, self.rank, self.world_size = Path(out), rank, world_size
+        self.chunk_dir = self.out / "chunks"
+        run_path = self.out / RUN_FILE
+        if run_path.is_file():
+            old = json.loads(run_path.read_text())
+            if old["settings"] != settings or old["num_items"] != num_items:
+                diff = sorted(k for k in set(old["settings"]) | set(settings)
+                              if old["settings"].get(k) != settings.get(k))
+                what = ", ".join(diff) if diff else "the number of items"
+                raise UserError(f"{self.out} holds an unfinished or finished `{command}` run with different {what}; "
+                                f"pass another --out, or delete {self.out} to start over")
+            chunk_size = old["chunk_size"]  # keep the boundaries of the interrupted run
+        self.chunk_size = chunk_size
+        self.num_items = num_items
+        self.num_chunks = -(-num_items // chunk_size)
+        self.settings = settings
+        self._run_path, self._written = run_path, 0
+
+    def start(self) -> None:
+        """Main process only: create folders, clear half-written temp files, record the settings."""
+        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        for stale in list(self.out.rglob(".*.tmp")):
+            stale.unlink()
+        if not self._run_path.is_file():
+            write_text_atomic(self._run_path, json.dumps({"num_items": self.num_items, "chunk_size": self.chunk_size,
+                                                          "settings": self.settings}, indent=1, sort_keys=True))
+
+    def bounds(self, k: int) -> range:
+        return range(k * self.chunk_size, min((k + 1) * self.chunk_size, self.num_items))
+
+    def path(self, k: int) -> Path:
+        return self.chunk_dir / f"chunk-{k:05d}.json"
+
+    def done(self) -> set[int]:
+        return {k for k in range(self.num_chunks) if self.path(k).is_file()}
+
+    def todo(self) -> list[int]:
+        """This process's unfinished chunks."""
+        done = self.done()
+        return [k for k in range(self.num_chunks) if k % self.world_size == self.rank and k not in done]
+
+    def write(self, k: int, result: dict) -> None:
+        write_text_atomic(self.path(k), json.dumps(result, sort_keys=True))
+        self._written += 1
+        fail_after = os.environ.get(FAIL_ENV)
+        if fail_after and self._written >= int(fail_after):
+            raise InjectedFailure(f"{FAIL_ENV}={fail_after}: stopping after {self._written} chunk(s) (test hook)")
+
+    def results(self) -> list[dict]:
+        """Every chunk's result, in chunk order (main process, after all are done)."""
+        missing = sorted(set(range(self.num_chunks)) - self.done())
+        if missing:
+            raise RuntimeError(f"{self.chunk_dir}: chunks {missing[:5]} are missing after every process finished")
+        return [json.loads(self.path(k).read_text()) for k in range(self.num_chunks)]
+
+
+def distribution():
+    """(rank, world_size, device, barrier) from accelerate's PartialState (one process without a launcher)."""
+    from accelerate import PartialState
+
+    from diffusion_dpo.cache.prepare import Distribution
+
+    return Distribution.from_accelerate(PartialState())
