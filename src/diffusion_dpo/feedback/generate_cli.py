@@ -1,0 +1,78 @@
+"""`diffusion-dpo generate-pairs`: sample K images per prompt, score them with a reward, write pairs.
+
+    diffusion-dpo generate-pairs --base runwayml/stable-diffusion-v1-5 --prompts prompts.txt \\
+        --images-per-prompt 4 --reward pickscore --strategy best-worst --margin 0.5 --out data/gen1
+
+Multi-process: `accelerate launch --num_processes N $(which diffusion-dpo) generate-pairs ...`.
+Rerun the same command after an interruption: finished chunks are kept. See docs/feedback.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from diffusion_dpo.feedback.generate import STRATEGIES
+from diffusion_dpo.feedback.label_cli import add_judge_arguments, add_run_arguments
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Sampling and pairing flags shared by generate-pairs and iterate."""
+    from diffusion_dpo.evaluate.sampling import PRESETS, SCHEDULERS
+
+    g = parser.add_argument_group("sampling and pairing")
+    g.add_argument("--prompts", required=True, help="built-in prompt set name or a local .txt/.csv/.tsv/.json/.jsonl file")
+    g.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    g.add_argument("--images-per-prompt", "-k", type=int, default=4, help="K images sampled per prompt (default 4)")
+    g.add_argument("--strategy", choices=STRATEGIES, default="best-worst",
+                   help="best-worst: one pair per prompt; all: every pair; random: K//2 disjoint random pairs")
+    g.add_argument("--margin", type=float, default=0.0,
+                   help="keep a pair only if winner score - loser score >= this (default 0: any strict winner)")
+    g.add_argument("--seed", type=int, default=0, help="base seed; image i of prompt p uses image_seed(seed, p, i)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="published sampler settings (see `sample`)")
+    g.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the pipeline's)")
+    g.add_argument("--steps", type=int, default=None, help="inference steps (default 50)")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--resolution", type=int, default=None, help="image height and width in pixels")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
+    g.add_argument("--sample-batch-size", type=int, default=4, help="images per pipeline call (does not change the noise)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="sampling dtype")
+    g.add_argument("--prompt-cache", default=None, help="cache folder for downloaded prompt sets")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    return {"scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance,
+            "resolution": args.resolution, "negative_prompt": args.negative_prompt}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, help="pipeline to sample: diffusers folder or hub id (SD, SDXL, LCM)")
+    parser.add_argument("--lora", default=None, help="LoRA folder loaded on the base")
+    parser.add_argument("--unet", default=None, help="tuned UNet folder replacing the base UNet")
+    parser.add_argument("--out", required=True, help="output folder: images/, samples.jsonl, pairs.jsonl, generation.json")
+    add_generation_arguments(parser)
+    add_judge_arguments(parser)
+    add_run_arguments(parser, default_chunk=8)
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusion_dpo.evaluate.prompts import load_prompts
+    from diffusion_dpo.feedback.chunks import distribution
+    from diffusion_dpo.feedback.generate import describe, generate_pairs
+    from diffusion_dpo.feedback.judge import load_judge
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dist = distribution()
+    device = args.device or str(dist.device)
+    prompts = load_prompts(args.prompts, cache_dir=args.prompt_cache).limit(args.limit)
+    judge = load_judge(args.reward, args.weights, device=device, dtype=args.reward_dtype,
+                       batch_size=args.reward_batch_size)
+    result = generate_pairs(args.base, prompts, args.out, judge, lora=args.lora, unet=args.unet,
+                            images_per_prompt=args.images_per_prompt, strategy=args.strategy, margin=args.margin,
+                            seed=args.seed, preset=args.preset, sample_batch_size=args.sample_batch_size,
+                            chunk_size=args.chunk_size, device=device, dtype=args.dtype, dist=dist,
+                            progress=not args.no_progress, **sampling_overrides(args))
+    if result is not None:
+        print(describe(result))
+        print(f"train on it with: data.source={result.manifest} data.format=manifest")
+    return 0
