@@ -1,0 +1,56 @@
+"""`diffusion-dpo iterate`: rounds of generate-pairs (sampled and judged), prepare and train.
+
+    diffusion-dpo iterate --config configs/sd15_dpo.yaml --rounds 3 --prompts prompts.txt -k 4 \\
+        --reward pickscore --out runs/online train.max_steps=200
+
+Each round's tuned model becomes the next round's sampler and DPO reference (--no-update-reference
+keeps the starting model). Rerun the same command to resume. See docs/feedback.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from diffusion_dpo.feedback.generate_cli import add_generation_arguments, sampling_overrides
+from diffusion_dpo.feedback.label_cli import add_judge_arguments, add_run_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="training YAML (model.pretrained = the starting model)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted config overrides")
+    parser.add_argument("--rounds", type=int, required=True, help="number of rounds R")
+    parser.add_argument("--out", required=True, help="output folder; one round-NNN/ folder per round")
+    parser.add_argument("--update-reference", action=argparse.BooleanOptionalAction, default=True,
+                        help="fuse each round's result into a full pipeline that samples and serves as the DPO "
+                             "reference of the next round (default on)")
+    add_generation_arguments(parser)
+    add_judge_arguments(parser)
+    add_run_arguments(parser, default_chunk=8)
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusion_dpo.config import load_config
+    from diffusion_dpo.evaluate.prompts import load_prompts
+    from diffusion_dpo.feedback.chunks import distribution
+    from diffusion_dpo.feedback.iterate import iterate
+    from diffusion_dpo.feedback.judge import load_judge
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    dist = distribution()
+    device = args.device or str(dist.device)
+    prompts = load_prompts(args.prompts, cache_dir=args.prompt_cache).limit(args.limit)
+    judge = load_judge(args.reward, args.weights, device=device, dtype=args.reward_dtype,
+                       batch_size=args.reward_batch_size)
+    records = iterate(cfg, prompts, judge, args.out, args.rounds, images_per_prompt=args.images_per_prompt,
+                      strategy=args.strategy, margin=args.margin, seed=args.seed,
+                      update_reference=args.update_reference, preset=args.preset,
+                      sample_batch_size=args.sample_batch_size, chunk_size=args.chunk_size, device=device,
+                      dtype=args.dtype, dist=dist, progress=not args.no_progress, **sampling_overrides(args))
+    if dist.rank == 0:
+        for rec in records:
+            loss = rec["train_summary"].get("loss_last10")
+            print(f"round {rec['round']}: {rec['num_pairs']} pairs, reference {rec['reference']}, "
+                  f"loss (last 10) {loss if loss is None else f'{loss:.4f}'} -> {rec['result_model'] or rec['train_dir']}")
+    return 0
