@@ -118,9 +118,11 @@ class ChunkedRun:
 
 
 def distribution():
-    """(rank, world_size, device, barrier) from accelerate's PartialState (one process without a launcher)."""
+    """(rank, world_size, device, barrier) from accelerate's PartialState (one process without a launcher).
+    Without CUDA, cpu=True lets `torchrun`/`accelerate launch` processes form a gloo group on the CPU."""
+    import torch
     from accelerate import PartialState
 
     from diffusion_dpo.cache.prepare import Distribution
 
-    return Distribution.from_accelerate(PartialState())
+    return Distribution.from_accelerate(PartialState(cpu=not torch.cuda.is_available()))
