@@ -11,6 +11,9 @@ loads. Order:
   4. UNet + text encoder jointly, epsilon-prediction MSE (the standard DDPM loss), 10% caption dropout
      so classifier-free guidance works, EMA of the UNet weights (the EMA copy is what is saved);
   5. save (float32 safetensors, about 5 MB) and write `pretrain.json`; interim saves every `save_every` steps.
+
+Cost: about 15 minutes on 2 idle CPU cores. When other processes share the cores, pass `--threads 1`:
+two OpenMP threads on one free core run several times slower than one thread.
 """
 
 from __future__ import annotations
