@@ -41,7 +41,7 @@ class UNetCaller:
 
     def __call__(self, unet, noisy: torch.Tensor, t: torch.Tensor, cond: TextConditioning,
                  time_ids: Optional[torch.Tensor]) -> torch.Tensor:
-        dtype = unet.dtype
+        dtype = next(unet.parameters()).dtype  # works for DDP-wrapped networks too (no .dtype there)
         added = None
         if self.family == "sdxl":
             added = {"text_embeds": cond.pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)}

@@ -1,0 +1,154 @@
+"""Training invariants: resumed == uninterrupted, batch 2 x accumulation 1 == batch 1 x accumulation 2,
+2 processes (gloo) == 1 process with the same global batch, non-finite losses never pass silently."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_dpo.config import load_config
+from diffusion_dpo.data.synthetic import write_manifest
+from diffusion_dpo.errors import NonFiniteLossError
+from diffusion_dpo.train import trainer as trainer_mod
+from diffusion_dpo.train.trainer import Trainer, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_manifest(tmp_path_factory.mktemp("inv"), n=8)
+
+
+def _cfg(model, source, out, *extra):
+    return load_config(None, [f"model.pretrained={model}", f"data.source={source}", "data.resolution=32",
+                              "data.random_flip=true", "data.crop=random", "data.caption_dropout=0.25",
+                              "train.max_steps=4", "train.learning_rate=1e-3", "train.checkpoint_every=2",
+                              "train.lr_scheduler=linear", "train.warmup_steps=1", "lora.rank=4", "lora.dropout=0.0",
+                              "output.report_to=none", f"output.dir={out}", *extra])
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _lora(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "pytorch_lora_weights.safetensors"))
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path, tiny_sd, data, monkeypatch):
+    straight = tmp_path / "straight"
+    train(_cfg(tiny_sd, data, straight, "train.batch_size=2"))
+
+    resumed = tmp_path / "resumed"
+    original = Trainer.save_checkpoint
+
+    def crash_after_first_checkpoint(self):
+        original(self)
+        if self.step == 2:
+            raise Crash()
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", crash_after_first_checkpoint)
+    with pytest.raises(Crash):
+        train(_cfg(tiny_sd, data, resumed, "train.batch_size=2"))
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    assert [r["step"] for r in _metrics(resumed)] == [1, 2]
+    summary = train(_cfg(tiny_sd, data, resumed, "train.batch_size=2"))
+    assert summary["steps_this_run"] == 2  # continued from checkpoint-2, did not start over
+
+    a, b = _metrics(straight), _metrics(resumed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5, abs=1e-7)
+        assert rb["lr"] == pytest.approx(ra["lr"])
+    wa, wb = _lora(straight), _lora(resumed)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+def _accumulated_grads(model, source, out, batch_size, accumulation):
+    cfg = _cfg(model, source, out, f"train.batch_size={batch_size}", f"train.gradient_accumulation={accumulation}")
+    t = Trainer(cfg).setup()
+    batches = iter(t.loader)
+    for _ in range(accumulation):
+        loss, _, _ = t.micro_step(next(batches))
+        t.accelerator.backward(loss / accumulation)
+    return {n: p.grad.clone() for n, p in t.unet.named_parameters() if p.requires_grad}
+
+
+def test_batch2_equals_batch1_with_accumulation2(tmp_path, tiny_sd, data):
+    # the invariant itself: the accumulated gradient of one optimizer step is the same
+    g2 = _accumulated_grads(tiny_sd, data, tmp_path / "g2", 2, 1)
+    g1 = _accumulated_grads(tiny_sd, data, tmp_path / "g1", 1, 2)
+    assert max(g.abs().max().item() for g in g2.values()) > 1e-2  # a real gradient, not zeros
+    for k in g2:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-5)
+    # whole runs: beta (2000) multiplies error differences, and Adam turns rounding-level gradient entries
+    # into lr-sized steps, so the losses agree to about 1e-3 rather than to float precision
+    train(_cfg(tiny_sd, data, tmp_path / "b2", "train.batch_size=2", "train.gradient_accumulation=1"))
+    train(_cfg(tiny_sd, data, tmp_path / "b1", "train.batch_size=1", "train.gradient_accumulation=2"))
+    a, b = _metrics(tmp_path / "b2"), _metrics(tmp_path / "b1")
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3)
+        assert rb["implicit_acc"] == ra["implicit_acc"]
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3)
+        assert rb["pairs"] == ra["pairs"] == 2
+    wa, wb = _lora(tmp_path / "b2"), _lora(tmp_path / "b1")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-2, atol=1e-4)
+
+
+def test_two_processes_equal_one_process(tmp_path, tiny_sd, data):
+    """torchrun with 2 CPU processes (gloo DDP), batch 1 each == 1 process with batch 2."""
+    single = tmp_path / "single"
+    train(_cfg(tiny_sd, data, single, "train.batch_size=2"))
+    multi = tmp_path / "multi"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
+    overrides = [f"model.pretrained={tiny_sd}", f"data.source={data}", "data.resolution=32", "data.random_flip=true",
+                 "data.crop=random", "data.caption_dropout=0.25", "train.max_steps=4", "train.learning_rate=1e-3",
+                 "train.checkpoint_every=2", "train.lr_scheduler=linear", "train.warmup_steps=1", "lora.rank=4",
+                 "output.report_to=none", f"output.dir={multi}", "train.batch_size=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "diffusion_dpo.cli", "train", *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _metrics(single), _metrics(multi)
+    assert len(b) == 4 and all(r["pairs"] == 2 for r in b)
+    for ra, rb in zip(a, b):  # tolerances as in the accumulation test
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3)
+        assert rb["implicit_acc"] == ra["implicit_acc"]
+        assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3)
+    wa, wb = _lora(single), _lora(multi)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-2, atol=1e-4)
+
+
+def test_nonfinite_loss_stops_or_is_skipped_and_counted(tmp_path, tiny_sd, data, monkeypatch):
+    real = trainer_mod.preference_step
+    calls = {"n": 0}
+
+    def nan_on_second_call(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_mod, "preference_step", nan_on_second_call)
+    with pytest.raises(NonFiniteLossError, match="on_nonfinite=skip"):
+        train(_cfg(tiny_sd, data, tmp_path / "stop", "train.batch_size=2"))
+    calls["n"] = 0
+    summary = train(_cfg(tiny_sd, data, tmp_path / "skip", "train.batch_size=2", "train.on_nonfinite=skip"))
+    assert summary["skipped_steps"] == 1
+    rows = _metrics(tmp_path / "skip")
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
