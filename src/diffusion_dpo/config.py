@@ -71,11 +71,14 @@ class DataConfig:
     max_pairs: Optional[int] = None
     """Use at most this many pairs (after dropping ties), for quick runs."""
     prompts_file: Optional[str] = None
-    """Folder format: file with one prompt per image name ('name<TAB>prompt' lines or a JSON {name: prompt})."""
+    """Folder format: prompts file (JSONL lines {"name", "prompt"}, a JSON {name: prompt}, or 'name<TAB>prompt' lines);
+    a relative path is looked up in data.source first. Default: prompts.jsonl / .json / .txt / .tsv inside the folder."""
     num_workers: int = 0
     """DataLoader worker processes."""
     cache_dir: Optional[str] = None
     """Where `prepare` writes (and `train` looks for) a latent cache; None: encode on the fly."""
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of latents and embeddings in a cache prepared on the fly (data.cache_dir)."""
     latent_sampling: Literal["sample", "mean"] = "sample"
     """From a cache: draw latents from the stored VAE distribution like the official code ('sample') or use its mean."""
 
