@@ -127,3 +127,36 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_sd, pickapic, capsys):
     # ties with drop_ties=false: a tie has no winner
     assert _train(tmp_path / "c", tiny_sd, pickapic, "data.drop_ties=false") == 2
     assert "tie" in capsys.readouterr().err.lower()
+
+
+def test_corrupt_images_are_counted_or_stop_the_run(tmp_path, tiny_sd, capsys):
+    source = write_pickapic_parquet(tmp_path / "bad.parquet", n=4, corrupt=2)
+    out = tmp_path / "skip"
+    code = main(["train", f"model.pretrained={tiny_sd}", f"data.source={source}", "data.resolution=32",
+                 "train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=0", "output.report_to=none",
+                 f"output.dir={out}"])
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_pairs"] == 2  # each epoch of 4 pairs meets the 2 corrupt ones once
+    assert json.loads((out / "train_summary.json").read_text())["skipped_pairs"] == 2
+    code = main(["train", f"model.pretrained={tiny_sd}", f"data.source={source}", "data.resolution=32",
+                 "train.max_steps=2", "train.batch_size=2", "data.on_corrupt=error", "output.report_to=none",
+                 f"output.dir={tmp_path / 'err'}"])
+    assert code == 2
+    assert "decode" in capsys.readouterr().err
+
+
+def test_sdxl_time_ids_carry_true_sizes_and_crops(tmp_path, tiny_sdxl):
+    from diffusion_dpo.config import load_config
+    from diffusion_dpo.train.trainer import Trainer
+
+    source = write_pickapic_parquet(tmp_path / "pp.parquet", n=4, size=(40, 48))  # (height, width)
+    cfg = load_config(None, [f"model.pretrained={tiny_sdxl}", f"data.source={source}", "data.resolution=32",
+                             "data.crop=center", "train.batch_size=2", "output.report_to=none",
+                             f"output.dir={tmp_path / 'o'}"])
+    t = Trainer(cfg).setup()
+    batch = t.encode_batch(next(iter(t.loader)))
+    # 40x48 -> short side 32 -> 32x38, centre crop 32x32 from left offset 3
+    expected = torch.tensor([40.0, 48.0, 0.0, 3.0, 32.0, 32.0])
+    assert batch.time_ids.shape == (4, 6)
+    assert torch.equal(batch.time_ids, expected.expand(4, 6))
