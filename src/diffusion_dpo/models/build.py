@@ -36,18 +36,29 @@ def build_clip_tokenizer(words: Iterable[str] = ()):
     for ch in _CHARS:
         add(ch)
         add(ch + "</w>")
-    for word in sorted({w.lower() for w in words if w}):
-        if not all(c in _CHARS for c in word) or len(word) < 2:
-            continue
-        # left-to-right merges: "c i" -> "ci", "ci r" -> "cir", ..., last one carries </w>
-        current = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            piece = ch + ("</w>" if i == len(word) - 1 else "")
-            merge = (current, piece)
+    wanted = sorted({w.lower() for w in words if w and len(w) >= 2 and all(c in _CHARS for c in w.lower())})
+
+    def join(pieces: list[str]) -> None:  # left-to-right merges joining these pieces into one token
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if (current, piece) not in merges:
+                merges.append((current, piece))
             current = current + piece
-            if merge not in merges:
-                merges.append(merge)
             add(current)
+
+    for word in wanted:  # "c i" -> "ci", "ci r" -> "cir", ..., the last piece carries </w>
+        join(list(word[:-1]) + [word[-1] + "</w>"])
+    # BPE applies the lowest-ranked merge first, so one word's merges can split another ("r i" from
+    # "right" breaks "t r" in "triangle"). Add merges joining whatever pieces remain, until every word
+    # is one token.
+    for _ in range(8):
+        tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+        split = [(w, tok.tokenize(w)) for w in wanted]
+        split = [(w, pieces) for w, pieces in split if len(pieces) > 1]
+        if not split:
+            break
+        for _, pieces in split:
+            join(pieces)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
