@@ -43,7 +43,8 @@ def test_lora_run_per_family_loads_in_stock_pipeline(fixture, pipeline, request,
 
     model = request.getfixturevalue(fixture)
     assert _train(tmp_path, model, pickapic) == 0
-    for name in ("config.yaml", "metrics.jsonl", "README.md", "pytorch_lora_weights.safetensors", "model_spec.json"):
+    for name in ("config.yaml", "metrics.jsonl", "README.md", "pytorch_lora_weights.safetensors", "model_spec.json",
+                 "train.log"):
         assert (tmp_path / name).is_file(), name
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

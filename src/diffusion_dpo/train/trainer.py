@@ -169,9 +169,7 @@ class Trainer:
         from diffusion_dpo.data.sources import open_source
         from diffusion_dpo.data.transforms import PairTransform
 
-        source = open_source(d)
-        if self.accelerator.is_main_process:
-            log.info("data: %s", source.describe())
+        source = open_source(d)  # logs what it read, ties dropped and missing files
         transform = PairTransform(d.resolution, d.crop, d.random_flip, d.shared_transforms)
         return PairDataset(source, transform, seed=self.cfg.train.seed, on_corrupt=d.on_corrupt), False
 
@@ -235,6 +233,22 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
+        """Run to train.max_steps; the main process also logs to output.dir/train.log."""
+        if not self.is_main:
+            return self._train()
+        self.out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.out / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        if log.level == logging.NOTSET:  # the file gets INFO lines even when the caller set up no logging
+            log.setLevel(logging.INFO)
+        try:
+            return self._train()
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+
+    def _train(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         ga = cfg.train.gradient_accumulation
         if self.is_main:
@@ -311,6 +325,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         summary = self.save_outputs(history, elapsed, self.step - start_step)
         acc.end_training()
+        log.info("finished: %s", json.dumps(summary))
         return summary
 
     def save_checkpoint(self) -> None:
