@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="mid", choices=list(DEFAULT_RESOLUTION),
                    help="model size: tiny (smoke test), mid (~40M UNet), sd15, sdxl (real sizes, random weights)")
     p.add_argument("--resolution", type=int, help="image size in pixels (default per arch: tiny 32, mid 64, sd15 512, sdxl 1024)")
+    p.add_argument("--vae", default="arch", choices=["arch", "sd"],
+                   help="'arch': the VAE models.build pairs with the arch (tiny/mid: a small 2x-downsampling test VAE); "
+                        "'sd': Stable Diffusion's VAE architecture (8x downsampling, so 4x the pixels for the same latents)")
     p.add_argument("--pairs", type=int, default=2, help="preference pairs per step (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per variant (default 2)")
@@ -74,14 +77,15 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--pairs", args.pairs), ("--steps", args.steps)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    res = args.resolution or DEFAULT_RESOLUTION[args.arch]
+    sd_vae = args.vae == "sd" and args.arch in ("tiny", "mid")
+    res = args.resolution or DEFAULT_RESOLUTION[args.arch] * (4 if sd_vae else 1)  # same latent size either way
     family = "sdxl" if args.arch == "sdxl" else "sd"
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        model, parquet, cache = _setup(work, args.arch, family, res, args.pairs, args.seed)
-        print(f"bench: arch {args.arch} ({family}), {res} px, {args.pairs} pairs/step, {args.warmup} warm-up + "
+        model, parquet, cache = _setup(work, args.arch, family, res, args.pairs, args.seed, sd_vae)
+        print(f"bench: arch {args.arch} ({family}){' with the SD VAE' if sd_vae else ''}, {res} px, {args.pairs} pairs/step, {args.warmup} warm-up + "
               f"{args.steps} timed steps per variant; set-up {time.perf_counter() - t0:.0f} s", flush=True)
         results = {}
         for v in args.variants:
@@ -100,17 +104,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _setup(work: Path, arch: str, family: str, res: int, pairs: int, seed: int) -> tuple[Path, Path, Path]:
+def _setup(work: Path, arch: str, family: str, res: int, pairs: int, seed: int,
+           sd_vae: bool = False) -> tuple[Path, Path, Path]:
     """Random-init pipeline folder, a synthetic dataset (JPEGs a bit larger than `res`) and its cache."""
     from diffusion_dpo.cache.prepare import prepare_cache
     from diffusion_dpo.config import load_config
     from diffusion_dpo.data.synthetic import write_pickapic_parquet
-    from diffusion_dpo.models.build import build_pipeline
+    from diffusion_dpo.models.build import build_pipeline, build_vae
 
     words = ["a", "photo", "of", "small", "large", "red", "green", "blue", "circle", "square"]
-    model = work / f"model-{arch}-{family}-{res}"
+    model = work / f"model-{arch}-{family}-{res}{'-sdvae' if sd_vae else ''}"
     if not (model / "model_index.json").is_file():
-        build_pipeline(family, arch, resolution=res, words=words, seed=seed).save_pretrained(model, safe_serialization=True)
+        if sd_vae:  # build with the small VAE at res/4 (UNet sample size res/8), then swap in SD's VAE
+            pipe = build_pipeline(family, arch, resolution=res // 4, words=words, seed=seed)
+            pipe.register_modules(vae=build_vae("sd15", sample_size=res))
+        else:
+            pipe = build_pipeline(family, arch, resolution=res, words=words, seed=seed)
+        pipe.save_pretrained(model, safe_serialization=True)
     parquet = work / f"pairs-{res}.parquet"
     if not parquet.is_file():
         write_pickapic_parquet(parquet, n=max(8, 4 * pairs), seed=seed, size=(res * 9 // 8, res * 5 // 4))

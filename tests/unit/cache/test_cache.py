@@ -199,3 +199,31 @@ def test_flip_variants_match_on_the_fly_flips(tiny_sd, clean_parquet, tmp_path):
             assert torch.equal(item["crop_top_left"], raw["crop_top_left"])
             flips_seen.add(cached._flips(i))
     assert len(flips_seen) > 1  # both variants were used
+
+
+def test_two_processes_write_the_same_cache_as_one(tiny_sd, parquet, tmp_path):
+    """Shards are split k % world_size == rank; two workers (threads standing in for accelerate processes,
+    synchronised by a barrier) produce the cache one process writes."""
+    import threading
+
+    one = prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path / "one"), shard_size=3, progress=False)
+    cfg = _cfg(tiny_sd, parquet, tmp_path / "two")
+    barrier = threading.Barrier(2, timeout=120)
+    results, errors = {}, []
+
+    def worker(rank):
+        try:
+            dist = prep.Distribution(rank=rank, world_size=2, device="cpu", barrier=barrier.wait)
+            results[rank] = prep.prepare_cache(cfg, shard_size=3, dist=dist, progress=False)
+        except BaseException as err:  # noqa: BLE001 - re-raised below in the test thread
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert results[0] == results[1]
+    _assert_identical(one, results[0])
