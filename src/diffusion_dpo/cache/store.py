@@ -123,7 +123,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
 
     Flips: a cache prepared with data.random_flip stores every image and its mirror image; item i of epoch e
     picks, per image, the variant PairDataset would have drawn for (seed, e, i), so flips match on-the-fly
-    training exactly (with center crops)."""
+    training exactly (with center crops and no pairs skipped as corrupt, so that cache and source indices agree)."""
 
     def __init__(self, path: str | Path, spec, latent_sampling: str = "sample", seed: int = 0,
                  resolution: Optional[int] = None):
