@@ -15,8 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file (the one you train with)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. data.resolution=512")
     p.add_argument("--cache-dir", help="where caches live (default: data.cache_dir); the cache is <dir>/<key>/")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="storage dtype of latents and text embeddings (default float16: half the bytes of float32)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype of latents and text embeddings (default: data.cache_dtype, float16 unless set; "
+                        "train finds the cache only with the same dtype)")
     p.add_argument("--batch-size", type=int, default=8, help="pairs encoded per VAE / text-encoder call (default 8)")
     p.add_argument("--shard-size", type=int, default=256,
                    help="pairs per shard file (default 256); an interrupted cache keeps the shard size it started with")
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     state = PartialState()
-    folder = prepare_cache(cfg, storage_dtype=args.dtype, batch_size=args.batch_size, shard_size=args.shard_size,
+    folder = prepare_cache(cfg, storage_dtype=args.dtype or cfg.data.cache_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
                            num_workers=args.num_workers, cache_dir=args.cache_dir,
                            dist=Distribution.from_accelerate(state),
                            progress=not args.no_progress and state.is_main_process)

@@ -201,7 +201,7 @@ def test_flip_variants_match_on_the_fly_flips(tiny_sd, clean_parquet, tmp_path):
     assert len(flips_seen) > 1  # both variants were used
 
 
-def test_two_processes_write_the_same_cache_as_one(tiny_sd, parquet, tmp_path):
+def test_two_processes_write_the_same_cache_as_one(tiny_sd, parquet, tmp_path, monkeypatch):
     """Shards are split k % world_size == rank; two workers (threads standing in for accelerate processes,
     synchronised by a barrier) produce the cache one process writes."""
     import threading
@@ -209,6 +209,14 @@ def test_two_processes_write_the_same_cache_as_one(tiny_sd, parquet, tmp_path):
     one = prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path / "one"), shard_size=3, progress=False)
     cfg = _cfg(tiny_sd, parquet, tmp_path / "two")
     barrier = threading.Barrier(2, timeout=120)
+    # from_pretrained patches module-level state while it builds a model: not thread-safe (processes are fine)
+    lock, load = threading.Lock(), prep.load_encoders
+
+    def locked_load(*args):
+        with lock:
+            return load(*args)
+
+    monkeypatch.setattr(prep, "load_encoders", locked_load)
     results, errors = {}, []
 
     def worker(rank):
