@@ -10,11 +10,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One thread: tiny models gain nothing from more, and bit-identity tests (resume, kill -9) compare runs
+# whose multi-threaded reductions could otherwise be split differently. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 WORDS = ["a", "small", "large", "red", "green", "blue", "circle", "square", "photo", "of", "cat", "dog"]
 

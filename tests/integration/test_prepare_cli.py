@@ -47,7 +47,6 @@ def test_prepare_cli_then_train_from_the_cache(tmp_path, tiny_sd, parquet, capsy
     assert row["loss"] == pytest.approx(0.693147, abs=1e-5)
 
 
-@pytest.mark.xfail(strict=False, reason="needs Trainer._build_dataset to pass resolution=d.resolution to CachedPairDataset")
 def test_train_rejects_a_cache_for_another_resolution(tmp_path, tiny_sd, parquet, capsys):
     assert main(_args(tiny_sd, parquet, tmp_path / "cache")) == 0
     folder = _only_cache(tmp_path / "cache")

@@ -158,13 +158,15 @@ class Trainer:
         if d.format == "cache" or (d.format == "auto" and Path(d.source, "cache_manifest.json").is_file()):
             from diffusion_dpo.cache.store import CachedPairDataset
 
-            return CachedPairDataset(d.source, self.spec, d.latent_sampling), True
+            return CachedPairDataset(d.source, self.spec, d.latent_sampling, seed=self.cfg.train.seed,
+                                     resolution=d.resolution), True
         if d.cache_dir:  # prepared on the fly once (or found complete) and reused by every later run
             from diffusion_dpo.cache.prepare import ensure_cache
             from diffusion_dpo.cache.store import CachedPairDataset
 
             folder = ensure_cache(self.cfg, self.accelerator, storage_dtype=d.cache_dtype)
-            return CachedPairDataset(folder, self.spec, d.latent_sampling), True
+            return CachedPairDataset(folder, self.spec, d.latent_sampling, seed=self.cfg.train.seed,
+                                     resolution=d.resolution), True
         from diffusion_dpo.data.dataset import PairDataset
         from diffusion_dpo.data.sources import open_source
         from diffusion_dpo.data.transforms import PairTransform
