@@ -42,8 +42,6 @@ class ModelConfig:
     """Full fine-tuning only: keep the frozen reference UNet on the CPU and move it per step (saves GPU memory)."""
     lcm_guidance_scale: float = 8.0
     """LCM UNets only: guidance scale fed through the guidance embedding (time_cond_proj_dim)."""
-    trust_remote_code: bool = False
-    """Never execute code from a model repository unless this is set."""
 
 
 @dataclass
