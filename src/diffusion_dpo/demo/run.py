@@ -53,8 +53,8 @@ class DemoSettings:
     # 4. training (shared by DPO and SFT, except beta)
     train_steps: int = 200
     batch_size: int = 8
-    learning_rate: float = 1e-3
-    beta: float = 5000.0
+    learning_rate: float = 3e-3
+    beta: float = 500.0
     rank: int = 8
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
     timestep_range: tuple[int, int] = (0, 1000)
@@ -72,8 +72,8 @@ class DemoSettings:
 
 def quick_settings(output_dir: str, seed: int = 0) -> DemoSettings:
     """The reduced demo of the test suite: fewer prompts, images, sampling and training steps."""
-    return DemoSettings(output_dir=output_dir, seed=seed, train_prompts=32, images_per_prompt=2, pair_steps=8,
-                        train_steps=60, eval_prompts=8, eval_images=2, eval_steps=10, grid_prompts=4)
+    return DemoSettings(output_dir=output_dir, seed=seed, train_prompts=48, pair_steps=8, train_steps=100,
+                        eval_prompts=9, eval_images=2, eval_steps=10, grid_prompts=5)
 
 
 def _overrides(s: DemoSettings, base: str, method: str) -> list[str]:
@@ -282,23 +282,31 @@ class Demo:
         write_report(self.out, entries, infos, scores, sets, "base", summary)
 
     def write_grid(self, sets: dict) -> Path:
-        """Rows base / SFT / DPO, one column per held-out prompt (image 0: the same seed in every row)."""
+        """Rows base / SFT / DPO, one column per shown held-out prompt (its image 0: the same seed in every row)."""
         from PIL import Image, ImageDraw
 
         from diffusion_dpo.evaluate.scoring import load_image
 
-        scale, label_w = 3, 40
-        n = min(self.s.grid_prompts, sets["base"].num_prompts)
+        from diffusion_dpo.demo.world import parse_caption
+
+        scale, label_w, head_h = 3, 40, 26
+        total = sets["base"].num_prompts
+        n = min(self.s.grid_prompts, total)
+        columns = [k * total // n for k in range(n)]  # spread over the (sorted) prompts: every colour shows
         cell = SIZE * scale
-        grid = Image.new("RGB", (label_w + n * (cell + 2), len(sets) * (cell + 2)), (255, 255, 255))
+        grid = Image.new("RGB", (label_w + n * (cell + 2), head_h + len(sets) * (cell + 2)), (255, 255, 255))
         draw = ImageDraw.Draw(grid)
+        prompts = sets["base"].prompts()
+        for k, p in enumerate(columns):  # column header: "red circle" / "top left"
+            color, shape, position = parse_caption(prompts[p])
+            draw.text((label_w + k * (cell + 2) + 2, 1), f"{color} {shape}\n{position}", fill=(0, 0, 0))
         for row, (name, s) in enumerate(sets.items()):
-            y = row * (cell + 2)
+            y = head_h + row * (cell + 2)
             draw.text((4, y + cell // 2 - 5), name.upper() if name != "base" else "base", fill=(0, 0, 0))
             files = {r["prompt_index"]: r["file"] for r in s.records if r["image_index"] == 0}
-            for p in range(n):
+            for k, p in enumerate(columns):
                 im = load_image(s.folder / files[p]).resize((cell, cell), Image.NEAREST)
-                grid.paste(im, (label_w + p * (cell + 2), y))
+                grid.paste(im, (label_w + k * (cell + 2), y))
         path = self.out / "grid.png"
         grid.save(path)
         return path
