@@ -20,6 +20,15 @@ Output:
                                 score_rejected, margin, seeds {chosen, rejected}, image indices, key
     <out>/generation.json       model, sampler, seed rule, judge, strategy: what made the pairs
     <out>/run.json, chunks/     resumable bookkeeping (feedback.chunks); a chunk is `chunk_size` prompts
+    <out>/cache/                with write_cache: the pairs as a latent cache (cache.store format), written from
+                                the sampled latents (no VAE encoding): train with data.source=<out>/cache
+
+write_cache: each image's final denoised latent is kept (read from the pipeline's step-end callback, so
+sampling and the decoded images are exactly those without it) and stored UNSCALED (divided by the VAE
+scaling factor), with each chunk's prompt conditioning, in chunks/latents-NNNNN.safetensors before the
+chunk is marked done; the cache is assembled from those files once all chunks are done. Per pair:
+latent_mean = the latent that decoded to the image, latent_std = 0 (so data.latent_sampling sample and
+mean agree), one variant (no flips), original_size = the image size, crop_top_left = 0.
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_dpo.errors import ConfigError
-from diffusion_dpo.feedback.chunks import ChunkedRun, dumps_jsonl, save_png_atomic, write_text_atomic
+from diffusion_dpo.feedback.chunks import (ChunkedRun, dumps_jsonl, save_png_atomic, write_bytes_atomic,
+                                          write_text_atomic)
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -44,6 +54,8 @@ STRATEGIES = ("best-worst", "all", "random")
 MANIFEST = "pairs.jsonl"
 SAMPLES = "samples.jsonl"
 RECORD = "generation.json"
+CACHE = "cache"
+CACHE_SHARD_SIZE = 256
 
 
 def form_pairs(scores: Sequence[float], strategy: str, margin: float = 0.0,
@@ -78,20 +90,64 @@ class GenerateResult:
     images: int
     pairs: int
     prompts_without_pair: int
+    cache: Path | None = None  # <out>/cache with write_cache
 
 
 def _prompts_fingerprint(prompts: Any) -> str:
     return hashlib.sha256(json.dumps([p.text for p in prompts.prompts]).encode()).hexdigest()[:16]
 
 
+def save_safetensors_sorted(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """safetensors.torch.save_file, but byte-reproducible: the header JSON is rewritten with sorted keys (the
+    library writes its metadata map in a random order per call), so a resumed run writes an uninterrupted
+    run's bytes. Written to a temporary file and renamed."""
+    from safetensors.torch import save
+
+    raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # data offsets are relative to the end of the header
+    write_bytes_atomic(path, len(header).to_bytes(8, "little") + header + raw[8 + n:])
+
+
+def _latents_path(out: Path, k: int) -> Path:
+    return out / "chunks" / f"latents-{k:05d}.safetensors"
+
+
+def _prompt_encoder(pipe: Any, family: str) -> Any:
+    """PromptEncoder (as `prepare` and the trainer use it) over the pipeline's own tokenizer(s) and text encoder(s)."""
+    from diffusion_dpo.models.encode import PromptEncoder
+
+    encoders = [(pipe.tokenizer, pipe.text_encoder)]
+    if family == "sdxl":
+        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return PromptEncoder(family, encoders, pipe.device)
+
+
 def generate_chunk(pipe: Any, prompts: Any, indices: range, judge: Any, out: Path, settings: Any, k_images: int,
-                   seed: int, strategy: str, margin: float, batch_size: int, bar: Any = None) -> dict:
-    """Sample, save, score and pair the prompts `indices`; return the chunk's sample and pair rows."""
+                   seed: int, strategy: str, margin: float, batch_size: int, bar: Any = None,
+                   latents_path: Path | None = None, family: str = "sd") -> dict:
+    """Sample, save, score and pair the prompts `indices`; return the chunk's sample and pair rows.
+
+    With `latents_path`, also write every image's final latent (unscaled, float32, in sampling order) and
+    the prompts' text conditioning there (plus the empty prompt's for the first chunk)."""
     import torch
 
     from diffusion_dpo.evaluate.sampling import image_name, image_seed
 
     kwargs: dict[str, Any] = {"num_inference_steps": settings.steps, "output_type": "pil"}
+    latents: list[torch.Tensor] = []
+    captured: dict[str, torch.Tensor] = {}
+    if latents_path is not None:
+        # the final latent the pipeline decodes: LCM decodes its last `denoised`, the others their last `latents`
+        name = "denoised" if "denoised" in getattr(pipe, "_callback_tensor_inputs", ()) else "latents"
+
+        def keep_last(_pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            captured["x"] = tensors[name].detach().to("cpu", torch.float32).clone()
+            return {}  # changes nothing: the images are exactly those of a run without write_cache
+
+        kwargs["callback_on_step_end"] = keep_last
+        kwargs["callback_on_step_end_tensor_inputs"] = [name]
     if settings.guidance is not None:
         kwargs["guidance_scale"] = settings.guidance
     if settings.resolution is not None:
@@ -107,6 +163,8 @@ def generate_chunk(pipe: Any, prompts: Any, indices: range, judge: Any, out: Pat
         for (p, i), image in zip(batch, out_images):
             save_png_atomic(image, out / "images" / image_name(p, i))
         images += out_images
+        if latents_path is not None:
+            latents.append(captured.pop("x") / pipe.vae.config.scaling_factor)
         if bar is not None:
             bar.update(len(batch))
     total, parts = judge.score(images, [prompts.prompts[p].text for p, _ in plan])
@@ -127,18 +185,125 @@ def generate_chunk(pipe: Any, prompts: Any, indices: range, judge: Any, out: Pat
                           "margin": sw["score"] - sl["score"], "seeds": {"chosen": sw["seed"], "rejected": sl["seed"]},
                           "prompt_index": p, "image_index_chosen": w, "image_index_rejected": l,
                           "key": f"p{p:05d}_{w:02d}>{l:02d}"})
+    if latents_path is not None:
+        encoder = _prompt_encoder(pipe, family)
+        cond = encoder([prompts.prompts[p].text for p in indices])
+        tensors = {"latents": torch.cat(latents), "prompt_embeds": cond.prompt_embeds.cpu()}
+        if cond.pooled_prompt_embeds is not None:
+            tensors["pooled_prompt_embeds"] = cond.pooled_prompt_embeds.cpu()
+        if indices.start == 0:
+            empty = encoder([""])
+            tensors["empty_prompt_embeds"] = empty.prompt_embeds.cpu()
+            if empty.pooled_prompt_embeds is not None:
+                tensors["empty_pooled_prompt_embeds"] = empty.pooled_prompt_embeds.cpu()
+        width, height = images[0].size
+        save_safetensors_sorted(latents_path, tensors, {"first_prompt": str(indices.start), "images_per_prompt":
+                                                         str(k_images), "height": str(height), "width": str(width)})
     return {"samples": samples, "pairs": pairs}
+
+
+def write_pair_cache(out: Path, run: Any, chunks: list[dict], spec: Any, encoder_dtype: str, storage_dtype: str,
+                     shard_size: int = CACHE_SHARD_SIZE) -> Path:
+    """Assemble <out>/cache (cache.store format) from the chunks' saved latents and the pairs, in pairs.jsonl
+    order; shards and the manifest are written atomically, the manifest last ("complete": true)."""
+    import torch
+    from safetensors import safe_open
+
+    from diffusion_dpo.cache.store import EMPTY_PROMPT, FORMAT_VERSION, STORAGE_DTYPES, cache_key, shard_name
+    from diffusion_dpo.cache.store import MANIFEST as CACHE_MANIFEST
+    from diffusion_dpo.cache.store import write_json_atomic
+
+    storage = STORAGE_DTYPES[storage_dtype]
+    folder = out / CACHE
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs_text = (out / MANIFEST).read_text()
+    num_pairs = sum(len(c["pairs"]) for c in chunks)
+    pretrained = str(Path(spec.pretrained).resolve()) if Path(spec.pretrained).is_dir() else spec.pretrained
+    with safe_open(str(_latents_path(out, 0)), "pt") as f:
+        meta = f.metadata()
+        height, width = int(meta["height"]), int(meta["width"])
+        empty = {"prompt_embeds": f.get_tensor("empty_prompt_embeds").to(storage)}
+        if "empty_pooled_prompt_embeds" in f.keys():
+            empty["pooled_prompt_embeds"] = f.get_tensor("empty_pooled_prompt_embeds").to(storage)
+    if height != width:
+        raise ConfigError(f"write_cache: the cache needs square images, sampled {height}x{width}; pass --resolution")
+    inputs = {"format_version": FORMAT_VERSION, "origin": "generate-pairs",
+              "data": hashlib.sha256(pairs_text.encode()).hexdigest()[:16],
+              "model": {"pretrained": pretrained, "revision": spec.revision, "variant": None, "family": spec.family,
+                        "vae": None},
+              "encoder_dtype": encoder_dtype, "storage_dtype": storage_dtype,
+              "transforms": {"resolution": height, "crop": "center", "random_flip": False, "shared_transforms": None,
+                             "seed": None}}
+    key = cache_key(inputs)
+    save_safetensors_sorted(folder / EMPTY_PROMPT, empty, {"key": key})
+
+    def flush(rows: list[dict], start: int, index: list[dict]) -> None:
+        k = len(index)
+        tensors = {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
+        stop = start + len(rows)
+        save_safetensors_sorted(folder / shard_name(k), tensors, {"key": key, "start": str(start), "stop": str(stop),
+                                                                   "kept": str(len(rows)), "skipped": "[]"})
+        index.append({"file": shard_name(k), "start": start, "stop": stop, "kept": len(rows), "skipped": [],
+                      "bytes": (folder / shard_name(k)).stat().st_size})
+
+    image_size = torch.tensor([[height, width], [height, width]], dtype=torch.int64)
+    index: list[dict] = []
+    rows: list[dict] = []
+    n = 0
+    for k, chunk in enumerate(chunks):
+        if not chunk["pairs"]:
+            continue
+        first = run.bounds(k).start
+        with safe_open(str(_latents_path(out, k)), "pt") as f:
+            k_images = int(f.metadata()["images_per_prompt"])
+            lat, embeds = f.get_tensor("latents"), f.get_tensor("prompt_embeds")
+            pooled = f.get_tensor("pooled_prompt_embeds") if "pooled_prompt_embeds" in f.keys() else None
+        for pair in chunk["pairs"]:
+            p = pair["prompt_index"] - first
+            w, l = p * k_images + pair["image_index_chosen"], p * k_images + pair["image_index_rejected"]
+            mean = torch.stack([lat[w], lat[l]])[None].to(storage)  # (V=1, 2, C, h, w)
+            row = {"source_index": torch.tensor(n, dtype=torch.int64), "latent_mean": mean,
+                   "latent_std": torch.zeros_like(mean), "prompt_embeds": embeds[p].to(storage),
+                   "original_size": image_size.clone(), "crop_top_left": torch.zeros(1, 2, 2, dtype=torch.int64)}
+            if pooled is not None:
+                row["pooled_prompt_embeds"] = pooled[p].to(storage)
+            rows.append(row)
+            n += 1
+            if len(rows) == shard_size:
+                flush(rows, n - len(rows), index)
+                rows = []
+    if rows:
+        flush(rows, n - len(rows), index)
+    size = sum(s["bytes"] for s in index)
+    manifest = {
+        "format_version": FORMAT_VERSION, "key": key, "key_inputs": inputs, "complete": True,
+        "model": {"pretrained": pretrained, "revision": spec.revision, "family": spec.family,
+                  "latent_channels": spec.latent_channels, "vae_scaling_factor": spec.vae_scaling_factor},
+        "settings": {"resolution": height, "crop": "center", "random_flip": False, "shared_transforms": False,
+                     "seed": None, "storage_dtype": storage_dtype, "encoder_dtype": encoder_dtype,
+                     "latents": "sampled (generate-pairs): latent_mean = the final denoised latent / "
+                                "vae_scaling_factor, latent_std = 0"},
+        "source": {"format": "generate-pairs", "manifest": str((out / MANIFEST).resolve()),
+                   "fingerprint": inputs["data"]},
+        "num_source_pairs": num_pairs, "shard_size": shard_size, "num_shards": len(index), "shards": index,
+        "num_pairs": n, "num_skipped": 0, "bytes": size, "bytes_per_pair": round(size / max(n, 1)),
+    }
+    write_json_atomic(folder / CACHE_MANIFEST, manifest)
+    return folder
 
 
 def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, *, lora: str | None = None,
                    unet: str | None = None, images_per_prompt: int = 4, strategy: str = "best-worst",
                    margin: float = 0.0, seed: int = 0, preset: str | None = None, sample_batch_size: int = 4,
                    chunk_size: int = 8, device: str = "cpu", dtype: str = "float32", dist: Any = None,
-                   progress: bool = True, **overrides: Any) -> GenerateResult | None:
+                   progress: bool = True, write_cache: bool = False, cache_dtype: str = "float16",
+                   **overrides: Any) -> GenerateResult | None:
     """Sample `images_per_prompt` images for every prompt of `prompts` (evaluate.prompts.PromptSet) from the
     model (base pipeline, optional LoRA or tuned UNet), score them with `judge`, write pairs into `out`.
 
     `overrides`: scheduler, steps, guidance, resolution, negative_prompt (evaluate.sampling.resolve_settings).
+    `write_cache`: also write <out>/cache, a latent cache of the pairs (cache.store format, latents and
+    embeddings stored as `cache_dtype`) from the sampled latents; `train` reads it with data.source=<out>/cache.
     Resumable and shardable across processes like `label`. Returns the result on the main process only.
     """
     from tqdm.auto import tqdm
@@ -153,10 +318,16 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
         raise ConfigError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if margin < 0:
         raise ConfigError(f"--margin must be >= 0, got {margin}")
+    if write_cache:
+        from diffusion_dpo.cache.store import STORAGE_DTYPES
+
+        if cache_dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"--cache-dtype must be one of {', '.join(STORAGE_DTYPES)}, got {cache_dtype!r}")
     dist = dist or Distribution()
     out = Path(out)
     spec = ModelSpec(name="model", base=str(base), lora=lora, unet=unet)
-    family = detect_spec(str(base)).family
+    model_spec = detect_spec(str(base))
+    family = model_spec.family
     settings = resolve_settings(preset, family, **overrides)
     record = {"model": asdict(spec), "family": family, "sampler": asdict(settings), "preset": preset, "seed": seed,
               "seed_rule": "image_seed = sha256(f'{seed}:{prompt_index}:{image_index}')[:8] (63 bits), CPU generator "
@@ -164,6 +335,8 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
               "images_per_prompt": images_per_prompt, "strategy": strategy, "margin": margin, "dtype": dtype,
               "prompt_set": prompts.name, "prompts": _prompts_fingerprint(prompts),
               "judge": judge.names, "weights": judge.weights}
+    if write_cache:  # only then: the record (and run.json) of a run without it stay as they were
+        record["write_cache"] = True  # a resumed run needs every chunk's latents (cache_dtype only matters at the end)
     run = ChunkedRun(out, len(prompts), chunk_size, record, dist.rank, dist.world_size, command="generate-pairs")
     if dist.rank == 0:
         run.start()
@@ -178,7 +351,8 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
                    desc=f"generate [{dist.rank}]" if dist.world_size > 1 else "generate")
         for k in todo:
             run.write(k, generate_chunk(pipe, prompts, run.bounds(k), judge, out, settings, images_per_prompt, seed,
-                                        strategy, margin, sample_batch_size, bar))
+                                        strategy, margin, sample_batch_size, bar,
+                                        latents_path=_latents_path(out, k) if write_cache else None, family=family))
         bar.close()
     dist.barrier()
     if dist.rank != 0:
@@ -190,12 +364,16 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
     write_text_atomic(out / MANIFEST, dumps_jsonl(pairs))
     paired = {r["prompt_index"] for r in pairs}
     result = GenerateResult(out / MANIFEST, len(prompts), len(samples), len(pairs), len(prompts) - len(paired))
+    if write_cache and chunks:
+        result.cache = write_pair_cache(out, run, chunks, model_spec, dtype, cache_dtype)
     write_text_atomic(out / RECORD, json.dumps({**record, "judge_info": judge.info,
-                                                "result": {k: v for k, v in asdict(result).items() if k != "manifest"}},
+                                                "result": {k: v for k, v in asdict(result).items()
+                                                           if k not in ("manifest", "cache")}},
                                                indent=1, sort_keys=True))
     return result
 
 
 def describe(result: GenerateResult) -> str:
     return (f"generate-pairs: {result.prompts} prompts, {result.images} images -> {result.pairs} pairs "
-            f"({result.prompts_without_pair} prompts gave no pair above the margin) -> {result.manifest}")
+            f"({result.prompts_without_pair} prompts gave no pair above the margin) -> {result.manifest}"
+            + (f"; latent cache -> {result.cache}" if result.cache is not None else ""))

@@ -1,4 +1,5 @@
-"""`generate-pairs`: pairing strategies, margins, recorded seeds that regenerate each image, resume == uninterrupted."""
+"""`generate-pairs`: pairing strategies, margins, recorded seeds that regenerate each image, resume == uninterrupted,
+the latent cache written from the sampled latents (--write-cache)."""
 
 from __future__ import annotations
 
@@ -102,3 +103,133 @@ def test_needs_two_images_per_prompt(tiny_sd, tmp_path):
     with pytest.raises(ConfigError, match="images-per-prompt"):
         generate_pairs(str(tiny_sd), PROMPTS, tmp_path, load_judge(["feedback_test_rewards:brightness"]),
                        images_per_prompt=1, **FAST)
+
+
+def test_write_cache_stores_the_sampled_latents_and_trains_without_a_vae(tiny_sd, tmp_path, monkeypatch):
+    """--write-cache: a cache CachedPairDataset opens for the same model and resolution, one row per pair of
+    pairs.jsonl, whose latents decode (scaling-factor conventions respected) to the saved PNGs; images are
+    unchanged by the option; `train` reads it and loads neither a VAE nor a text encoder."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from diffusion_dpo.cache.store import CachedPairDataset, collate_cached
+    from diffusion_dpo.config import load_config
+    from diffusion_dpo.models.loading import detect_spec
+    from diffusion_dpo.train import trainer
+
+    # a copy of the tiny model with a VAE scaling factor != 1, so that a missing or doubled division shows
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd, model)
+    vae_config = model / "vae" / "config.json"
+    vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "scaling_factor": 0.5}))
+    judge = load_judge(["feedback_test_rewards:brightness"])
+    kw = dict(images_per_prompt=3, strategy="all", seed=1, chunk_size=2, sample_batch_size=2, **FAST)
+    plain = generate_pairs(str(model), PROMPTS, tmp_path / "plain", judge, **kw)
+    out = tmp_path / "gen"
+    result = generate_pairs(str(model), PROMPTS, out, judge, write_cache=True, cache_dtype="float32", **kw)
+    assert result.cache == out / "cache" and plain.cache is None
+    # the option changes no image and no pair
+    assert _tree(out / "images") == _tree(tmp_path / "plain" / "images")
+    assert (out / "pairs.jsonl").read_bytes() == (tmp_path / "plain" / "pairs.jsonl").read_bytes()
+    pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) >= 3
+
+    spec = detect_spec(str(model))
+    ds = CachedPairDataset(out / "cache", spec, "sample", seed=0, resolution=32)
+    assert len(ds) == len(pairs) == result.pairs
+    with pytest.raises(Exception, match="resolution"):
+        CachedPairDataset(out / "cache", spec, resolution=64)
+    vae = AutoencoderKL.from_pretrained(model / "vae")
+    sf = vae.config.scaling_factor
+    assert sf == 0.5
+    for i, row in enumerate(pairs):
+        item = ds[i]
+        assert torch.equal(item["latent_std"], torch.zeros_like(item["latent_std"]))
+        assert item["latent_mean"].shape == (2, 4, 16, 16)
+        assert item["original_size"].tolist() == [[32, 32], [32, 32]]
+        assert item["crop_top_left"].tolist() == [[0, 0], [0, 0]]
+        scaled = item["latent_mean"] * sf  # what the trainer diffuses (mean + std * eps) * scaling factor
+        with torch.no_grad():
+            pixels = vae.decode(scaled / sf).sample  # and what the pipeline decodes
+        decoded = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy().astype(np.int16)
+        for j, name in enumerate(("chosen", "rejected")):
+            stored = np.asarray(Image.open(out / row[name]).convert("RGB"), dtype=np.int16)
+            assert np.abs(decoded[j] - stored).max() <= 2, (i, name)
+    batch = collate_cached([ds[0], ds[1]])
+    assert batch["latent_mean"].shape == (2, 2, 4, 16, 16) and batch["prompt_embeds"].shape[0] == 2
+    manifest = json.loads((out / "cache" / "cache_manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_pairs"] == len(pairs)
+    assert manifest["settings"]["random_flip"] is False and manifest["model"]["vae_scaling_factor"] == 0.5
+    # the cached text conditioning is what `prepare` (PromptEncoder over the model's text encoder) computes
+    from diffusion_dpo.models.encode import PromptEncoder
+    from diffusion_dpo.models.loading import load_text_encoders
+
+    encoder = PromptEncoder(spec.family, load_text_encoders(spec))
+    assert torch.allclose(ds[0]["prompt_embeds"], encoder([pairs[0]["prompt"]]).prompt_embeds[0], atol=1e-5)
+    assert torch.allclose(ds.empty_conditioning().prompt_embeds, encoder([""]).prompt_embeds, atol=1e-5)
+
+    # training reads the cache and never loads the frozen encoders
+    def refuse(*args, **kwargs):
+        raise AssertionError("training from a cache must not load a VAE or a text encoder")
+
+    monkeypatch.setattr(trainer, "load_vae", refuse)
+    monkeypatch.setattr(trainer, "load_text_encoders", refuse)
+    cfg = load_config(None, [f"model.pretrained={model}", f"data.source={out / 'cache'}", "data.resolution=32",
+                             "train.finetune=lora", "lora.rank=4", "train.max_steps=2", "train.batch_size=2",
+                             "train.checkpoint_every=0", "output.report_to=none", f"output.dir={tmp_path / 'run'}"])
+    trainer.train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sdxl", "tiny_lcm"])
+def test_write_cache_sdxl_and_lcm(fixture, request, tmp_path):
+    """SDXL (pooled embeddings, two encoders) and LCM (decodes its last `denoised`, not `latents`)."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from diffusion_dpo.cache.store import CachedPairDataset
+    from diffusion_dpo.models.loading import detect_spec
+
+    model = request.getfixturevalue(fixture)
+    out = tmp_path / "gen"
+    result = generate_pairs(str(model), PROMPTS, out, load_judge(["feedback_test_rewards:brightness"]),
+                            images_per_prompt=2, write_cache=True, cache_dtype="float32", **FAST)
+    spec = detect_spec(str(model))
+    ds = CachedPairDataset(result.cache, spec, "mean", resolution=32)
+    pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert len(ds) == len(pairs) > 0
+    assert ("pooled_prompt_embeds" in ds[0]) == (spec.family == "sdxl")
+    vae = AutoencoderKL.from_pretrained(Path(model) / "vae")
+    with torch.no_grad():
+        pixels = vae.decode(ds[0]["latent_mean"]).sample
+    decoded = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy().astype(np.int16)
+    stored = np.asarray(Image.open(out / pairs[0]["chosen"]).convert("RGB"), dtype=np.int16)
+    assert np.abs(decoded[0] - stored).max() <= 2
+
+
+def test_write_cache_resumed_equals_uninterrupted(tiny_sd, tmp_path, monkeypatch):
+    judge = load_judge(["feedback_test_rewards:brightness"])
+    kw = dict(images_per_prompt=2, strategy="best-worst", chunk_size=1, sample_batch_size=2, write_cache=True, **FAST)
+    generate_pairs(str(tiny_sd), PROMPTS, tmp_path / "straight", judge, **kw)
+    monkeypatch.setenv(FAIL_ENV, "2")
+    with pytest.raises(InjectedFailure):
+        generate_pairs(str(tiny_sd), PROMPTS, tmp_path / "resumed", judge, **kw)
+    assert not (tmp_path / "resumed" / "cache").exists()
+    monkeypatch.delenv(FAIL_ENV)
+    generate_pairs(str(tiny_sd), PROMPTS, tmp_path / "resumed", judge, **kw)
+    straight, resumed = _tree(tmp_path / "straight"), _tree(tmp_path / "resumed")
+    assert "cache/shard-00000.safetensors" in straight and "cache/empty_prompt.safetensors" in straight
+    manifest = {k for k in straight if k.endswith("cache_manifest.json")}
+    assert {k: v for k, v in resumed.items() if k not in manifest} == \
+        {k: v for k, v in straight.items() if k not in manifest}
+    # the manifests differ only in the absolute path of their source manifest
+    a, b = (json.loads(t["cache/cache_manifest.json"]) for t in (straight, resumed))
+    a["source"].pop("manifest"), b["source"].pop("manifest")
+    assert a == b
+    # a run started without the option is not silently continued with it
+    with pytest.raises(Exception, match="write_cache"):
+        generate_pairs(str(tiny_sd), PROMPTS, tmp_path / "straight", judge,
+                       **{**kw, "write_cache": False})
