@@ -1,7 +1,7 @@
 """`diffusion-dpo demo`: build or load the miniature base, generate and judge pairs, prepare the cache,
 train Diffusion-DPO and an SFT baseline, evaluate all three on held-out prompts, and summarise.
 
-    diffusion-dpo demo --output-dir demo_out          # about 4 minutes on 2 CPU cores (docs/demo.md)
+    diffusion-dpo demo --output-dir demo_out          # about 2.5 minutes on 2 CPU cores (docs/demo.md)
     diffusion-dpo demo --quick --output-dir /tmp/q    # the reduced run of the test suite
 
 Every stage resumes when interrupted: run the same command again.
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="reduced run for tests: fewer prompts, images and steps (still shows the direction)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of DPO and SFT (default: 200, "
-                        "quick: 60)")
+                        "quick: 100)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

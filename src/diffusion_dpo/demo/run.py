@@ -17,7 +17,7 @@ Stages (each skips what is already complete, so an interrupted demo resumes wher
     6. summary   <out>/grid.png (rows base / SFT / DPO, same seeds) and a table in the terminal
 
 The settings below were chosen by measurement (docs/demo.md): they reach the targets on 2 CPU cores in
-about DEMO_MINUTES minutes. `quick=True` is the reduced run of the test suite.
+about 2.5 minutes. `quick=True` is the reduced run of the test suite.
 """
 
 from __future__ import annotations
