@@ -51,3 +51,11 @@ def tiny_sdxl(tmp_path_factory):
 def tiny_lcm(tmp_path_factory):
     """Tiny LatentConsistencyModelPipeline (UNet with time_cond_proj_dim, LCMScheduler)."""
     return _tiny(tmp_path_factory, "tiny_lcm", "lcm")
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Commands run in-process (e.g. the demo's --threads) may change torch's thread count; restore it
+    so every test computes with the same reductions as the subprocesses it compares against."""
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    yield
