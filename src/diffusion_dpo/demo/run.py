@@ -48,6 +48,9 @@ class DemoSettings:
     train_prompts: int | None = None
     """Use the first N train prompts (None: all 108)."""
     images_per_prompt: int = 4
+    pair_strategy: str = "best-worst"
+    """generate-pairs strategy: best-worst, all (every pair above pair_margin) or random."""
+    pair_margin: float = 0.0
     pair_steps: int = 10
     """DDIM steps when sampling the pairs."""
     # 4. training (shared by DPO and SFT, except beta)
@@ -178,7 +181,8 @@ class Demo:
         texts = train_prompts()[: self.s.train_prompts]
         result = generate_pairs(self.base, _prompt_set("demo-train", texts), self.out / "pairs",
                                 load_judge([JUDGE_SPEC]), images_per_prompt=self.s.images_per_prompt,
-                                strategy="best-worst", seed=self.s.seed, scheduler="ddim", steps=self.s.pair_steps,
+                                strategy=self.s.pair_strategy, margin=self.s.pair_margin, seed=self.s.seed,
+                                scheduler="ddim", steps=self.s.pair_steps,
                                 guidance=self.s.guidance, resolution=SIZE, sample_batch_size=64, chunk_size=16,
                                 progress=self.s.progress)
         self.pairs = result.pairs

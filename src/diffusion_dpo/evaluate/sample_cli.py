@@ -25,6 +25,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, required: bool = Tru
     g.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt (default 1)")
     g.add_argument("--seed", type=int, default=0,
                    help="base seed; image i of prompt p uses image_seed(seed, p, i) (docs/evaluation.md)")
+    add_sampler_settings(g)
+
+
+def add_sampler_settings(g) -> None:
+    """Sampler flags shared by `sample`, `evaluate`, `generate-pairs` and `iterate`."""
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="published settings: paper (default scheduler, 50 steps, guidance 7.5 SD / 5 SDXL), "
                         "drawbench-sd (DDIM 30 steps 512 px), drawbench-lcm (LCM 8 steps 768 px); flags override")

@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import logging
 
+from diffusion_dpo.evaluate.sample_cli import sampling_overrides
 from diffusion_dpo.feedback.generate import STRATEGIES
 from diffusion_dpo.feedback.label_cli import add_judge_arguments, add_run_arguments
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     """Sampling and pairing flags shared by generate-pairs and iterate."""
-    from diffusion_dpo.evaluate.sampling import PRESETS, SCHEDULERS
+    from diffusion_dpo.evaluate.sample_cli import add_sampler_settings
 
     g = parser.add_argument_group("sampling and pairing")
     g.add_argument("--prompts", required=True, help="built-in prompt set name or a local .txt/.csv/.tsv/.json/.jsonl file")
@@ -29,20 +30,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--margin", type=float, default=0.0,
                    help="keep a pair only if winner score - loser score >= this (default 0: any strict winner)")
     g.add_argument("--seed", type=int, default=0, help="base seed; image i of prompt p uses image_seed(seed, p, i)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="published sampler settings (see `sample`)")
-    g.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the pipeline's)")
-    g.add_argument("--steps", type=int, default=None, help="inference steps (default 50)")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    g.add_argument("--resolution", type=int, default=None, help="image height and width in pixels")
-    g.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
-    g.add_argument("--sample-batch-size", type=int, default=4, help="images per pipeline call (does not change the noise)")
-    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="sampling dtype")
-    g.add_argument("--prompt-cache", default=None, help="cache folder for downloaded prompt sets")
-
-
-def sampling_overrides(args: argparse.Namespace) -> dict:
-    return {"scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance,
-            "resolution": args.resolution, "negative_prompt": args.negative_prompt}
+    add_sampler_settings(g)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from diffusion_dpo.feedback.generate_cli import add_generation_arguments, sampling_overrides
+from diffusion_dpo.evaluate.sample_cli import sampling_overrides
+from diffusion_dpo.feedback.generate_cli import add_generation_arguments
 from diffusion_dpo.feedback.label_cli import add_judge_arguments, add_run_arguments
 
 
