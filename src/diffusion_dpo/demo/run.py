@@ -204,7 +204,7 @@ class Demo:
         if done.is_file() and json.loads(done.read_text()).get("steps") == cfg.train.max_steps:
             self.console.print(f"{method}: already trained ({done})")
             return
-        summary = train(cfg)
+        summary = train(cfg, progress=self.s.progress)
         acc = f", implicit accuracy {summary['implicit_acc_last10']:.2f}" if "implicit_acc_last10" in summary else ""
         self.console.print(f"{method}: {summary['steps']} steps, loss {summary.get('loss_last10', float('nan')):.4f}"
                            f"{acc} (last 10 steps) -> {cfg.output.dir}")

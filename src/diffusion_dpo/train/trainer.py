@@ -54,9 +54,10 @@ class _EpochItems(torch.utils.data.Dataset):
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, accelerator=None):
+    def __init__(self, cfg: RunConfig, accelerator=None, progress: bool = True):
         self.cfg = cfg
         self.accelerator = accelerator
+        self.progress = progress
         self.out = Path(cfg.output.dir)
 
     # ------------------------------------------------------------------------------------------
@@ -262,8 +263,8 @@ class Trainer:
                 acc.init_trackers("diffusion-dpo", config=_flat(to_dict(cfg)))
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not self.is_main, desc=cfg.train.method,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.is_main and self.progress),
+                   desc=cfg.train.method, dynamic_ncols=True)
         batches = iter(self.loader)
         t0 = time.perf_counter()
         start_step = self.step
@@ -363,6 +364,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
+def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Python entry point: `diffusion_dpo.train.trainer.train(load_config(path, overrides))`."""
-    return Trainer(cfg).setup().train()
+    return Trainer(cfg, progress=progress).setup().train()
