@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -23,6 +24,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "iterate": ("diffusion_dpo.feedback.iterate_cli", "rounds of generate-pairs, label, prepare and train"),
     "demo": ("diffusion_dpo.demo.cli", "the whole story on a miniature text-to-image world, on a laptop CPU"),
 }
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Console logging for the long-running subcommands (one format everywhere)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def build_parser(with_subcommands: str | None = None) -> argparse.ArgumentParser:

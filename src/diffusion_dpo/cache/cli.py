@@ -8,7 +8,6 @@ $(which diffusion-dpo) prepare ...` splits the shards across processes.
 from __future__ import annotations
 
 import argparse
-import logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffusion_dpo.cli import setup_logging
+
     from accelerate import PartialState
 
     from diffusion_dpo.cache.prepare import Distribution, prepare_cache
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg = load_config(args.config, args.overrides)
     state = PartialState()
     folder = prepare_cache(cfg, storage_dtype=args.dtype or cfg.data.cache_dtype, batch_size=args.batch_size, shard_size=args.shard_size,

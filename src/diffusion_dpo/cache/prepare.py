@@ -28,7 +28,7 @@ from diffusion_dpo.cache.store import (EMPTY_PROMPT, FORMAT_VERSION, MANIFEST, S
                                        completed_shards, read_manifest, shard_name, write_json_atomic,
                                        write_safetensors_atomic)
 from diffusion_dpo.config import RunConfig
-from diffusion_dpo.errors import ConfigError, CorruptImageError
+from diffusion_dpo.errors import ConfigError
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -86,18 +86,14 @@ class _PairItems(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> dict[str, Any]:
         from PIL import Image
 
-        from diffusion_dpo.data.dataset import _item_seed, decode_image
+        from diffusion_dpo.data.dataset import _item_seed, decode_pair
 
         i = self.indices[j]
         record = self.source[i]
-        try:
-            img_w = decode_image(record.chosen, f"{record.key} (chosen)")
-            img_l = decode_image(record.rejected, f"{record.key} (rejected)")
-        except CorruptImageError as err:
-            if self.on_corrupt == "error":
-                raise CorruptImageError(f"pair {i}: {err}. Set data.on_corrupt=skip to skip and count such pairs.") from err
-            log.warning("skipping pair %d: %s", i, err)
+        images = decode_pair(record, i, self.on_corrupt)
+        if images is None:
             return {"index": i, "corrupt": True}
+        img_w, img_l = images
         variants = [(img_w, img_l)]
         if self.flip_variants:
             mirror = Image.Transpose.FLIP_LEFT_RIGHT

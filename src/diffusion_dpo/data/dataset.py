@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from diffusion_dpo.data.records import ImageRef
+from diffusion_dpo.data.records import ImageRef, PairRecord
 from diffusion_dpo.data.sources import PairSource
 from diffusion_dpo.data.transforms import PairTransform
 from diffusion_dpo.errors import CorruptImageError
@@ -57,6 +57,20 @@ def _item_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def decode_pair(record: PairRecord, index: int, on_corrupt: str) -> tuple[Image.Image, Image.Image] | None:
+    """Both images of a pair, or None for a corrupt one with on_corrupt='skip' (logged; the caller counts it).
+    With on_corrupt='error' a CorruptImageError names the image and the setting that skips instead."""
+    try:
+        img_w = decode_image(record.chosen, f"{record.key} (chosen: {_short(record.chosen)})")
+        img_l = decode_image(record.rejected, f"{record.key} (rejected: {_short(record.rejected)})")
+    except CorruptImageError as err:
+        if on_corrupt == "error":
+            raise CorruptImageError(f"{err}. Set data.on_corrupt=skip to skip and count such pairs.") from err
+        log.warning("skipping pair %d: %s", index, err)
+        return None
+    return img_w, img_l
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Map-style dataset over a PairSource: item i is decoded, transformed and returned as a dict.
 
@@ -84,15 +98,11 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict | None:
         record = self.source[i]
-        try:
-            img_w = decode_image(record.chosen, f"{record.key} (chosen: {_short(record.chosen)})")
-            img_l = decode_image(record.rejected, f"{record.key} (rejected: {_short(record.rejected)})")
-        except CorruptImageError as err:
-            if self.on_corrupt == "error":
-                raise CorruptImageError(f"{err}. Set data.on_corrupt=skip to skip and count such pairs.") from err
+        images = decode_pair(record, i, self.on_corrupt)
+        if images is None:
             self.num_corrupt += 1
-            log.warning("skipping pair %d: %s", i, err)
             return None
+        img_w, img_l = images
         generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, i))
         out = self.transform(img_w, img_l, generator)
         return {

@@ -10,11 +10,10 @@ keeps the starting model). Rerun the same command to resume. See docs/feedback.m
 from __future__ import annotations
 
 import argparse
-import logging
 
 from diffusion_dpo.evaluate.sample_cli import sampling_overrides
 from diffusion_dpo.feedback.generate_cli import add_generation_arguments
-from diffusion_dpo.feedback.label_cli import add_judge_arguments, add_run_arguments
+from diffusion_dpo.feedback.label_cli import add_judge_arguments, add_run_arguments, judge_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,19 +30,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffusion_dpo.cli import setup_logging
+
     from diffusion_dpo.config import load_config
     from diffusion_dpo.evaluate.prompts import load_prompts
     from diffusion_dpo.feedback.chunks import distribution
     from diffusion_dpo.feedback.iterate import iterate
-    from diffusion_dpo.feedback.judge import load_judge
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg = load_config(args.config, args.overrides)
     dist = distribution()
     device = args.device or str(dist.device)
     prompts = load_prompts(args.prompts, cache_dir=args.prompt_cache).limit(args.limit)
-    judge = load_judge(args.reward, args.weights, device=device, dtype=args.reward_dtype,
-                       batch_size=args.reward_batch_size)
+    judge = judge_from_args(args, device)
     records = iterate(cfg, prompts, judge, args.out, args.rounds, images_per_prompt=args.images_per_prompt,
                       strategy=args.strategy, margin=args.margin, seed=args.seed,
                       update_reference=args.update_reference, preset=args.preset,

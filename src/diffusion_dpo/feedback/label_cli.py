@@ -10,7 +10,6 @@ command after an interruption: finished chunks are kept. See docs/feedback.md.
 from __future__ import annotations
 
 import argparse
-import logging
 
 
 def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +25,14 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--reward-batch-size", type=int, default=None, help="images per reward call (default: the reward's)")
     g.add_argument("--reward-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     g.add_argument("--device", default=None, help="torch device (default: this process's accelerate device)")
+
+
+def judge_from_args(args: argparse.Namespace, device: str):
+    """The Judge that the flags of add_judge_arguments describe."""
+    from diffusion_dpo.feedback.judge import load_judge
+
+    return load_judge(args.reward, args.weights, device=device, dtype=args.reward_dtype,
+                      batch_size=args.reward_batch_size)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_chunk: int) -> None:
@@ -52,19 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffusion_dpo.cli import setup_logging
+
     from diffusion_dpo.config import DataConfig
     from diffusion_dpo.data.sources import open_source
     from diffusion_dpo.feedback.chunks import distribution
-    from diffusion_dpo.feedback.judge import load_judge
     from diffusion_dpo.feedback.label import describe, label_pairs
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     dist = distribution()
     # Ties in the ORIGINAL labels (Pick-a-Pic label_0 == 0.5) have no original winner: open_source drops and counts them.
     source = open_source(DataConfig(source=args.data, format=args.format, split=args.split, max_pairs=args.max_pairs,
                                     on_corrupt=args.on_corrupt))
-    judge = load_judge(args.reward, args.weights, device=args.device or str(dist.device), dtype=args.reward_dtype,
-                       batch_size=args.reward_batch_size)
+    judge = judge_from_args(args, args.device or str(dist.device))
     result = label_pairs(source, judge, args.out, margin=args.margin, chunk_size=args.chunk_size,
                          on_corrupt=args.on_corrupt, dist=dist, progress=not args.no_progress)
     if result is not None:
