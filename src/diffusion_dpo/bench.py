@@ -35,19 +35,23 @@ VARIANTS = {
     "c": "official: JPEG+VAE+text encoder per step, full + frozen copy",
     "d": "bare minimum: LoRA fwd+bwd + ref fwd",
 }
-DEFAULT_RESOLUTION = {"tiny": 32, "mid": 64, "sd15": 512, "sdxl": 1024}
-"""Pixels. tiny/mid use the small test VAE (downsampling 2): mid at 64 px gives 32x32 latents."""
+DEFAULT_LATENT = {"tiny": 16, "mid": 32, "sd15": 64, "sdxl": 128}
+"""Latent side per arch; the default resolution is this times the VAE's downsampling (tiny 32 px, mid 256 px,
+sd15 512 px, sdxl 1024 px)."""
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 """Dense bf16/fp16 tensor-core peak (SXM) per device; fp32 runs are reported against the TF32 peak (half)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="mid", choices=list(DEFAULT_RESOLUTION),
+    p.add_argument("--arch", default="mid", choices=list(DEFAULT_LATENT),
                    help="model size: tiny (smoke test), mid (~40M UNet), sd15, sdxl (real sizes, random weights)")
-    p.add_argument("--resolution", type=int, help="image size in pixels (default per arch: tiny 32, mid 64, sd15 512, sdxl 1024)")
-    p.add_argument("--vae", default="arch", choices=["arch", "sd"],
-                   help="'arch': the VAE models.build pairs with the arch (tiny/mid: a small 2x-downsampling test VAE); "
-                        "'sd': Stable Diffusion's VAE architecture (8x downsampling, so 4x the pixels for the same latents)")
+    p.add_argument("--resolution", type=int,
+                   help="image size in pixels (default: the arch's latent size x the VAE's downsampling: tiny 32, "
+                        "mid 256, sd15 512, sdxl 1024)")
+    p.add_argument("--vae", default="arch", choices=["arch", "small", "sd"],
+                   help="'arch': the VAE models.build pairs with the arch (tiny: a small 2x-downsampling test VAE; mid: "
+                        "SD's VAE layout at 11/32 width, which costs the same share of a UNet forward as SD 1.5's; "
+                        "sd15/sdxl: SD's VAE); 'small': the 2x test VAE; 'sd': SD's full VAE")
     p.add_argument("--pairs", type=int, default=2, help="preference pairs per step (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per variant (default 2)")
@@ -80,15 +84,17 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--pairs", args.pairs), ("--steps", args.steps), ("--repeat", args.repeat)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    sd_vae = args.vae == "sd" and args.arch in ("tiny", "mid")
-    res = args.resolution or DEFAULT_RESOLUTION[args.arch] * (4 if sd_vae else 1)  # same latent size either way
+    from diffusion_dpo.models.build import vae_downsampling
+
+    vae = args.arch if args.vae == "arch" else args.vae
+    res = args.resolution or DEFAULT_LATENT[args.arch] * vae_downsampling(vae)  # same latent size for every VAE
     family = "sdxl" if args.arch == "sdxl" else "sd"
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        model, parquet, cache = _setup(work, args.arch, family, res, args.pairs, args.seed, sd_vae)
-        print(f"bench: arch {args.arch} ({family}){' with the SD VAE' if sd_vae else ''}, {res} px, {args.pairs} pairs/step, {args.warmup} warm-up + "
+        model, parquet, cache = _setup(work, args.arch, family, res, args.pairs, args.seed, vae)
+        print(f"bench: arch {args.arch} ({family}), VAE {vae}, {res} px, {args.pairs} pairs/step, {args.warmup} warm-up + "
               f"{args.steps} timed steps per variant; set-up {time.perf_counter() - t0:.0f} s", flush=True)
         results: dict[str, dict] = {}
         for rep, v in [(rep, v) for rep in range(args.repeat) for v in args.variants]:
@@ -114,21 +120,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _setup(work: Path, arch: str, family: str, res: int, pairs: int, seed: int,
-           sd_vae: bool = False) -> tuple[Path, Path, Path]:
+           vae: str | None = None) -> tuple[Path, Path, Path]:
     """Random-init pipeline folder, a synthetic dataset (JPEGs a bit larger than `res`) and its cache."""
     from diffusion_dpo.cache.prepare import prepare_cache
     from diffusion_dpo.config import load_config
     from diffusion_dpo.data.synthetic import write_pickapic_parquet
-    from diffusion_dpo.models.build import build_pipeline, build_vae
+    from diffusion_dpo.models.build import build_pipeline
 
     words = ["a", "photo", "of", "small", "large", "red", "green", "blue", "circle", "square"]
-    model = work / f"model-{arch}-{family}-{res}{'-sdvae' if sd_vae else ''}"
+    vae = vae or arch
+    model = work / f"model-{arch}-{family}-{res}-vae-{vae}"
     if not (model / "model_index.json").is_file():
-        if sd_vae:  # build with the small VAE at res/4 (UNet sample size res/8), then swap in SD's VAE
-            pipe = build_pipeline(family, arch, resolution=res // 4, words=words, seed=seed)
-            pipe.register_modules(vae=build_vae("sd15", sample_size=res))
-        else:
-            pipe = build_pipeline(family, arch, resolution=res, words=words, seed=seed)
+        pipe = build_pipeline(family, arch, resolution=res, words=words, seed=seed, vae=vae)
         pipe.save_pretrained(model, safe_serialization=True)
     parquet = work / f"pairs-{res}.parquet"
     if not parquet.is_file():
