@@ -71,12 +71,17 @@ def classify_shape(fill_ratio: float, asymmetry: float, corner_fill: float) -> s
     return "square" if corner_fill > SQUARE_CORNER_MIN or fill_ratio > SQUARE_FILL_MIN else "circle"
 
 
+def background_distance(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The image as (H, W, 3) float32 RGB and each pixel's RGB distance from the background (the median
+    colour of the image border), (H, W)."""
+    px = np.asarray(image.convert("RGB"), dtype=np.float32)
+    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
+    return px, np.linalg.norm(px - np.median(border, axis=0), axis=-1)
+
+
 def find_object(image: Image.Image) -> ObjectInfo | None:
     """The object of a demo-world image, or None if nothing stands out from the background."""
-    px = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    border = np.concatenate([px[0], px[-1], px[:, 0], px[:, -1]])
-    background = np.median(border, axis=0)
-    dist = np.linalg.norm(px - background, axis=-1)  # (H, W)
+    px, dist = background_distance(image)
     mask = dist > THRESHOLD
     area = int(mask.sum())
     if area < MIN_PIXELS:

@@ -46,10 +46,27 @@ def test_judge_prefers_vivid_over_muted(color, shape):
 
 def test_judge_ignores_size_and_position_and_scores_blank_zero():
     vivid_small_corner = world.render(_scene(position="top left", radius=3.5, vividness=1.0))
+    vivid_large_centre = world.render(_scene(radius=7.0, vividness=1.0))
     muted_large_centre = world.render(_scene(radius=7.0, vividness=0.0))
     blank = Image.new("RGB", (world.SIZE, world.SIZE), world.BACKGROUND)
-    s = judge_scores([vivid_small_corner, muted_large_centre, blank])
-    assert s[0] > s[1] > s[2] == 0.0
+    s = judge_scores([vivid_small_corner, vivid_large_centre, muted_large_centre, blank])
+    assert s[0] > 0.95 and s[1] > 0.95 and abs(float(s[0] - s[1])) < 0.03
+    assert s[2] < 0.05 and s[3] == 0.0
+
+
+def _disc(rgb):
+    cover = world.shape_mask("circle", 16.0, 16.0, 6.0)[..., None]
+    px = cover * np.asarray(rgb, dtype=np.float32) + (1 - cover) * np.asarray(world.BACKGROUND, dtype=np.float32)
+    return Image.fromarray(px.round().astype(np.uint8))
+
+
+def test_judge_does_not_reward_hue_drift():
+    """A red drifted towards orange keeps the pure red's chroma (max - min = 200) but is not more vivid red:
+    the judge scores it below the pure red and below a half-vivid red (the exploit of a chroma judge)."""
+    pure, orange = _disc(world.COLORS["red"]), _disc((225, 110, 25))
+    half = _disc(world.object_rgb("red", 0.5))
+    s = judge_scores([pure, orange, half])
+    assert s[0] > 0.95 and s[1] < s[2] < s[0]
 
 
 def test_judge_tracks_vividness_across_random_scenes():
@@ -58,4 +75,4 @@ def test_judge_tracks_vividness_across_random_scenes():
     vivid = np.array([d[2].vividness for d in data])
     for color in world.COLORS:  # per colour the score is monotone in vividness (up to anti-aliasing)
         rows = [i for i, d in enumerate(data) if d[2].color == color]
-        assert np.corrcoef(scores[rows], vivid[rows])[0, 1] > 0.9
+        assert np.corrcoef(scores[rows], vivid[rows])[0, 1] > 0.98
