@@ -16,8 +16,8 @@ Stages (each skips what is already complete, so an interrupted demo resumes wher
                  -> <out>/results.json, results.md, report.html
     6. summary   <out>/grid.png (rows base / SFT / DPO, same seeds) and a table in the terminal
 
-The settings below were chosen by measurement (docs/demo.md): they reach the targets on 2 CPU cores in
-about 2.5 minutes. `quick=True` is the reduced run of the test suite.
+The settings below were chosen by measurement (docs/demo.md): they reach the targets for seeds 0, 1 and 2
+on 2 CPU cores in 2.5 to 3 minutes. `quick=True` is the reduced run of the test suite.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class DemoSettings:
     # 2. pairs: K images per train prompt, best vs worst by the judge
     train_prompts: int | None = None
     """Use the first N train prompts (None: all 108)."""
-    images_per_prompt: int = 4
+    images_per_prompt: int = 8
     pair_strategy: str = "best-worst"
     """generate-pairs strategy: best-worst, all (every pair above pair_margin) or random."""
     pair_margin: float = 0.0
@@ -57,7 +57,7 @@ class DemoSettings:
     train_steps: int = 200
     batch_size: int = 8
     learning_rate: float = 3e-3
-    beta: float = 500.0
+    beta: float = 2000.0
     rank: int = 8
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
     timestep_range: tuple[int, int] = (0, 1000)
@@ -65,7 +65,7 @@ class DemoSettings:
     # 5. evaluation on the held-out prompts
     eval_prompts: int | None = None
     """Use the first N held-out prompts (None: all 27)."""
-    eval_images: int = 4
+    eval_images: int = 8
     eval_steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     grid_prompts: int = 9
@@ -75,8 +75,8 @@ class DemoSettings:
 
 def quick_settings(output_dir: str, seed: int = 0) -> DemoSettings:
     """The reduced demo of the test suite: fewer prompts, images, sampling and training steps."""
-    return DemoSettings(output_dir=output_dir, seed=seed, train_prompts=48, pair_steps=8, train_steps=100,
-                        eval_prompts=9, eval_images=2, eval_steps=10, grid_prompts=5)
+    return DemoSettings(output_dir=output_dir, seed=seed, train_prompts=48, images_per_prompt=4, pair_steps=8,
+                        train_steps=100, eval_prompts=9, eval_images=2, eval_steps=10, grid_prompts=5)
 
 
 def _overrides(s: DemoSettings, base: str, method: str) -> list[str]:
@@ -239,7 +239,7 @@ class Demo:
         scoring.check_comparable(list(sets.values()))
         judge = load_reward(JUDGE_SPEC, batch_size=64)
         judge.name, judge.info["metric"] = "judge", "judge"
-        judge.info.update(scale="object chroma in [0, 1] (demo.judge)")
+        judge.info.update(scale="object vividness in [0, 1]: 0 muted, 1 the pure world colour (demo.judge)")
         fid = CallableReward(fidelity_scores, name="fidelity", batch_size=64)
         fid.info.update(model="diffusion_dpo.demo.fidelity", scale="1 if the asked colour and shape are read "
                         "from the pixels, else 0 (mean x 100 = fidelity %)")
@@ -257,7 +257,8 @@ class Demo:
             "dpo_win_rate_at_least_70": w["win_rate"] >= 0.70,
             "dpo_ci_above_50": w["ci_low"] > 0.50,
             "dpo_beats_sft": models["dpo"]["judge_mean"] > models["sft"]["judge_mean"],
-            "fidelity_within_2_points": abs(models["dpo"]["fidelity_percent"] - models["base"]["fidelity_percent"]) <= 2.0,
+            # a guard against reward hacking: DPO may not lose more than 2 points of prompt fidelity (a gain passes)
+            "fidelity_drop_at_most_2_points": models["dpo"]["fidelity_percent"] >= models["base"]["fidelity_percent"] - 2.0,
         }
         first = sets["base"]
         summary = {"prompt_set": "demo-heldout", "num_prompts": first.num_prompts,
