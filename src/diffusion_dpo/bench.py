@@ -268,8 +268,6 @@ def _tweak_unet(unet, job: dict):
 
 def _ours(job: dict, device) -> Callable[[], None]:
     """(a) / (b): the trainer's own set-up and inner loop body (train/trainer.py), on the prepared cache."""
-    import torch
-
     from diffusion_dpo.config import load_config
     from diffusion_dpo.train.trainer import Trainer
 

@@ -86,7 +86,7 @@ class _PairItems(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> dict[str, Any]:
         from PIL import Image
 
-        from diffusion_dpo.data.dataset import _item_seed, decode_pair
+        from diffusion_dpo.data.dataset import item_seed, decode_pair
 
         i = self.indices[j]
         record = self.source[i]
@@ -101,7 +101,7 @@ class _PairItems(torch.utils.data.Dataset):
         outs = []
         for a, b in variants:
             # the draws PairDataset makes for (seed, epoch 0, i): same crop for both variants
-            outs.append(self.transform(a, b, torch.Generator().manual_seed(_item_seed(self.seed, 0, i))))
+            outs.append(self.transform(a, b, torch.Generator().manual_seed(item_seed(self.seed, 0, i))))
         return {
             "index": i, "corrupt": False, "prompt": record.prompt,
             "pixels": torch.stack([o["pixel_values"] for o in outs]),  # (V, 2, 3, R, R)

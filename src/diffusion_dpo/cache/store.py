@@ -180,9 +180,9 @@ class CachedPairDataset(torch.utils.data.Dataset):
 
     def _flips(self, index: int) -> tuple[int, int]:
         """Flip variant of (chosen, rejected), drawn exactly as PairTransform draws it for this item."""
-        from diffusion_dpo.data.dataset import _item_seed
+        from diffusion_dpo.data.dataset import item_seed
 
-        g = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+        g = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, index))
         draws = torch.rand(2, 3, generator=g, dtype=torch.float64)
         if self.shared_flips:
             draws[1] = draws[0]

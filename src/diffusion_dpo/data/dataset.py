@@ -51,7 +51,7 @@ def decode_image(ref: ImageRef, name: str | None = None) -> Image.Image:
         raise CorruptImageError(f"cannot decode image {label}: {err}") from err
 
 
-def _item_seed(seed: int, epoch: int, index: int) -> int:
+def item_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 63-bit seed per (seed, epoch, index): neighbouring indices get unrelated streams."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -103,7 +103,7 @@ class PairDataset(torch.utils.data.Dataset):
             self.num_corrupt += 1
             return None
         img_w, img_l = images
-        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, i))
+        generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, i))
         out = self.transform(img_w, img_l, generator)
         return {
             "pixel_values": out["pixel_values"],  # (2, 3, R, R): row 0 chosen, row 1 rejected
