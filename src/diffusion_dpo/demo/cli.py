@@ -1,7 +1,7 @@
 """`diffusion-dpo demo`: build or load the miniature base, generate and judge pairs, prepare the cache,
 train Diffusion-DPO and an SFT baseline, evaluate all three on held-out prompts, and summarise.
 
-    diffusion-dpo demo --output-dir demo_out          # 2.5 to 3 minutes on 2 CPU cores (docs/demo.md)
+    diffusion-dpo demo --output-dir demo_out          # about 3 minutes on 2 CPU cores (docs/demo.md)
     diffusion-dpo demo --quick --output-dir /tmp/q    # the reduced run of the test suite
 
 Every stage resumes when interrupted: run the same command again.
