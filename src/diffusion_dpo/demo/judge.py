@@ -14,7 +14,7 @@ to [0, 1] and averaged. Renders score exactly their vividness; 0.0 when no colou
 
 Why not simply the object's chroma (max - min of RGB), the first version of this judge: chroma is blind to
 hue, and Diffusion-DPO found the cheap way to raise it, drifting reds towards orange and greens towards
-blue (prompt fidelity fell by up to 9 points on held-out prompts while the judge rose). Measuring
+blue (prompt fidelity fell by 5 to 16 points on held-out prompts while the judge rose; docs/demo.md). Measuring
 vividness along each colour's own muted -> vivid line rewards only the property the world varies.
 """
 
@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 
 from diffusion_dpo.demo.vision import THRESHOLD, MIN_PIXELS, background_distance, classify_color
-from diffusion_dpo.demo.world import COLORS, MUTED_GREY
+from diffusion_dpo.demo.world import COLORS, object_rgb
 
-_VIVID = {name: np.asarray(rgb, dtype=np.float64) for name, rgb in COLORS.items()}
-_MUTED = {name: 0.5 * v + 0.5 * np.asarray(MUTED_GREY, dtype=np.float64) for name, v in _VIVID.items()}
+_MUTED = {name: np.asarray(object_rgb(name, 0.0)) for name in COLORS}
+_VIVID = {name: np.asarray(object_rgb(name, 1.0)) for name in COLORS}
 
 
 def judge_score(image: Image.Image) -> float:

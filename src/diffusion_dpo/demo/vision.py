@@ -41,7 +41,6 @@ class ObjectInfo:
     corner_fill: float  # mean coverage of the box corners outside the inscribed ellipse
     bbox: tuple[int, int, int, int]  # top, left, bottom, right (inclusive)
     mean_rgb: tuple[float, float, float]
-    chroma: float  # mean over object pixels of max(rgb) - min(rgb), 0-255
     color: str | None  # nearest world colour by hue; None if too grey
     shape: str  # one of world.SHAPES
 
@@ -88,7 +87,6 @@ def find_object(image: Image.Image) -> ObjectInfo | None:
         return None
     obj = px[mask]  # (N, 3)
     mean_rgb = tuple(float(v) for v in obj.mean(axis=0))
-    chroma = float((obj.max(axis=1) - obj.min(axis=1)).mean())
     # soft coverage: anti-aliased edge pixels count by how far they are from background towards the object
     full = float(np.median(dist[mask]))
     alpha = np.clip(dist / max(full, 1e-6), 0.0, 1.0)
@@ -114,7 +112,7 @@ def find_object(image: Image.Image) -> ObjectInfo | None:
     upper, lower = box[: h // 2].sum(), box[h - h // 2:].sum()
     asym = float((lower - upper) / max(lower + upper, 1e-6))
     return ObjectInfo(area=area, fill_ratio=fill, asymmetry=asym, corner_fill=corner_fill, bbox=(int(top), int(left), int(bottom), int(right)),
-                      mean_rgb=mean_rgb, chroma=chroma, color=classify_color(mean_rgb), shape=classify_shape(fill, asym, corner_fill))
+                      mean_rgb=mean_rgb, color=classify_color(mean_rgb), shape=classify_shape(fill, asym, corner_fill))
 
 
 assert set(SHAPES) == {"circle", "square", "triangle"}, "classify_shape knows these three shapes"
