@@ -86,17 +86,24 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tiny_sd, tmp_path, monkeypatch):
+def _straight_and_resumed(tiny_sd, tmp_path, monkeypatch, fail_after: str, unfinished: str, **kw):
+    """Run generate_pairs once straight through, and once killed after chunk `fail_after` (leaving no
+    `unfinished` output) then rerun; returns the file trees of both output folders, the judge and the arguments."""
     judge = load_judge(["feedback_test_rewards:brightness"])
-    kw = dict(images_per_prompt=2, strategy="best-worst", chunk_size=1, sample_batch_size=2, **FAST)
+    kw = dict(images_per_prompt=2, strategy="best-worst", chunk_size=1, sample_batch_size=2, **FAST, **kw)
     generate_pairs(str(tiny_sd), PROMPTS, tmp_path / "straight", judge, **kw)
-    monkeypatch.setenv(FAIL_ENV, "1")
+    monkeypatch.setenv(FAIL_ENV, fail_after)
     with pytest.raises(InjectedFailure):
         generate_pairs(str(tiny_sd), PROMPTS, tmp_path / "resumed", judge, **kw)
-    assert not (tmp_path / "resumed" / "pairs.jsonl").exists()
+    assert not (tmp_path / "resumed" / unfinished).exists()
     monkeypatch.delenv(FAIL_ENV)
     generate_pairs(str(tiny_sd), PROMPTS, tmp_path / "resumed", judge, **kw)
-    assert _tree(tmp_path / "resumed") == _tree(tmp_path / "straight")
+    return _tree(tmp_path / "straight"), _tree(tmp_path / "resumed"), judge, kw
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_sd, tmp_path, monkeypatch):
+    straight, resumed, _, _ = _straight_and_resumed(tiny_sd, tmp_path, monkeypatch, "1", "pairs.jsonl")
+    assert resumed == straight
 
 
 def test_needs_two_images_per_prompt(tiny_sd, tmp_path):
@@ -211,16 +218,8 @@ def test_write_cache_sdxl_and_lcm(fixture, request, tmp_path):
 
 
 def test_write_cache_resumed_equals_uninterrupted(tiny_sd, tmp_path, monkeypatch):
-    judge = load_judge(["feedback_test_rewards:brightness"])
-    kw = dict(images_per_prompt=2, strategy="best-worst", chunk_size=1, sample_batch_size=2, write_cache=True, **FAST)
-    generate_pairs(str(tiny_sd), PROMPTS, tmp_path / "straight", judge, **kw)
-    monkeypatch.setenv(FAIL_ENV, "2")
-    with pytest.raises(InjectedFailure):
-        generate_pairs(str(tiny_sd), PROMPTS, tmp_path / "resumed", judge, **kw)
-    assert not (tmp_path / "resumed" / "cache").exists()
-    monkeypatch.delenv(FAIL_ENV)
-    generate_pairs(str(tiny_sd), PROMPTS, tmp_path / "resumed", judge, **kw)
-    straight, resumed = _tree(tmp_path / "straight"), _tree(tmp_path / "resumed")
+    straight, resumed, judge, kw = _straight_and_resumed(tiny_sd, tmp_path, monkeypatch, "2", "cache",
+                                                         write_cache=True)
     assert "cache/shard-00000.safetensors" in straight and "cache/empty_prompt.safetensors" in straight
     manifest = {k for k in straight if k.endswith("cache_manifest.json")}
     assert {k: v for k, v in resumed.items() if k not in manifest} == \
