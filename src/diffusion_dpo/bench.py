@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="a, b, d: UNet in channels_last memory format")
     p.add_argument("--compile", action="store_true", help="a, b, d: torch.compile the UNet")
     p.add_argument("--fused-adamw", action="store_true", help="a, b, d: AdamW(fused=True) (also on CPU)")
+    p.add_argument("--no-lean-autograd", dest="lean_autograd", action="store_false",
+                   help="a, b: train.lean_autograd=false (autograd keeps frozen convolutions' inputs, GEGLU and "
+                        "GroupNorm+SiLU outputs; same gradients, more memory)")
     p.add_argument("--threads", type=int, help="torch threads per child (default: torch's default)")
     p.add_argument("--workdir", help="keep the saved models, data and cache here (default: a temp folder)")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                    "resolution": res, "pairs": args.pairs, "steps": args.steps, "warmup": args.warmup,
                    "lora_rank": args.lora_rank, "mixed_precision": args.mixed_precision, "seed": args.seed,
                    "channels_last": args.channels_last, "compile": args.compile, "fused_adamw": args.fused_adamw,
-                   "threads": args.threads, "out": str(work / f"out_{v}")}
+                   "lean_autograd": args.lean_autograd, "threads": args.threads, "out": str(work / f"out_{v}")}
             r = _run_child(job)
             print(_row(v, r) + (f"  [round {rep + 1}]" if args.repeat > 1 else ""), flush=True)
             if v not in results or r["s_per_step"] < results[v]["s_per_step"]:
@@ -276,6 +279,7 @@ def _ours(job: dict, device) -> Callable[[], None]:
                              f"data.resolution={job['resolution']}", f"train.batch_size={job['pairs']}",
                              f"train.finetune={finetune}", f"lora.rank={job['lora_rank']}", "train.max_steps=100000",
                              "train.checkpoint_every=0", f"train.mixed_precision='{job['mixed_precision']}'",
+                             f"train.lean_autograd={str(job.get('lean_autograd', True)).lower()}",
                              f"train.seed={job['seed']}", "output.report_to=none", f"output.dir={job['out']}"])
     tr = Trainer(cfg).setup()
     _tweak_unet(tr.accelerator.unwrap_model(tr.unet), job)

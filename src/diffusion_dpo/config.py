@@ -128,6 +128,9 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    lean_autograd: bool = True
+    """Keep fewer activations for backward with bit-identical gradients: frozen convolutions do not keep their
+    inputs (LoRA), GEGLU recomputes its GELU (models/lean_autograd.py; docs/performance.md, "Memory")."""
     allow_tf32: bool = True
     checkpoint_every: int = 500
     """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""

@@ -176,3 +176,22 @@ def test_training_from_cache_equals_on_the_fly(tmp_path, tiny_sd, data):
     train(_cfg(tiny_sd, data, tmp_path / "cached_again", *common, f"data.cache_dir={tmp_path / 'cache'}",
                "data.cache_dtype=float32", "data.random_flip=false"))
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_lean_autograd_changes_nothing_but_saved_activations(tmp_path, tiny_sd, data):
+    """train.lean_autograd (default on) must give the same run, bit for bit, as plain autograd."""
+    from diffusion_dpo.models import lean_autograd
+
+    cfg = _cfg(tiny_sd, data, tmp_path / "probe", "train.batch_size=2")
+    unet = Trainer(cfg).setup().unet
+    assert any(getattr(m, lean_autograd._PATCHED, None) == "conv2d" for m in unet.modules())
+    train(_cfg(tiny_sd, data, tmp_path / "lean", "train.batch_size=2"))
+    train(_cfg(tiny_sd, data, tmp_path / "plain", "train.batch_size=2", "train.lean_autograd=false"))
+    a, b = _metrics(tmp_path / "lean"), _metrics(tmp_path / "plain")
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        assert (ra["loss"], ra["grad_norm"], ra["implicit_acc"]) == (rb["loss"], rb["grad_norm"], rb["implicit_acc"])
+    wa, wb = _lora(tmp_path / "lean"), _lora(tmp_path / "plain")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k

@@ -137,7 +137,9 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "float32") 
         if not Path(spec.lora).exists():
             raise ModelLoadError(f"--lora {spec.lora}: folder does not exist")
         try:
-            pipe.load_lora_weights(spec.lora)
+            from diffusion_dpo.models.lora import load_lora_into_pipeline
+
+            load_lora_into_pipeline(pipe, spec.lora)
         except (OSError, ValueError, KeyError) as err:
             raise ModelLoadError(f"--lora {spec.lora}: cannot load LoRA weights: {err}") from err
     pipe.set_progress_bar_config(disable=True)

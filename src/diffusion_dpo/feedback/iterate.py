@@ -56,7 +56,9 @@ def fuse_model(base: str, train_dir: str | os.PathLike, finetune: str, out: str 
     if finetune == "lora":
         if not (train_dir / "pytorch_lora_weights.safetensors").is_file():
             raise UserError(f"{train_dir}: no pytorch_lora_weights.safetensors to fuse; did training finish?")
-        pipe.load_lora_weights(str(train_dir))
+        from diffusion_dpo.models.lora import load_lora_into_pipeline
+
+        load_lora_into_pipeline(pipe, train_dir)
         pipe.fuse_lora()  # W <- W + scale * B A, in place
         pipe.unload_lora_weights()  # drop the adapter modules, keep the fused weights
     else:

@@ -106,3 +106,34 @@ def save_kohya(unet, path: Path) -> Path:
         kohya[key.replace(".lora_down.weight", ".alpha")] = torch.tensor(float(config.lora_alpha))
     save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in kohya.items()}, str(path))
     return path
+
+
+class _DropNoTextEncoderKeys:
+    """logging filter: drop diffusers' "No LoRA keys associated to CLIPTextModel..." warning."""
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to")
+
+
+def load_lora_into_pipeline(pipe, path: str | Path) -> None:
+    """`pipe.load_lora_weights(path)`. A LoRA of the UNet only (what `train` writes) makes diffusers warn that
+    the text encoders got no keys, which is expected: that one warning is dropped when the file has no
+    text-encoder keys, and kept otherwise."""
+    import logging
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    weights = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+    unet_only = False
+    if weights.is_file() and weights.suffix == ".safetensors":
+        with safe_open(str(weights), framework="pt") as f:
+            unet_only = not any(k.startswith(("text_encoder", "lora_te")) for k in f.keys())
+    logger = logging.getLogger("diffusers.loaders.lora_base")
+    quiet = _DropNoTextEncoderKeys()
+    if unet_only:
+        logger.addFilter(quiet)
+    try:
+        pipe.load_lora_weights(str(path))
+    finally:
+        logger.removeFilter(quiet)

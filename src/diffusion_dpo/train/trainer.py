@@ -115,6 +115,10 @@ class Trainer:
         self.unet.to(self.device)
         if cfg.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if cfg.train.lean_autograd:
+            from diffusion_dpo.models import lean_autograd
+
+            lean_autograd.apply(self.unet)
         self.reference = None
         if self.loss_fn.needs_reference:
             from diffusion_dpo.models.lora import Reference
