@@ -129,8 +129,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     lean_autograd: bool = True
-    """Keep fewer activations for backward with bit-identical gradients: frozen convolutions do not keep their
-    inputs (LoRA), GEGLU recomputes its GELU (models/lean_autograd.py; docs/performance.md, "Memory")."""
+    """Keep fewer activations for backward with bit-identical gradients: frozen convolutions keep no input, GEGLU
+    recomputes its GELU, GroupNorm+SiLU and LayerNorm+LoRA recompute the norm (models/lean_autograd.py)."""
     allow_tf32: bool = True
     checkpoint_every: int = 500
     """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
