@@ -65,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="a, b, d: UNet in channels_last memory format")
     p.add_argument("--compile", action="store_true", help="a, b, d: torch.compile the UNet")
     p.add_argument("--fused-adamw", action="store_true", help="a, b, d: AdamW(fused=True) (also on CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="all variants: recompute each UNet block in backward (the official script's "
+                        "--gradient_checkpointing too). MFU then counts model FLOPs (no recomputation); the recomputed "
+                        "FLOPs are reported as hardware FLOPs")
     p.add_argument("--no-lean-autograd", dest="lean_autograd", action="store_false",
                    help="a, b: train.lean_autograd=false (autograd keeps frozen convolutions' inputs, GEGLU and "
                         "GroupNorm+SiLU outputs; same gradients, more memory)")
@@ -105,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
                    "resolution": res, "pairs": args.pairs, "steps": args.steps, "warmup": args.warmup,
                    "lora_rank": args.lora_rank, "mixed_precision": args.mixed_precision, "seed": args.seed,
                    "channels_last": args.channels_last, "compile": args.compile, "fused_adamw": args.fused_adamw,
-                   "lean_autograd": args.lean_autograd, "threads": args.threads, "out": str(work / f"out_{v}")}
+                   "lean_autograd": args.lean_autograd, "gradient_checkpointing": args.gradient_checkpointing,
+                   "threads": args.threads, "out": str(work / f"out_{v}")}
             r = _run_child(job)
             print(_row(v, r) + (f"  [round {rep + 1}]" if args.repeat > 1 else ""), flush=True)
             if v not in results or r["s_per_step"] < results[v]["s_per_step"]:
@@ -165,6 +170,9 @@ def _row(v: str, r: dict) -> str:
     else:
         mem = f"{r['peak_mem_mb']:.0f} MB max allocated"
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+    if r.get("hw_gflop_per_step") and r["hw_gflop_per_step"] != r["gflop_per_step"]:
+        hfu = f", HFU {100 * r['hfu']:.1f}%" if r.get("hfu") is not None else ""
+        mfu += f"; {r['hw_gflop_per_step']:.1f} GFLOP/step run with recomputation{hfu}"
     return (f"  ({v}) {VARIANTS[v]:<60} {r['pairs_per_s']:7.2f} pairs/s  {r['s_per_step']:.3f} s/step "
             f"(median; mean {r['s_mean']:.3f}, min {r['s_min']:.3f})  peak {mem}  {r['gflop_per_step']:.1f} GFLOP/step "
             f"({r['gflops_per_s']:.1f} GFLOP/s{mfu})")
@@ -215,7 +223,11 @@ def child_main(job_json: str) -> int:
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    flops = _count_flops(step)
+    hw_flops = flops = _count_flops(step)  # what ran, recomputation included
+    if job.get("gradient_checkpointing"):  # model FLOPs: the same step without recomputation
+        step.unet.disable_gradient_checkpointing()
+        flops = _count_flops(step)
+        step.unet.enable_gradient_checkpointing()
     mean = sum(times) / len(times)
     median = sorted(times)[len(times) // 2]
     if device.type == "cuda":
@@ -234,7 +246,8 @@ def child_main(job_json: str) -> int:
     # pairs/s from the median step: robust to a step slowed by another process on a shared machine
     result = {"s_per_step": median, "s_mean": mean, "s_min": min(times), "s_all": times,
               "pairs_per_s": job["pairs"] / median, "peak_mem_mb": peak, "base_rss_mb": base_rss, "device": device.type, "device_name": name, "gflop_per_step": flops / 1e9,
-              "gflops_per_s": flops / mean / 1e9, "mfu": mfu}
+              "hw_gflop_per_step": hw_flops / 1e9, "gflops_per_s": flops / mean / 1e9, "mfu": mfu,
+              "hfu": None if mfu is None else mfu * hw_flops / flops}
     print("BENCH_RESULT " + json.dumps(result), flush=True)
     return 0
 
@@ -280,6 +293,7 @@ def _ours(job: dict, device) -> Callable[[], None]:
                              f"train.finetune={finetune}", f"lora.rank={job['lora_rank']}", "train.max_steps=100000",
                              "train.checkpoint_every=0", f"train.mixed_precision='{job['mixed_precision']}'",
                              f"train.lean_autograd={str(job.get('lean_autograd', True)).lower()}",
+                             f"train.gradient_checkpointing={str(job.get('gradient_checkpointing', False)).lower()}",
                              f"train.seed={job['seed']}", "output.report_to=none", f"output.dir={job['out']}"])
     tr = Trainer(cfg).setup()
     _tweak_unet(tr.accelerator.unwrap_model(tr.unet), job)
@@ -299,6 +313,7 @@ def _ours(job: dict, device) -> Callable[[], None]:
         tr.optimizer.zero_grad(set_to_none=True)
         {k: v.item() for k, v in metrics.items()}  # the trainer logs every step
 
+    step.unet = acc.unwrap_model(tr.unet)
     return step
 
 
@@ -326,6 +341,8 @@ def _official(job: dict, device) -> Callable[[], None]:
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device)
     ref_unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device).requires_grad_(False)
     unet.train()
+    if job.get("gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-8, weight_decay=1e-2)
     rows = pq.read_table(job["parquet"]).to_pylist()
     beta, position = 2000.0, [0]
@@ -387,6 +404,7 @@ def _official(job: dict, device) -> Callable[[], None]:
         optimizer.zero_grad()
         loss.item()
 
+    step.unet = unet
     return step
 
 
@@ -404,6 +422,8 @@ def _bare(job: dict, device) -> Callable[[], None]:
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").to(device)
     add_lora(unet, job["lora_rank"], None, 0.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    if job.get("gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
     _tweak_unet(unet, job)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, fused=job["fused_adamw"] or None)
@@ -431,4 +451,5 @@ def _bare(job: dict, device) -> Callable[[], None]:
         optimizer.zero_grad(set_to_none=True)
         loss.item()
 
+    step.unet = unet
     return step
