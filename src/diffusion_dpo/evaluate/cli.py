@@ -87,10 +87,13 @@ def _tuned_spec(item: str, base: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffusion_dpo.cli import setup_logging
     from diffusion_dpo.errors import ConfigError, DataError
     from diffusion_dpo.evaluate import scoring
     from diffusion_dpo.evaluate.report import write_report
     from diffusion_dpo.evaluate.rewards import load_reward
+
+    setup_logging()
 
     samples_dir = Path(args.samples or Path(args.out) / "samples")
     options = _parse_options(args.metric_option)

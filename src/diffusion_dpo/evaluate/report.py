@@ -93,7 +93,7 @@ def markdown_tables(entries: list[dict], infos: dict[str, dict], models: list[st
         lines.append(f"- **{m}**: {info.get('model')} ({info.get('version')}); scale: {info.get('scale')}; "
                      f"preprocessing: {info.get('preprocessing')}")
     sampler = summary.get("sampler") or {}
-    lines += ["", f"Sampler per model: " + "; ".join(f"{k}: {json.dumps(v)}" for k, v in sampler.items()), ""]
+    lines += ["", "Sampler per model: " + "; ".join(f"{k}: {json.dumps(v)}" for k, v in sampler.items()), ""]
     return "\n".join(lines)
 
 

@@ -73,8 +73,11 @@ def check_counts(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffusion_dpo.cli import setup_logging
     from diffusion_dpo.evaluate.prompts import load_prompts
     from diffusion_dpo.evaluate.sampling import ModelSpec, sample_model
+
+    setup_logging()
 
     check_counts(args)
     name = args.name or (Path(args.lora or args.unet).name if (args.lora or args.unet) else "base")
