@@ -70,11 +70,15 @@ class Reference:
 
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
-    """The UNet's LoRA weights in diffusers format (keys 'unet.…lora_A.weight' are added by save_lora_weights)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The UNet's LoRA weights with peft's key names ('….to_q.lora_A.weight'; save_lora_weights adds 'unet.').
+
+    Not passed through diffusers' convert_state_dict_to_diffusers: that renames only attention keys (to
+    '….to_q.lora.down.weight') and leaves convolution keys in peft's names, and diffusers' loader picks one
+    naming from the file's first key, so a file whose first key is a convolution's loses every attention
+    adapter on load, without an error (tests/unit/models/test_lora_loading.py)."""
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return get_peft_model_state_dict(unet)
 
 
 def save_lora(unet, output_dir: str | Path, family: str, export_kohya: bool = False) -> list[Path]:

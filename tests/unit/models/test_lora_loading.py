@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
+
+from diffusion_dpo.models.lora import load_lora_into_pipeline
 
 
 class _Records(logging.Handler):
@@ -52,3 +55,48 @@ def test_unet_only_lora_loads_without_the_text_encoder_warning(tiny_sd, tmp_path
         assert torch.equal(a[k], b[k]), k
     assert not any(isinstance(f, lora_mod._DropNoTextEncoderKeys)
                for f in logging.getLogger("diffusers.loaders.lora_base").filters)  # filter removed again
+
+
+ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@pytest.mark.parametrize("first_block", ["CrossAttnDownBlock2D", "DownBlock2D"])
+@pytest.mark.parametrize("targets", [ATTN, ATTN + ["conv1", "conv2"], ["conv1", "conv2", "proj_in", "proj_out"]])
+def test_saved_lora_loads_into_stock_diffusers_completely(tiny_sd, tmp_path, targets, first_block):
+    """Every adapter weight `save_lora` writes comes back through pipe.load_lora_weights, for attention-only,
+    attention + convolution and convolution-only targets, whichever block comes first. (Files that wrote
+    attention keys in diffusers' lora.down/up names and convolution keys in peft's lora_A/B names lost the
+    attention half, silently, whenever a convolution key sorted first: the demo's UNet, which starts with a
+    DownBlock2D.)"""
+    import copy
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from diffusion_dpo.models.lora import add_lora, save_lora
+
+    torch.manual_seed(0)
+    cross = "CrossAttnDownBlock2D" if first_block == "DownBlock2D" else "DownBlock2D"
+    up = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                attention_head_dim=4, norm_num_groups=32, down_block_types=(first_block, cross),
+                                up_block_types=(up[cross], up[first_block]))
+    base = copy.deepcopy(unet)
+    add_lora(unet, 4, None, 0.0, targets, "gaussian")
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # non-zero, so "not loaded" (zeros) cannot pass for "loaded"
+    trained = {n.replace(".default", ""): p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
+    save_lora(unet, tmp_path / "out", "sd")
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.unet = base
+    load_lora_into_pipeline(pipe, tmp_path / "out")
+    loaded = {n.replace(".default_0", ""): p.detach() for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert loaded.keys() == trained.keys() and len(trained) > 0
+    for name in trained:
+        assert torch.equal(loaded[name], trained[name]), name
+    # and the pipeline's UNet computes what the trained one does
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 7, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, ctx).sample, unet(x, t, ctx).sample, rtol=1e-5, atol=1e-6)
