@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def add_lora(unet, rank: int, alpha: Optional[float], dropout: float, target_modules: list[str],
@@ -123,21 +126,31 @@ def load_lora_into_pipeline(pipe, path: str | Path) -> None:
     """`pipe.load_lora_weights(path)`. A LoRA of the UNet only (what `train` writes) makes diffusers warn that
     the text encoders got no keys, which is expected: that one warning is dropped when the file has no
     text-encoder keys, and kept otherwise."""
-    import logging
-
     from safetensors import safe_open
 
     path = Path(path)
     weights = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
-    unet_only = False
+    unet_only, source = False, str(path)
     if weights.is_file() and weights.suffix == ".safetensors":
         with safe_open(str(weights), framework="pt") as f:
-            unet_only = not any(k.startswith(("text_encoder", "lora_te")) for k in f.keys())
+            keys = list(f.keys())
+        unet_only = not any(k.startswith(("text_encoder", "lora_te")) for k in keys)
+        legacy = [k for k in keys if k.endswith((".lora.down.weight", ".lora.up.weight"))]
+        if legacy and any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
+            # written before 2026-11-25 with convolution targets: attention keys in diffusers' names, the rest in
+            # peft's. diffusers would keep one naming and drop the other, so rename the attention keys first.
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+            source = {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): v
+                      for k, v in state.items()}
+            log.info("%s: renamed %d attention keys from lora.down/up to lora_A/B (a file mixing both namings)",
+                     weights, len(legacy))
     logger = logging.getLogger("diffusers.loaders.lora_base")
     quiet = _DropNoTextEncoderKeys()
     if unet_only:
         logger.addFilter(quiet)
     try:
-        pipe.load_lora_weights(str(path))
+        pipe.load_lora_weights(source)
     finally:
         logger.removeFilter(quiet)

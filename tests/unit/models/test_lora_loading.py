@@ -68,11 +68,33 @@ def test_saved_lora_loads_into_stock_diffusers_completely(tiny_sd, tmp_path, tar
     attention keys in diffusers' lora.down/up names and convolution keys in peft's lora_A/B names lost the
     attention half, silently, whenever a convolution key sorted first: the demo's UNet, which starts with a
     DownBlock2D.)"""
+    from diffusion_dpo.models.lora import save_lora
+
+    unet, base, trained = _lora_unet(first_block, targets)
+    save_lora(unet, tmp_path / "out", "sd")
+    _check_loaded(tiny_sd, tmp_path / "out", unet, base, trained)
+
+
+def test_files_of_the_old_mixed_naming_load_completely(tiny_sd, tmp_path):
+    """Files written before the fix (attention keys renamed by convert_state_dict_to_diffusers, convolution keys
+    not) load completely through load_lora_into_pipeline."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    unet, base, trained = _lora_unet("DownBlock2D", ATTN + ["conv1", "conv2"])
+    old = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    assert any(".lora.down." in k for k in old) and any(".lora_A." in k for k in old)
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "old", unet_lora_layers=old, safe_serialization=True)
+    _check_loaded(tiny_sd, tmp_path / "old", unet, base, trained)
+
+
+def _lora_unet(first_block: str, targets: list[str]):
     import copy
 
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
-    from diffusion_dpo.models.lora import add_lora, save_lora
+    from diffusion_dpo.models.lora import add_lora
 
     torch.manual_seed(0)
     cross = "CrossAttnDownBlock2D" if first_block == "DownBlock2D" else "DownBlock2D"
@@ -87,11 +109,15 @@ def test_saved_lora_loads_into_stock_diffusers_completely(tiny_sd, tmp_path, tar
             if "lora_B" in name:
                 p.normal_(0, 0.1)  # non-zero, so "not loaded" (zeros) cannot pass for "loaded"
     trained = {n.replace(".default", ""): p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
-    save_lora(unet, tmp_path / "out", "sd")
+    return unet, base, trained
+
+
+def _check_loaded(tiny_sd, folder, unet, base, trained):
+    from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.unet = base
-    load_lora_into_pipeline(pipe, tmp_path / "out")
+    load_lora_into_pipeline(pipe, folder)
     loaded = {n.replace(".default_0", ""): p.detach() for n, p in pipe.unet.named_parameters() if "lora_" in n}
     assert loaded.keys() == trained.keys() and len(trained) > 0
     for name in trained:
