@@ -39,8 +39,10 @@ def _load_policy(base_spec: Any, lora: str | None, unet: str | None, dtype: torc
         policy = load_unet(base_spec, dtype)
         from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
+        from diffusion_dpo.models.lora import lora_source
+
         try:  # the diffusers LoRA format written by pipe.save_lora_weights / our save_lora
-            state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(lora))
+            state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(lora_source(lora)[0])
             policy.load_lora_adapter(state, prefix="unet", network_alphas=alphas)
         except (OSError, ValueError, KeyError) as err:
             raise ModelLoadError(f"LoRA {lora}: cannot load: {err}") from err

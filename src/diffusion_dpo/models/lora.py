@@ -122,30 +122,39 @@ class _DropNoTextEncoderKeys:
         return not record.getMessage().startswith("No LoRA keys associated to")
 
 
-def load_lora_into_pipeline(pipe, path: str | Path) -> None:
-    """`pipe.load_lora_weights(path)`. A LoRA of the UNet only (what `train` writes) makes diffusers warn that
-    the text encoders got no keys, which is expected: that one warning is dropped when the file has no
-    text-encoder keys, and kept otherwise."""
+def lora_source(path: str | Path) -> tuple[str | dict[str, torch.Tensor], bool]:
+    """What to hand diffusers' LoRA loaders for `path` (a folder with pytorch_lora_weights.safetensors, or a
+    file), and whether the file holds UNet keys only.
+
+    Files written before 2026-11-25 with convolution targets name attention keys in diffusers' style
+    (lora.down/up) and the rest in peft's (lora_A/B); diffusers keeps one naming (the first key's) and drops
+    the other without an error. Such a file is returned as a state dict with one naming."""
     from safetensors import safe_open
 
     path = Path(path)
     weights = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
-    unet_only, source = False, str(path)
-    if weights.is_file() and weights.suffix == ".safetensors":
-        with safe_open(str(weights), framework="pt") as f:
-            keys = list(f.keys())
-        unet_only = not any(k.startswith(("text_encoder", "lora_te")) for k in keys)
-        legacy = [k for k in keys if k.endswith((".lora.down.weight", ".lora.up.weight"))]
-        if legacy and any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
-            # written before 2026-11-25 with convolution targets: attention keys in diffusers' names, the rest in
-            # peft's. diffusers would keep one naming and drop the other, so rename the attention keys first.
-            from safetensors.torch import load_file
+    if not (weights.is_file() and weights.suffix == ".safetensors"):
+        return str(path), False
+    with safe_open(str(weights), framework="pt") as f:
+        keys = list(f.keys())
+    unet_only = not any(k.startswith(("text_encoder", "lora_te")) for k in keys)
+    legacy = [k for k in keys if k.endswith((".lora.down.weight", ".lora.up.weight"))]
+    if not (legacy and any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)):
+        return str(path), unet_only
+    from safetensors.torch import load_file
 
-            state = load_file(str(weights))
-            source = {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): v
-                      for k, v in state.items()}
-            log.info("%s: renamed %d attention keys from lora.down/up to lora_A/B (a file mixing both namings)",
-                     weights, len(legacy))
+    log.info("%s: renaming %d attention keys from lora.down/up to lora_A/B (the file mixes both namings)",
+             weights, len(legacy))
+    state = {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): v
+             for k, v in load_file(str(weights)).items()}
+    return state, unet_only
+
+
+def load_lora_into_pipeline(pipe, path: str | Path) -> None:
+    """`pipe.load_lora_weights(path)`, through `lora_source` (files of the old mixed naming load completely).
+    A LoRA of the UNet only (what `train` writes) makes diffusers warn that the text encoders got no keys,
+    which is expected: that one warning is dropped when the file has no text-encoder keys, and kept otherwise."""
+    source, unet_only = lora_source(path)
     logger = logging.getLogger("diffusers.loaders.lora_base")
     quiet = _DropNoTextEncoderKeys()
     if unet_only:

@@ -126,3 +126,25 @@ def _check_loaded(tiny_sd, folder, unet, base, trained):
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 7, unet.config.cross_attention_dim)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, ctx).sample, unet(x, t, ctx).sample, rtol=1e-5, atol=1e-6)
+
+
+def test_implicit_reward_policy_loads_every_adapter_of_an_old_mixed_file(tiny_sd, tmp_path):
+    """evaluate's implicit-reward accuracy loads LoRAs into a bare UNet (load_lora_adapter): same guarantee."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from diffusion_dpo.evaluate.implicit import _load_policy
+    from diffusion_dpo.models.loading import detect_spec
+
+    unet, base, trained = _lora_unet("DownBlock2D", ATTN + ["conv1", "conv2"])
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.unet = base
+    pipe.save_pretrained(tmp_path / "base")
+    old = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "old", unet_lora_layers=old, safe_serialization=True)
+    policy, _ = _load_policy(detect_spec(str(tmp_path / "base")), str(tmp_path / "old"), None, torch.float32)
+    loaded = {n.replace(".default_0", ""): p.detach() for n, p in policy.named_parameters() if "lora_" in n}
+    assert loaded.keys() == trained.keys()
+    for name in trained:
+        assert torch.equal(loaded[name], trained[name]), name
