@@ -70,12 +70,13 @@ def test_two_rounds_round_two_reference_is_round_one_result(tiny_sd, tmp_path):
     fused = load_file(r1 / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     lora = load_file(r1 / "train" / "pytorch_lora_weights.safetensors")
     assert set(fused) == set(base)
-    targets = {k.removeprefix("unet.").removesuffix(".lora.down.weight") for k in lora if k.endswith(".lora.down.weight")}
+    targets = {k.removeprefix("unet.").removesuffix(".lora_A.weight") for k in lora if k.endswith(".lora_A.weight")}
+    assert not any(k.endswith((".lora.down.weight", ".lora.up.weight")) for k in lora)  # one naming (peft's)
     assert targets
     for name, w in base.items():
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in targets:
-            delta = lora[f"unet.{module}.lora.up.weight"] @ lora[f"unet.{module}.lora.down.weight"]
+            delta = lora[f"unet.{module}.lora_B.weight"] @ lora[f"unet.{module}.lora_A.weight"]
             torch.testing.assert_close(fused[name], w + delta, rtol=1e-5, atol=1e-6)
         else:
             torch.testing.assert_close(fused[name], w, rtol=0, atol=0)

@@ -74,7 +74,7 @@ def test_manifest_source_and_kohya_export(tmp_path, tiny_sd, manifest):
     assert any(k.endswith(".lora_down.weight") for k in kohya) and any(k.endswith(".lora_up.weight") for k in kohya)
     diffusers_keys = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
     n_down = sum(k.endswith(".lora_down.weight") for k in kohya)
-    assert n_down == sum(k.endswith("lora.down.weight") for k in diffusers_keys)
+    assert n_down == sum(k.endswith(".lora_A.weight") for k in diffusers_keys)  # peft key names, one per adapter
 
 
 def test_full_finetune_writes_unet_folder(tmp_path, tiny_sd, pickapic):

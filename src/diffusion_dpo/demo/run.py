@@ -61,7 +61,7 @@ class DemoSettings:
     """train.lr_scheduler: cosine decay to 0 over train_steps (no warm-up)."""
     beta: float = 2000.0
     rank: int = 8
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"])
+    target_modules: list[str] = field(default_factory=lambda: ["conv1", "conv2"])
     timestep_range: tuple[int, int] = (0, 1000)
     latent_sampling: str = "mean"
     # 5. evaluation on the held-out prompts
