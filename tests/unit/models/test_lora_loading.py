@@ -148,3 +148,36 @@ def test_implicit_reward_policy_loads_every_adapter_of_an_old_mixed_file(tiny_sd
     assert loaded.keys() == trained.keys()
     for name in trained:
         assert torch.equal(loaded[name], trained[name]), name
+
+
+def test_sdxl_lora_with_convolution_targets_loads_completely(tiny_sdxl, tmp_path):
+    """SDXL's UNet starts with a DownBlock2D, the layout that lost attention adapters: the same round trip
+    through StableDiffusionXLPipeline, with the SDXL UNet's own conditioning."""
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from diffusion_dpo.models.lora import add_lora, save_lora
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    config = dict(pipe.unet.config)
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    assert "DownBlock2D" in down and "CrossAttnDownBlock2D" in down
+    config.update(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(config)
+    base = copy.deepcopy(unet)
+    add_lora(unet, 4, None, 0.0, ATTN + ["conv1", "conv2"], "gaussian")
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    trained = {n.replace(".default", ""): p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
+    save_lora(unet, tmp_path / "out", "sdxl")
+    pipe.unet = base
+    load_lora_into_pipeline(pipe, tmp_path / "out")
+    loaded = {n.replace(".default_0", ""): p.detach() for n, p in pipe.unet.named_parameters() if "lora_" in n}
+    assert loaded.keys() == trained.keys() and any("attn1" in k for k in trained)
+    for name in trained:
+        assert torch.equal(loaded[name], trained[name]), name
