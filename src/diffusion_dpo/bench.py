@@ -70,8 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--gradient_checkpointing too). MFU then counts model FLOPs (no recomputation); the recomputed "
                         "FLOPs are reported as hardware FLOPs")
     p.add_argument("--no-lean-autograd", dest="lean_autograd", action="store_false",
-                   help="a, b: train.lean_autograd=false (autograd keeps frozen convolutions' inputs, GEGLU and "
-                        "GroupNorm+SiLU outputs; same gradients, more memory)")
+                   help="a, b: train.lean_autograd=false (autograd keeps frozen convolutions' inputs, GEGLU's GELU, "
+                        "the norm outputs under SiLUs and LoRA down-projections; same gradients, more memory)")
     p.add_argument("--threads", type=int, help="torch threads per child (default: torch's default)")
     p.add_argument("--workdir", help="keep the saved models, data and cache here (default: a temp folder)")
     p.add_argument("--json", help="also write the results to this JSON file")

@@ -16,8 +16,8 @@ Stages (each skips what is already complete, so an interrupted demo resumes wher
                  -> <out>/results.json, results.md, report.html
     6. summary   <out>/grid.png (rows base / SFT / DPO, same seeds) and a table in the terminal
 
-The settings below were chosen by measurement (docs/demo.md): they reach the targets for seeds 0, 1, 2 and 4
-(not 3) on 2 CPU cores in about 3 minutes. `quick=True` is the reduced run of the test suite.
+The settings below were chosen by measurement (docs/demo.md): they reach the targets for seeds 0 to 4 on 2 CPU
+cores in about 3 minutes. `quick=True` is the reduced run of the test suite.
 """
 
 from __future__ import annotations

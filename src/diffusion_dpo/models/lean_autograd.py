@@ -175,14 +175,12 @@ class _LayerNormLinear(torch.autograd.Function):
         with torch.autocast(kind, dtype=dtype, enabled=on):
             with torch.no_grad():
                 y = F.layer_norm(x, ctx.norm[0], norm_weight, norm_bias, ctx.norm[1])
-            with torch.enable_grad():
+            with torch.enable_grad():  # applied only to trainable down-projections: both gradients wanted
                 y = y.detach().requires_grad_(True)
-                w = weight.detach().requires_grad_(weight.requires_grad)
+                w = weight.detach().requires_grad_(True)
                 out = F.linear(y, w)
-        wanted = (y, w) if w.requires_grad else (y,)
-        grads = torch.autograd.grad(out, wanted, grad)
-        grad_w = grads[1] if w.requires_grad else None
-        return grads[0], grad_w, None, None, None, None, None
+        grad_y, grad_w = torch.autograd.grad(out, (y, w), grad)
+        return grad_y, grad_w, None, None, None, None, None
 
 
 def _lora_down_forward(self, input):
@@ -196,9 +194,7 @@ def _lora_down_forward(self, input):
 
 def _silu_forward(self, input):
     source = getattr(input, _SOURCE, None) if torch.is_grad_enabled() and not self.inplace else None
-    if source is not None and type(source[0]) is not torch.nn.GroupNorm:
-        source = None
-    if source is not None and input.requires_grad:
+    if source is not None and type(source[0]) is torch.nn.GroupNorm and input.requires_grad:
         norm, x = source
         return _GroupNormSiLU.apply(input, x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     return F.silu(input, inplace=self.inplace)

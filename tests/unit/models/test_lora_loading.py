@@ -161,7 +161,7 @@ def test_sdxl_lora_with_convolution_targets_loads_completely(tiny_sdxl, tmp_path
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     config = dict(pipe.unet.config)
-    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    down = list(config["down_block_types"])
     assert "DownBlock2D" in down and "CrossAttnDownBlock2D" in down
     config.update(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
