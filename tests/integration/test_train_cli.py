@@ -114,6 +114,10 @@ def test_learns_the_preference_direction(tmp_path, tiny_sd):
     assert sum(r["loss"] for r in rows[-10:]) / 10 < 0.69
 
 
+@pytest.mark.fault(input="`model.pretrained` folder that does not exist", behaviour="exit 2: names the folder")
+@pytest.mark.fault(input="hub id while offline and not cached", behaviour="exit 2: names the id and says offline")
+@pytest.mark.fault(input="unknown config key (`train.bta=3`)", behaviour="exit 2: `unknown config key 'train.bta'`")
+@pytest.mark.fault(input="ties with `data.drop_ties=false`", behaviour="exit 2: a tie has no winner")
 def test_bad_inputs_give_clear_errors(tmp_path, tiny_sd, pickapic, capsys):
     # a model folder that does not exist
     assert _train(tmp_path / "a", tmp_path / "no_such_model", pickapic) == 2
@@ -130,6 +134,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_sd, pickapic, capsys):
     assert "tie" in capsys.readouterr().err.lower()
 
 
+@pytest.mark.fault(input="undecodable image in a pair", behaviour="pair skipped and counted (`skipped_pairs`); "
+                   "exit 2 naming the image with `data.on_corrupt=error`")
 def test_corrupt_images_are_counted_or_stop_the_run(tmp_path, tiny_sd, capsys):
     source = write_pickapic_parquet(tmp_path / "bad.parquet", n=4, corrupt=2)
     out = tmp_path / "skip"
