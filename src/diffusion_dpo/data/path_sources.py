@@ -10,13 +10,16 @@ Opened through `data.sources.open_source`, which picks the format. Only regular 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 
 from diffusion_dpo.config import DataConfig
 from diffusion_dpo.data.records import PairRecord
-from diffusion_dpo.data.sources import MANIFEST_SUFFIXES, PAIR_COLUMNS, PairSource, cap_pairs, file_stat
+from diffusion_dpo.data.sources import MANIFEST_SUFFIXES, PAIR_COLUMNS, PairSource, cap_pairs, file_stat, stat_entry
 from diffusion_dpo.errors import DataError
 
 log = logging.getLogger("diffusion_dpo")
@@ -40,37 +43,64 @@ class PathPairSource(PairSource):
         return self._records[i]
 
 
-def _stat_images(paths: list[str]) -> tuple[list, int]:
-    """Fingerprint entries (path, size, mtime) for every image, and how many are missing."""
+def _stat_images(records: list[PairRecord], where: str) -> tuple[list, int]:
+    """Fingerprint entries (path, size, mtime) for every image, and how many are missing. A path that exists
+    but is not a regular file (a FIFO, device or folder) is an error naming the pair: reading a FIFO blocks
+    forever, so it must be caught here, before any worker opens it."""
     entries, missing = [], 0
-    for p in paths:
-        try:
-            entries.append(file_stat(Path(p)))
-        except FileNotFoundError:
-            entries.append([p, None, None])
-            missing += 1
+    for record in records:
+        for p in (record.chosen, record.rejected):
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:
+                entries.append([p, None, None])
+                missing += 1
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise DataError(f"{where}, pair {record.key}: {p} is not a regular file (a FIFO, device or folder); "
+                                "point it to an image file")
+            entries.append(stat_entry(Path(p), st))
     return entries, missing
+
+
+def _read_text(path: Path) -> str:
+    """A text file as str; bytes that are not UTF-8 are an error naming the line (a leading BOM is dropped)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8 "
+                        "(e.g. `iconv -f latin1 -t utf-8`)") from err
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err})") from err
 
 
 def _read_manifest_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs from a JSONL, JSON (list of objects) or CSV manifest."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        return [(n + 2, dict(row)) for n, row in enumerate(reader)]  # +2: header is line 1
+        # newline="": quoted fields may hold line breaks; reader.line_num is the line a row ends on
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            return [(reader.line_num, dict(row)) for row in reader]
+        except csv.Error as err:
+            raise DataError(f"{path} line {reader.line_num}: not valid CSV ({err})") from err
     if path.suffix == ".json":
-        rows = json.loads(text)
+        rows = _json(text, str(path))
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise DataError(f"{path}: a .json manifest must be a list of objects with keys prompt, chosen, rejected")
         return list(enumerate(rows, start=1))
     out = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): a prompt may hold U+2028 etc.
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {n}: not valid JSON ({err})") from err
+        row = _json(line, f"{path} line {n}")
         if not isinstance(row, dict):
             raise DataError(f"{path} line {n}: expected a JSON object with keys prompt, chosen, rejected")
         out.append((n, row))
@@ -96,7 +126,7 @@ def open_manifest(cfg: DataConfig) -> PathPairSource:
         records.append(PairRecord(str(row["prompt"]), chosen, rejected, f"line{n}", meta))
     stats = {"rows_read": len(records), "ties_dropped": 0}
     records = records[: cap_pairs(len(records), cfg.max_pairs, stats)]
-    images, stats["missing_files"] = _stat_images([p for r in records for p in (r.chosen, r.rejected)])
+    images, stats["missing_files"] = _stat_images(records, str(path))
     if stats["missing_files"]:
         log.warning("%s: %d referenced image files do not exist; their pairs will be %s at decode time (data.on_corrupt=%s)",
                     path, stats["missing_files"], "skipped and counted" if cfg.on_corrupt == "skip" else "an error", cfg.on_corrupt)
@@ -119,18 +149,18 @@ def _find_prompts_file(folder: Path, prompts_file: str | None) -> Path:
 
 
 def _read_prompts(path: Path) -> dict[str, str]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix == ".json":
-        prompts = json.loads(text)
+        prompts = _json(text, str(path))
         if not isinstance(prompts, dict):
             raise DataError(f"{path}: expected a JSON object {{image name: prompt}}")
         return {str(k): str(v) for k, v in prompts.items()}
     prompts = {}
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
-            row = json.loads(line)
+            row = _json(line, f"{path} line {n}")
             if not isinstance(row, dict) or "name" not in row or "prompt" not in row:
                 raise DataError(f"{path} line {n}: expected {{\"name\": ..., \"prompt\": ...}}")
             prompts[str(row["name"])] = str(row["prompt"])
@@ -179,6 +209,6 @@ def open_folders(cfg: DataConfig) -> PathPairSource:
     records = [PairRecord(prompt_for(name), str(chosen[name]), str(rejected[name]), name) for name in sorted(chosen)]
     stats = {"rows_read": len(records), "ties_dropped": 0}
     records = records[: cap_pairs(len(records), cfg.max_pairs, stats)]
-    images, _ = _stat_images([p for r in records for p in (r.chosen, r.rejected)])
+    images, _ = _stat_images(records, f"{folder}")
     parts = {"format": "folders", "files": [file_stat(prompts_path)] + images, "pairs": len(records)}
     return PathPairSource("folders", str(folder), records, parts, stats)

@@ -71,6 +71,9 @@ class PairSource:
 
 def cap_pairs(num_available: int, max_pairs: int | None, stats: dict[str, int]) -> int:
     """Apply data.max_pairs (after tie dropping); count and log what it leaves out."""
+    if max_pairs is not None and max_pairs < 1:  # a negative value would slice pairs off the end
+        raise DataError(f"max_pairs={max_pairs} (data.max_pairs / --max-pairs) leaves no pairs to use: set it to at least "
+                        "train.batch_size x processes, or null to use every pair")
     kept = num_available if max_pairs is None else min(num_available, max_pairs)
     stats["beyond_max_pairs"] = num_available - kept
     stats["pairs"] = kept
@@ -80,7 +83,11 @@ def cap_pairs(num_available: int, max_pairs: int | None, stats: dict[str, int]) 
 
 
 def file_stat(path: Path) -> list:
-    st = path.stat()
+    return stat_entry(path, path.stat())
+
+
+def stat_entry(path: Path, st: os.stat_result) -> list:
+    """A file's fingerprint entry: what tells a changed file from the one cached."""
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
@@ -296,6 +303,8 @@ def detect_format(cfg: DataConfig) -> str:
             return "manifest"
         raise DataError(f"data.source {source!r}: cannot read a {path.suffix or 'suffix-less'} file as format {fmt!r}; "
                         "use a .parquet file (pickapic) or a .jsonl/.json/.csv manifest")
+    if path.exists():  # neither file nor folder: a FIFO or device, which would block the reader
+        raise DataError(f"data.source {source!r} is not a regular file or folder (a FIFO or device); point it to a file or folder")
     if _GLOB_CHARS & set(source) and fmt in ("auto", "pickapic"):
         return "pickapic:parquet"
     if _looks_like_hub_id(source) and fmt in ("auto", "pickapic"):
@@ -316,4 +325,25 @@ def open_source(cfg: DataConfig) -> PairSource:
     }[detect_format(cfg)]
     source = opener(cfg)
     log.info("data: %s", source.describe())
+    if len(source) == 0:
+        s = source.stats
+        why = (f"every one of its {s['rows_read']} rows is a tie (label_0 == 0.5), which has no winner" if s.get("ties_dropped")
+               else "it has no rows")
+        raise DataError(f"{source.kind} {source.location} gives no preference pairs: {why}; point data.source to data "
+                        "with decisive pairs")
     return source
+
+
+def check_fills_batch(num_pairs: int, batch_size: int, num_processes: int, stats: dict[str, int] | None = None) -> None:
+    """One global micro-batch takes train.batch_size pairs per process (train.sampler drops an incomplete one), so
+    fewer pairs than that can never train. `stats`, a source's counts, says where pairs went (ties, max_pairs)."""
+    need = batch_size * num_processes
+    if num_pairs >= need:
+        return
+    counts = ""
+    if stats:
+        counts = f" ({stats['rows_read']} rows read, {stats.get('ties_dropped', 0)} ties dropped, " \
+                 f"{stats.get('beyond_max_pairs', 0)} beyond data.max_pairs)"
+    raise DataError(f"{num_pairs} pairs{counts} cannot fill one micro-batch of train.batch_size {batch_size} x "
+                    f"{num_processes} process(es) = {need} pairs: lower train.batch_size, or use more pairs "
+                    "(raise data.max_pairs or add data)")
