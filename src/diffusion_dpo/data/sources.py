@@ -9,7 +9,8 @@ Sources are lazy: Pick-a-Pic-style data stays in a memory-mapped Arrow table (th
 manifests/folders hold only paths, so indexing 850k pairs never loads their images. Nothing is dropped
 silently: tied rows, pairs beyond `max_pairs` and missing image files are counted in `stats`, logged,
 and shown by `describe()`. Corrupt or missing images are skipped (or raise) at decode time, in
-`data.dataset.PairDataset`, according to `data.on_corrupt`.
+`data.dataset.PairDataset`, according to `data.on_corrupt`. Manifests and folders are read by
+`data.path_sources`; data that yields no pair at all is an error here, for every command.
 """
 
 from __future__ import annotations
