@@ -97,3 +97,18 @@ def test_sft_is_mean_winner_error_and_table():
     assert isinstance(build_loss("sft", 3.0), SFTLoss)
     with pytest.raises(ValueError, match="unknown train.method"):
         build_loss("kto", 1.0)
+
+
+def test_reference_errors_get_no_gradient_and_policy_errors_do():
+    # the loss detaches err_ref itself: a caller that forgot torch.no_grad() must not train the reference
+    err_policy = torch.tensor([1.0, 2.0, 1.5, 0.5], requires_grad=True)
+    err_ref = torch.tensor([1.5, 1.5, 1.0, 1.0], requires_grad=True)
+    ref_net_weight = torch.tensor(1.0, requires_grad=True)  # a parameter upstream of the reference errors
+    out = DPOLoss(beta=2.0)(err_policy, err_ref * ref_net_weight)
+    out.loss.backward()
+    assert err_ref.grad is None and ref_net_weight.grad is None
+    # d loss / d err_policy by hand: loss = mean_i -logsigmoid(inside_i), inside_i = -0.5 beta (pw_i - pl_i - rdiff_i)
+    # d/d pw_i = -(1 - sigmoid(inside_i)) * (-0.5 beta) / B = (1 - sigmoid(inside_i)) * beta / (2 B); d/d pl_i = -that
+    inside = -0.5 * 2.0 * ((torch.tensor([1.0, 2.0]) - torch.tensor([1.5, 0.5])) - (torch.tensor([1.5, 1.5]) - 1.0))
+    g = (1 - torch.sigmoid(inside)) * 2.0 / (2 * 2)
+    assert torch.allclose(err_policy.grad, torch.cat([g, -g]), atol=1e-7)

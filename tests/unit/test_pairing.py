@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from diffusion_dpo.losses import DPOLoss
-from diffusion_dpo.models.diffusion import draw_pair_randomness, pair_generator, pair_noisy_inputs
+from diffusion_dpo.models.diffusion import (draw_pair_randomness, pair_generator, pair_noisy_inputs,
+                                            prediction_target)
 from diffusion_dpo.models.encode import PromptEncoder
 from diffusion_dpo.models.loading import detect_spec, load_noise_scheduler, load_text_encoders, load_unet
 from diffusion_dpo.models.lora import Reference, add_lora, reference_mode
@@ -38,6 +39,50 @@ def test_winner_and_loser_share_noise_and_timestep(tiny_sd):
     s = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
     assert torch.allclose(noisy[:b], a * lw + s * noise, atol=1e-6)
     assert torch.allclose(noisy[b:], a * ll + s * noise, atol=1e-6)
+
+
+def test_v_prediction_target_is_the_velocity_by_hand():
+    from diffusers import DDPMScheduler
+
+    # betas chosen so that alphas_cumprod = (0.64, 0.36): t=0 has (sqrt a, sqrt(1-a)) = (0.8, 0.6), t=1 (0.6, 0.8)
+    betas = [0.36, 1 - 0.36 / 0.64]
+    x0 = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]).view(2, 1, 1, 2)
+    noise = torch.tensor([[3.0, -1.0], [2.0, 1.0]]).view(2, 1, 1, 2)
+    t = torch.tensor([0, 1])
+    v_sched = DDPMScheduler(num_train_timesteps=2, trained_betas=betas, prediction_type="v_prediction")
+    # v = sqrt(a_t) * noise - sqrt(1 - a_t) * x0 (Salimans & Ho 2022):
+    # row 0: 0.8 * (3, -1) - 0.6 * (1, 2) = (1.8, -2.0); row 1: 0.6 * (2, 1) - 0.8 * (-1, 0.5) = (2.0, 0.2)
+    expected = torch.tensor([[1.8, -2.0], [2.0, 0.2]]).view(2, 1, 1, 2)
+    assert torch.allclose(prediction_target(v_sched, x0, noise, t), expected, atol=1e-6)
+    eps_sched = DDPMScheduler(num_train_timesteps=2, trained_betas=betas, prediction_type="epsilon")
+    assert torch.equal(prediction_target(eps_sched, x0, noise, t), noise)
+    # paired: winner (row 0 of x0) and loser (row 1 of x0) at one shared noise and timestep t=0
+    _, _, target = pair_noisy_inputs(v_sched, x0[:1], x0[1:], noise[:1], t[:1])
+    assert torch.allclose(target, torch.stack([0.8 * noise[0] - 0.6 * x0[0], 0.8 * noise[0] - 0.6 * x0[1]]), atol=1e-6)
+
+
+def test_v_prediction_model_error_is_measured_against_the_velocity(tiny_sd_v):
+    spec = detect_spec(str(tiny_sd_v))
+    sched = load_noise_scheduler(spec)
+    assert sched.config.prediction_type == "v_prediction"
+    unet = load_unet(spec).eval()
+    call = UNetCaller(spec.family)
+    batch = _batch(spec)
+    with torch.no_grad():
+        out = preference_step(unet, Reference(load_unet(spec).eval(), lora=False), DPOLoss(5000), sched, batch, call)
+        # independently: noisy input and velocity from alphas_cumprod, one noise and timestep per pair
+        t = batch.timesteps
+        a = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+        errors = {}
+        for side, x0 in (("w", batch.latents_w), ("l", batch.latents_l)):
+            pred = call(unet, a * x0 + s * batch.noise, t, batch.cond, None).float()
+            errors[side] = {"v": (pred - (a * batch.noise - s * x0)).pow(2).mean(dim=(1, 2, 3)),
+                            "eps": (pred - batch.noise).pow(2).mean(dim=(1, 2, 3))}
+    for side in ("w", "l"):
+        assert out.metrics[f"err_policy_{side}"].item() == pytest.approx(errors[side]["v"].mean().item(), rel=1e-4)
+        # the noise target would give a clearly different error: the check above can tell them apart
+        assert errors[side]["eps"].mean().item() != pytest.approx(errors[side]["v"].mean().item(), rel=1e-2)
 
 
 def test_pair_randomness_depends_only_on_the_pair():

@@ -13,9 +13,12 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -28,20 +31,29 @@ log = logging.getLogger("diffusion_dpo")
 
 
 def decode_image(ref: ImageRef, name: str | None = None) -> Image.Image:
-    """Decode image bytes or a file into an RGB PIL image; transparency is composited onto white.
+    """Decode image bytes or a file into an 8-bit RGB PIL image; transparency is composited onto white.
 
-    Raises CorruptImageError naming `name` (or the path) for a missing, unreadable or truncated image.
-    `img.load()` forces a full decode: `Image.open` alone reads only the header and would let a
-    truncated JPEG through.
+    16-bit grayscale is scaled to 8 bits by its full range (see `_gray16_to_8bit`); 16-bit RGB(A) PNGs PIL
+    already reduces to 8 bits per channel when it opens them. Raises CorruptImageError naming `name` (or
+    the path) for a missing, unreadable, truncated or unsupported image, or a path that is not a regular
+    file (opening a FIFO or a device would block forever). `img.load()` forces a full decode:
+    `Image.open` alone reads only the header and would let a truncated JPEG through.
     """
     label = name or (str(ref) if isinstance(ref, (str, Path)) else f"<{len(ref)} image bytes>")
     try:
+        if not isinstance(ref, bytes) and not stat.S_ISREG(os.stat(ref).st_mode):
+            raise CorruptImageError(f"image {label} is not a regular file (a FIFO, device or folder): point to an image file")
         with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as img:
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 return Image.alpha_composite(background, rgba).convert("RGB")
+            if img.mode.startswith("I"):
+                return _gray16_to_8bit(img, label).convert("RGB")
+            if img.mode == "F":
+                raise CorruptImageError(f"image {label} has floating-point pixels (PIL mode F) of unknown range: "
+                                        "save it as an 8- or 16-bit PNG or JPEG")
             return img.convert("RGB")
     except FileNotFoundError as err:
         raise CorruptImageError(f"image file not found: {label}") from err
@@ -49,6 +61,17 @@ def decode_image(ref: ImageRef, name: str | None = None) -> Image.Image:
         # PIL reports unidentifiable/truncated data as OSError (UnidentifiedImageError is one), some
         # malformed headers as ValueError or SyntaxError.
         raise CorruptImageError(f"cannot decode image {label}: {err}") from err
+
+
+def _gray16_to_8bit(img: Image.Image, label: str) -> Image.Image:
+    """16-bit grayscale (PIL modes I;16, I;16B, ... and I, which older Pillow gives 16-bit PNGs) -> mode L,
+    value * 255 / 65535 rounded half up. `convert("RGB")` would clip every value above 255 to white.
+    Mode I values outside 0..65535 (32-bit integer TIFFs) have no known range and are refused."""
+    values = np.asarray(img, dtype=np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise CorruptImageError(f"image {label} has integer pixels outside 0..65535 (PIL mode {img.mode}, range "
+                                f"{values.min()}..{values.max()}): save it as an 8- or 16-bit PNG or JPEG")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:

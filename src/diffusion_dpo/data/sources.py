@@ -9,12 +9,12 @@ Sources are lazy: Pick-a-Pic-style data stays in a memory-mapped Arrow table (th
 manifests/folders hold only paths, so indexing 850k pairs never loads their images. Nothing is dropped
 silently: tied rows, pairs beyond `max_pairs` and missing image files are counted in `stats`, logged,
 and shown by `describe()`. Corrupt or missing images are skipped (or raise) at decode time, in
-`data.dataset.PairDataset`, according to `data.on_corrupt`.
+`data.dataset.PairDataset`, according to `data.on_corrupt`. Manifests and folders are read by
+`data.path_sources`; data that yields no pair at all is an error here, for every command.
 """
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
 import json
@@ -35,9 +35,7 @@ PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 PICKAPIC_META = ("label_1", "ranking_id", "user_id", "model_0", "model_1")
 """Optional Pick-a-Pic columns carried into PairRecord.meta when present."""
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MANIFEST_SUFFIXES = {".jsonl", ".json", ".csv"}
-PROMPT_FILES = ("prompts.jsonl", "prompts.json", "prompts.txt", "prompts.tsv")
 _GLOB_CHARS = set("*?[")
 
 
@@ -72,8 +70,11 @@ class PairSource:
         return f"{self.kind} {self.location}: {s['pairs']} pairs ({', '.join(parts)}) [fingerprint {self.fingerprint}]"
 
 
-def _cap(num_available: int, max_pairs: int | None, stats: dict[str, int]) -> int:
+def cap_pairs(num_available: int, max_pairs: int | None, stats: dict[str, int]) -> int:
     """Apply data.max_pairs (after tie dropping); count and log what it leaves out."""
+    if max_pairs is not None and max_pairs < 1:  # a negative value would slice pairs off the end
+        raise DataError(f"max_pairs={max_pairs} (data.max_pairs / --max-pairs) leaves no pairs to use: set it to at least "
+                        "train.batch_size x processes, or null to use every pair")
     kept = num_available if max_pairs is None else min(num_available, max_pairs)
     stats["beyond_max_pairs"] = num_available - kept
     stats["pairs"] = kept
@@ -82,8 +83,12 @@ def _cap(num_available: int, max_pairs: int | None, stats: dict[str, int]) -> in
     return kept
 
 
-def _file_stat(path: Path) -> list:
-    st = path.stat()
+def file_stat(path: Path) -> list:
+    return stat_entry(path, path.stat())
+
+
+def stat_entry(path: Path, st: os.stat_result) -> list:
+    """A file's fingerprint entry: what tells a changed file from the one cached."""
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
@@ -195,7 +200,7 @@ def _arrow_source(ds, cfg: DataConfig, location: str, files: list, extra_parts: 
     else:
         rows = np.arange(len(ds))
         stats.update(rows_read=len(ds), ties_dropped=0)
-    rows = rows[: _cap(len(rows), cfg.max_pairs, stats)]
+    rows = rows[: cap_pairs(len(rows), cfg.max_pairs, stats)]
     parts = {"format": "pickapic", "files": files, "drop_ties": cfg.drop_ties, "pairs": len(rows), **extra_parts}
     return ArrowPairSource(ds, layout, rows, location, parts, stats)
 
@@ -223,7 +228,7 @@ def _open_parquet(cfg: DataConfig) -> ArrowPairSource:
     # load_dataset converts the parquet once into an Arrow file in the datasets cache, then memory-maps it,
     # so random access by row stays cheap however large the data.
     ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
-    return _arrow_source(ds, cfg, cfg.source, [_file_stat(f) for f in files], {})
+    return _arrow_source(ds, cfg, cfg.source, [file_stat(f) for f in files], {})
 
 
 def _open_saved(cfg: DataConfig) -> ArrowPairSource:
@@ -240,7 +245,7 @@ def _open_saved(cfg: DataConfig) -> ArrowPairSource:
             raise DataError(f"{folder}: no split {cfg.split!r}; available splits: {', '.join(ds)}. Set data.split.")
         ds = ds[cfg.split]
         extra["split"] = cfg.split
-    files = [_file_stat(p) for p in sorted(folder.rglob("*")) if p.is_file()]
+    files = [file_stat(p) for p in sorted(folder.rglob("*")) if p.is_file()]
     return _arrow_source(ds, cfg, str(folder), files, extra)
 
 
@@ -259,170 +264,8 @@ def _open_hub(cfg: DataConfig) -> ArrowPairSource:
         ) from err
     except ValueError as err:  # e.g. an unknown split name
         raise DataError(f"hub dataset {cfg.source!r}, split {cfg.split!r}: {err}. Check data.split.") from err
-    files = [_file_stat(Path(f["filename"])) for f in ds.cache_files]
+    files = [file_stat(Path(f["filename"])) for f in ds.cache_files]
     return _arrow_source(ds, cfg, f"hub:{cfg.source}", files, {"hub_id": cfg.source, "split": cfg.split})
-
-
-# ----------------------------------------------------------------------------------------------
-# Path-based sources (manifest, folders): lists of prompts and image paths.
-
-
-class PathPairSource(PairSource):
-    """Pairs whose images are files; holds only prompts, paths and meta."""
-
-    def __init__(self, kind: str, location: str, records: list[PairRecord], fingerprint_parts: dict, stats: dict[str, int]):
-        super().__init__(kind, location, fingerprint_parts, stats)
-        self._records = records
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def __getitem__(self, i: int) -> PairRecord:
-        return self._records[i]
-
-
-def _stat_images(paths: list[str]) -> tuple[list, int]:
-    """Fingerprint entries (path, size, mtime) for every image, and how many are missing."""
-    entries, missing = [], 0
-    for p in paths:
-        try:
-            entries.append(_file_stat(Path(p)))
-        except FileNotFoundError:
-            entries.append([p, None, None])
-            missing += 1
-    return entries, missing
-
-
-def _read_manifest_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs from a JSONL, JSON (list of objects) or CSV manifest."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        return [(n + 2, dict(row)) for n, row in enumerate(reader)]  # +2: header is line 1
-    if path.suffix == ".json":
-        rows = json.loads(text)
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"{path}: a .json manifest must be a list of objects with keys prompt, chosen, rejected")
-        return list(enumerate(rows, start=1))
-    out = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {n}: not valid JSON ({err})") from err
-        if not isinstance(row, dict):
-            raise DataError(f"{path} line {n}: expected a JSON object with keys prompt, chosen, rejected")
-        out.append((n, row))
-    return out
-
-
-def _open_manifest(cfg: DataConfig) -> PathPairSource:
-    path = Path(cfg.source)
-    if path.suffix not in MANIFEST_SUFFIXES:
-        raise DataError(f"{path}: a manifest must be a .jsonl, .json or .csv file")
-    rows = _read_manifest_rows(path)
-    records = []
-    for n, row in rows:
-        missing = [c for c in PAIR_COLUMNS if row.get(c) is None]  # a short CSV row gives None too
-        if missing:
-            raise DataError(f"{path} line {n}: missing column(s) {', '.join(missing)}; found {', '.join(row) or '(none)'}; "
-                            f"expected {', '.join(PAIR_COLUMNS)} (image paths relative to the manifest's folder, or absolute)")
-        empty = [c for c in ("chosen", "rejected") if not str(row[c]).strip()]
-        if empty:
-            raise DataError(f"{path} line {n}: empty image path in column(s) {', '.join(empty)}")
-        chosen, rejected = (str(path.parent / row[c]) for c in ("chosen", "rejected"))  # absolute paths stay as they are
-        meta = {k: v for k, v in row.items() if k not in PAIR_COLUMNS}
-        records.append(PairRecord(str(row["prompt"]), chosen, rejected, f"line{n}", meta))
-    stats = {"rows_read": len(records), "ties_dropped": 0}
-    records = records[: _cap(len(records), cfg.max_pairs, stats)]
-    images, stats["missing_files"] = _stat_images([p for r in records for p in (r.chosen, r.rejected)])
-    if stats["missing_files"]:
-        log.warning("%s: %d referenced image files do not exist; their pairs will be %s at decode time (data.on_corrupt=%s)",
-                    path, stats["missing_files"], "skipped and counted" if cfg.on_corrupt == "skip" else "an error", cfg.on_corrupt)
-    parts = {"format": "manifest", "files": [_file_stat(path)] + images, "pairs": len(records)}
-    return PathPairSource("manifest", str(path), records, parts, stats)
-
-
-def _find_prompts_file(folder: Path, prompts_file: str | None) -> Path:
-    if prompts_file is not None:
-        candidates = [Path(prompts_file)] if Path(prompts_file).is_absolute() else [folder / prompts_file, Path(prompts_file)]
-        for c in candidates:
-            if c.is_file():
-                return c
-        raise DataError(f"data.prompts_file {prompts_file!r} not found (looked at {', '.join(str(c) for c in candidates)})")
-    for name in PROMPT_FILES:
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(f"{folder}: no prompts file; add one of {', '.join(PROMPT_FILES)} (JSON {{name: prompt}}, JSONL lines "
-                    '{"name": ..., "prompt": ...} or "name<TAB>prompt" lines), or set data.prompts_file')
-
-
-def _read_prompts(path: Path) -> dict[str, str]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        prompts = json.loads(text)
-        if not isinstance(prompts, dict):
-            raise DataError(f"{path}: expected a JSON object {{image name: prompt}}")
-        return {str(k): str(v) for k, v in prompts.items()}
-    prompts = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            row = json.loads(line)
-            if not isinstance(row, dict) or "name" not in row or "prompt" not in row:
-                raise DataError(f"{path} line {n}: expected {{\"name\": ..., \"prompt\": ...}}")
-            prompts[str(row["name"])] = str(row["prompt"])
-        else:
-            name, tab, prompt = line.partition("\t")
-            if not tab:
-                raise DataError(f"{path} line {n}: expected 'name<TAB>prompt'")
-            prompts[name] = prompt
-    return prompts
-
-
-def _list_images(folder: Path) -> dict[str, Path]:
-    """{stem: path} of the image files in `folder`; file names are matched across sides by stem."""
-    images: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
-            if p.stem in images:
-                raise DataError(f"{folder}: two images share the name {p.stem!r} ({images[p.stem].name}, {p.name}); names must be unique")
-            images[p.stem] = p
-    return images
-
-
-def _open_folders(cfg: DataConfig) -> PathPairSource:
-    folder = Path(cfg.source)
-    sides = {side: folder / side for side in ("chosen", "rejected")}
-    for side, sub in sides.items():
-        if not sub.is_dir():
-            raise DataError(f"{folder}: no {side}/ subfolder; the folders format needs chosen/ and rejected/ with matching file names")
-    chosen, rejected = _list_images(sides["chosen"]), _list_images(sides["rejected"])
-    only_chosen, only_rejected = sorted(set(chosen) - set(rejected)), sorted(set(rejected) - set(chosen))
-    if only_chosen or only_rejected:
-        raise DataError(f"{folder}: {len(only_chosen)} image(s) only in chosen/ (e.g. {only_chosen[:3]}) and {len(only_rejected)} only "
-                        f"in rejected/ (e.g. {only_rejected[:3]}); every image needs a partner with the same name on the other side")
-    prompts_path = _find_prompts_file(folder, cfg.prompts_file)
-    prompts = _read_prompts(prompts_path)
-
-    def prompt_for(name: str) -> str | None:  # prompts may be keyed by file name or by stem
-        for key in (chosen[name].name, rejected[name].name, name):
-            if key in prompts:
-                return prompts[key]
-        return None
-
-    no_prompt = [name for name in chosen if prompt_for(name) is None]
-    if no_prompt:
-        raise DataError(f"{prompts_path}: no prompt for {len(no_prompt)} image name(s), e.g. {no_prompt[:3]}")
-    records = [PairRecord(prompt_for(name), str(chosen[name]), str(rejected[name]), name) for name in sorted(chosen)]
-    stats = {"rows_read": len(records), "ties_dropped": 0}
-    records = records[: _cap(len(records), cfg.max_pairs, stats)]
-    images, _ = _stat_images([p for r in records for p in (r.chosen, r.rejected)])
-    parts = {"format": "folders", "files": [_file_stat(prompts_path)] + images, "pairs": len(records)}
-    return PathPairSource("folders", str(folder), records, parts, stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +304,8 @@ def detect_format(cfg: DataConfig) -> str:
             return "manifest"
         raise DataError(f"data.source {source!r}: cannot read a {path.suffix or 'suffix-less'} file as format {fmt!r}; "
                         "use a .parquet file (pickapic) or a .jsonl/.json/.csv manifest")
+    if path.exists():  # neither file nor folder: a FIFO or device, which would block the reader
+        raise DataError(f"data.source {source!r} is not a regular file or folder (a FIFO or device); point it to a file or folder")
     if _GLOB_CHARS & set(source) and fmt in ("auto", "pickapic"):
         return "pickapic:parquet"
     if _looks_like_hub_id(source) and fmt in ("auto", "pickapic"):
@@ -470,13 +315,36 @@ def detect_format(cfg: DataConfig) -> str:
 
 def open_source(cfg: DataConfig) -> PairSource:
     """Open `cfg.source` as a PairSource; raise DataError naming the problem and the fix."""
+    from diffusion_dpo.data.path_sources import open_folders, open_manifest  # imports this module
+
     opener = {
         "pickapic:hub": _open_hub,
         "pickapic:parquet": _open_parquet,
         "pickapic:saved": _open_saved,
-        "manifest": _open_manifest,
-        "folders": _open_folders,
+        "manifest": open_manifest,
+        "folders": open_folders,
     }[detect_format(cfg)]
     source = opener(cfg)
     log.info("data: %s", source.describe())
+    if len(source) == 0:
+        s = source.stats
+        why = (f"every one of its {s['rows_read']} rows is a tie (label_0 == 0.5), which has no winner" if s.get("ties_dropped")
+               else "it has no rows")
+        raise DataError(f"{source.kind} {source.location} gives no preference pairs: {why}; point data.source to data "
+                        "with decisive pairs")
     return source
+
+
+def check_fills_batch(num_pairs: int, batch_size: int, num_processes: int, stats: dict[str, int] | None = None) -> None:
+    """One global micro-batch takes train.batch_size pairs per process (train.sampler drops an incomplete one), so
+    fewer pairs than that can never train. `stats`, a source's counts, says where pairs went (ties, max_pairs)."""
+    need = batch_size * num_processes
+    if num_pairs >= need:
+        return
+    counts = ""
+    if stats:
+        counts = f" ({stats['rows_read']} rows read, {stats.get('ties_dropped', 0)} ties dropped, " \
+                 f"{stats.get('beyond_max_pairs', 0)} beyond data.max_pairs)"
+    raise DataError(f"{num_pairs} pairs{counts} cannot fill one micro-batch of train.batch_size {batch_size} x "
+                    f"{num_processes} process(es) = {need} pairs: lower train.batch_size, or use more pairs "
+                    "(raise data.max_pairs or add data)")

@@ -64,18 +64,16 @@ def read_samples(folder: str | Path) -> SampleSet:
 
 
 def load_image(path: str | Path):
-    """A PIL RGB image, or CorruptImageError naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    """A PIL RGB image, decoded as training decodes (data.dataset.decode_image), or CorruptImageError naming the file."""
+    from diffusion_dpo.data.dataset import decode_image
 
     path = Path(path)
     if not path.exists():
         raise CorruptImageError(f"image {path} does not exist")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(f"image {path} cannot be decoded ({type(err).__name__}: {err}); delete it and "
+        return decode_image(path)
+    except CorruptImageError as err:
+        raise CorruptImageError(f"image {path} cannot be decoded ({err}); delete it and "
                                 f"rerun `diffusion-dpo sample` to regenerate it") from err
 
 

@@ -92,6 +92,10 @@ class Trainer:
 
         # 3. data: a prepared cache (no VAE, no text encoder in memory) or images encoded on the fly
         self.dataset, self.cached = self._build_dataset()
+        from diffusion_dpo.data.sources import check_fills_batch  # before the models load: fail fast
+
+        check_fills_batch(len(self.dataset), cfg.train.batch_size, acc.num_processes,
+                          None if self.cached else self.dataset.source.stats)
         if self.cached:
             self.vae = self.prompt_encoder = None
             self.empty_cond = self.dataset.empty_conditioning()

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -44,6 +51,91 @@ def test_decode_image_errors_name_the_image(tmp_path):
         decode_image(b"not a jpg")
     with pytest.raises(CorruptImageError, match=r"image file not found: .*missing.png"):
         decode_image(tmp_path / "missing.png")
+
+
+def _png16(values: np.ndarray, color_type: int) -> bytes:
+    """A 16-bit PNG written by hand (PIL cannot write 16-bit RGB): color type 0 gray, 2 RGB; values (H, W[, C])."""
+    height, width = values.shape[:2]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(height))  # filter 0 per row
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_16_bit_gray_png_is_scaled_not_clipped():
+    # value * 255 / 65535 = value / 257, rounded half up, worked out by hand:
+    # 0 -> 0; 257 -> 1; 1000 -> 3.891 -> 4; 32768 -> 127.502 -> 128; 40000 -> 155.64 -> 156; 65535 -> 255
+    values = np.array([[0, 257, 1000], [32768, 40000, 65535]], dtype=np.uint16)
+    img = decode_image(_png16(values, color_type=0))
+    assert img.mode == "RGB" and img.size == (3, 2)
+    expected = np.array([[0, 1, 4], [128, 156, 255]], dtype=np.uint8)
+    for channel in range(3):
+        np.testing.assert_array_equal(np.asarray(img)[..., channel], expected)
+    # the same through PIL's own 16-bit writer (mode I;16) and a big-endian raw mode
+    buf = io.BytesIO()
+    Image.fromarray(values).save(buf, format="PNG")
+    np.testing.assert_array_equal(np.asarray(decode_image(buf.getvalue()))[..., 0], expected)
+    big_endian = Image.frombytes("I;16B", (3, 2), values.astype(">u2").tobytes())
+    np.testing.assert_array_equal(np.asarray(decode_image(_png_bytes(big_endian)))[..., 0], expected)
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_16_bit_rgb_png_keeps_its_colours():
+    values = np.array([[[0, 257, 65535], [32768, 1000, 60000]]], dtype=np.uint16)  # (1, 2, 3)
+    img = np.asarray(decode_image(_png16(values, color_type=2))).astype(int)
+    # PIL keeps each channel's high byte (value // 256), within 1 of value * 255 / 65535; nothing clipped
+    assert np.abs(img - values / 257.0).max() <= 1.0
+    assert img.tolist() == [[[0, 1, 255], [128, 3, 234]]]
+
+
+@pytest.mark.fault(input="integer (mode I) or floating-point (mode F) image of unknown range",
+                   behaviour="the pair is skipped or an error (`data.on_corrupt`): names the image and the mode")
+def test_images_of_unknown_range_are_refused():
+    def tiff(values: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(values).save(buf, format="TIFF")
+        return buf.getvalue()
+
+    with pytest.raises(CorruptImageError, match=r"row3 has integer pixels outside 0..65535 \(PIL mode I, range 0..70000\)"):
+        decode_image(tiff(np.array([[0, 70000]], dtype=np.int32)), "row3")
+    with pytest.raises(CorruptImageError, match=r"floating-point pixels \(PIL mode F\)"):
+        decode_image(tiff(np.array([[0.5, 2.0]], dtype=np.float32)))
+    # mode I within 0..65535 (older Pillow opens 16-bit PNGs so) is scaled like I;16: 32768 -> 128
+    assert decode_image(tiff(np.array([[32768, 65535]], dtype=np.int32))).getpixel((0, 0)) == (128, 128, 128)
+
+
+def _unblock_fifo_readers(fifo: Path, seconds: float = 3.0) -> None:
+    """Open `fifo` for writing without blocking, again and again, so a reader stuck in open() gets EOF and the
+    test fails instead of hanging (open with O_NONBLOCK fails with ENXIO while nobody reads)."""
+    def loop():
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+            time.sleep(0.05)
+    threading.Thread(target=loop, daemon=True).start()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.fault(input="image path that is a FIFO, device or folder (decoding)",
+                   behaviour="refused at once, naming the path (never blocks)")
+def test_decode_image_refuses_a_fifo_without_blocking(tmp_path):
+    fifo = tmp_path / "image.png"
+    os.mkfifo(fifo)
+    _unblock_fifo_readers(fifo)
+    for ref in (fifo, tmp_path):
+        with pytest.raises(CorruptImageError, match=r"is not a regular file \(a FIFO, device or folder\)"):
+            decode_image(ref)
 
 
 def test_items_follow_the_contract_and_the_synthetic_rule(tmp_path):

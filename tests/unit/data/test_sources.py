@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from diffusion_dpo.config import DataConfig
-from diffusion_dpo.data.sources import open_source
+from diffusion_dpo.data.sources import check_fills_batch, open_source
 from diffusion_dpo.data.synthetic import synthetic_pairs, write_folders, write_manifest, write_pickapic_parquet
 from diffusion_dpo.errors import DataError
 
@@ -221,3 +222,107 @@ def test_sources_pickle_for_dataloader_workers(tmp_path):
         source = _open(path)
         clone = pickle.loads(pickle.dumps(source))
         assert _triples(clone) == _triples(source) and clone.fingerprint == source.fingerprint
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile inputs: FIFOs, non-UTF-8 text, sources with no pairs.
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.fault(input="manifest row whose image is a FIFO, device or folder",
+                   behaviour="exit 2 when the data opens: names the manifest, the row and the path (never blocks)")
+def test_manifest_fifo_image_is_refused_naming_the_row(tmp_path):
+    manifest = write_manifest(tmp_path, 3)
+    rows = manifest.read_text().splitlines()
+    fifo = tmp_path / "images" / "rejected" / "pipe.png"
+    os.mkfifo(fifo)
+    rows[1] = rows[1].replace("rejected/pair00001.jpg", "rejected/pipe.png")  # line 2 of the manifest
+    manifest.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=rf"{manifest}, pair line2: {fifo} is not a regular file \(a FIFO, device or folder\)"):
+        _open(manifest)
+    rows[1] = rows[1].replace("rejected/pipe.png", "rejected")  # the images/rejected folder itself
+    manifest.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"pair line2: .*images/rejected is not a regular file"):
+        _open(manifest)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.fault(input="folders-format image that is a FIFO, or `data.source` that is a FIFO",
+                   behaviour="exit 2 when the data opens: names the pair and the path (never blocks)")
+def test_folders_fifo_image_and_fifo_source_are_refused(tmp_path):
+    folder = write_folders(tmp_path / "f", 2)
+    image = folder / "rejected" / "pair00001.jpg"
+    image.unlink()
+    os.mkfifo(image)
+    with pytest.raises(DataError, match=rf"pair pair00001: {image} is not a regular file"):
+        _open(folder)
+    os.mkfifo(tmp_path / "m.jsonl")
+    with pytest.raises(DataError, match=r"m.jsonl' is not a regular file or folder \(a FIFO or device\)"):
+        _open(tmp_path / "m.jsonl")
+
+
+@pytest.mark.fault(input="manifest (JSONL / CSV) or prompts file that is not UTF-8",
+                   behaviour="exit 2: names the file and the line of the first bad byte")
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_non_utf8_manifest_names_the_file_and_line(tmp_path, fmt):
+    manifest = write_manifest(tmp_path, 3, fmt=fmt)
+    lines = manifest.read_bytes().split(b"\n")
+    bad_line = 2  # JSONL: the second pair; CSV: the first pair (line 1 is the header)
+    lines[bad_line - 1] = lines[bad_line - 1].replace(b"pair0000", "caf\u00e9".encode("latin-1"), 1)
+    manifest.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=rf"{manifest} line {bad_line}: not UTF-8 text \(byte 0xe9\)"):
+        _open(manifest)
+
+
+def test_manifest_text_edge_cases(tmp_path):
+    # a UTF-8 BOM (Excel's CSV) is not part of the first column name; a prompt holding U+2028 stays one JSONL row
+    csv_manifest = write_manifest(tmp_path / "c", 2, fmt="csv")
+    csv_manifest.write_bytes(b"\xef\xbb\xbf" + csv_manifest.read_bytes())
+    assert [r.prompt for r in (_open(csv_manifest)[i] for i in range(2))] == [p.prompt for p in synthetic_pairs(2)]
+    jsonl = write_manifest(tmp_path / "j", 2)
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    rows[0]["prompt"] = "a cat\u2028a dog"
+    jsonl.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    assert _open(jsonl)[0].prompt == "a cat\u2028a dog"
+
+
+@pytest.mark.fault(input="prompts file of the folders format that is not UTF-8 or not valid JSON",
+                   behaviour="exit 2: names the file and the line")
+def test_bad_prompts_file_names_the_file_and_line(tmp_path):
+    folder = write_folders(tmp_path / "f", 2, prompts_format="jsonl")
+    prompts = folder / "prompts.jsonl"
+    lines = prompts.read_text().splitlines()
+    prompts.write_bytes((lines[0] + "\n" + lines[1][:-3]).encode() + b"\xff\n")
+    with pytest.raises(DataError, match=rf"{prompts} line 2: not UTF-8 text \(byte 0xff\)"):
+        _open(folder)
+    prompts.write_text(lines[0] + "\n" + lines[1][:-3] + "\n")
+    with pytest.raises(DataError, match=rf"{prompts} line 2: not valid JSON"):
+        _open(folder)
+
+
+@pytest.mark.fault(input="data whose every row is a tie, or an empty manifest",
+                   behaviour="exit 2 before any model loads: says no preference pairs and why")
+def test_a_source_without_pairs_is_an_error(tmp_path):
+    with pytest.raises(DataError, match=r"gives no preference pairs: every one of its 3 rows is a tie"):
+        _open(write_pickapic_parquet(tmp_path / "t.parquet", n=0, ties=3))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"empty.jsonl gives no preference pairs: it has no rows"):
+        _open(tmp_path / "empty.jsonl")
+
+
+@pytest.mark.fault(input="`data.max_pairs=0` (or negative)", behaviour="exit 2: names max_pairs and the fix")
+@pytest.mark.parametrize("max_pairs", [0, -1])
+def test_max_pairs_below_one_is_an_error(tmp_path, max_pairs):
+    # -1 used to slice the last pair off silently (records[:-1])
+    with pytest.raises(DataError, match=rf"max_pairs={max_pairs} \(data.max_pairs / --max-pairs\) leaves no pairs"):
+        _open(write_manifest(tmp_path, 3), max_pairs=max_pairs)
+
+
+@pytest.mark.fault(input="fewer pairs than `train.batch_size` x processes",
+                   behaviour="exit 2 before any model loads: names the counts and the fix")
+def test_too_few_pairs_for_one_batch_names_the_counts(tmp_path):
+    source = _open(write_pickapic_parquet(tmp_path / "t.parquet", n=5, ties=3), max_pairs=2)
+    check_fills_batch(len(source), batch_size=1, num_processes=2, stats=source.stats)  # exactly one batch: fine
+    with pytest.raises(DataError, match=r"^2 pairs \(8 rows read, 3 ties dropped, 3 beyond data.max_pairs\) cannot fill one "
+                                        r"micro-batch of train.batch_size 2 x 2 process\(es\) = 4 pairs: lower train.batch_size"):
+        check_fills_batch(len(source), batch_size=2, num_processes=2, stats=source.stats)
