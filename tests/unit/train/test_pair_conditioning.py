@@ -85,9 +85,8 @@ def test_pair_time_ids_repeat_the_winner_row_and_image_mode_keeps_each():
     assert pair_time_ids(mixed_sizes, mixed_crops, 32, "image").tolist() == [first, [48.0, 40.0, 3.0, 0.0, 32.0, 32.0]]
 
 
-@pytest.mark.fault(input="SDXL cache prepared with `data.sdxl_time_ids=image` trained with `pair`",
-                   behaviour="exit 2: names the pair, its two sizes/crops and both fixes")
 def test_pair_mode_refuses_a_pair_with_two_geometries():
+    """(the command-line case: tests/unit/cache/test_cache.py::test_training_refuses_a_per_image_cache_in_pair_mode)"""
     sizes = torch.tensor([[[40, 48], [40, 48]], [[40, 48], [48, 40]]])
     crops = torch.tensor([[[0, 3], [0, 3]], [[0, 3], [3, 0]]])
     with pytest.raises(DataError, match=r"pair 7: .*prepare one with 'pair' or set data.sdxl_time_ids=image"):
