@@ -59,7 +59,12 @@ class DataConfig:
     random_flip: bool = False
     """Randomly flip images horizontally."""
     shared_transforms: bool = False
-    """Apply the same random crop and flip to both images of a pair. The official code draws them independently (False)."""
+    """Apply the same random crop and flip to both images of a pair. The official code draws them independently (False).
+    SDXL with sdxl_time_ids='pair' always shares the crop position (it is conditioning); this key then decides the flip."""
+    sdxl_time_ids: Literal["pair", "image"] = "pair"
+    """SDXL size/crop conditioning. 'pair' (as diffusers' DPO script): the loser is resized to the winner's size and
+    cropped at the same place, and one time-id row serves both, so a pair differs only in its image, as the DPO
+    derivation assumes. 'image': each image's own original size and crop. Ignored by other families. See docs/data.md."""
     caption_dropout: float = 0.0
     """Probability, per pair, of replacing the prompt with the empty string (paper: 0.2)."""
     drop_ties: bool = True

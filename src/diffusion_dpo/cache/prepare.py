@@ -15,6 +15,7 @@ k with k % world_size == r; the main process writes the final manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -67,6 +68,8 @@ def key_inputs(cfg: RunConfig, spec, data_fingerprint: str, storage_dtype: str) 
         "shared_transforms": d.shared_transforms if (random_crop or d.random_flip) else None,
         "seed": cfg.train.seed if random_crop else None,
     }
+    if spec.family == "sdxl":  # 'pair' resizes the loser to the winner's size (other families: no time ids)
+        transforms["sdxl_time_ids"] = d.sdxl_time_ids
     return {"format_version": FORMAT_VERSION, "data": data_fingerprint, "model": model,
             "encoder_dtype": m.frozen_dtype, "storage_dtype": storage_dtype, "transforms": transforms}
 
@@ -215,6 +218,8 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: in
     settings = {"resolution": d.resolution, "crop": d.crop, "random_flip": d.random_flip,
                 "shared_transforms": d.shared_transforms, "seed": cfg.train.seed, "storage_dtype": storage_dtype,
                 "encoder_dtype": cfg.model.frozen_dtype}
+    if spec.family == "sdxl":
+        settings["sdxl_time_ids"] = d.sdxl_time_ids
     if dist.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(".*.tmp"):  # half-written files of an interrupted run
@@ -244,7 +249,8 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: in
 
     done = completed_shards(folder, key)
     todo = [k for k in range(num_shards) if k % dist.world_size == dist.rank and k not in done]
-    transform = PairTransform(d.resolution, d.crop, random_flip=False, shared=d.shared_transforms)
+    # flips are stored as mirrored variants (_PairItems), so the transform itself never flips
+    transform = dataclasses.replace(PairTransform.from_config(d, spec.family), random_flip=False)
     total = sum(min(shard_size, len(source) - k * shard_size) for k in todo)
     bar = tqdm(total=total, desc=f"prepare [{dist.rank}]" if dist.world_size > 1 else "prepare", unit="pair",
                disable=not progress, dynamic_ncols=True)

@@ -13,8 +13,9 @@ Each shard holds, for the pairs of its source range that decoded (corrupt ones a
     latent_mean/std       (n, V, 2, C, h, w)  VAE latent distribution, UNSCALED; [:, v, 0] chosen, [:, v, 1] rejected;
                           V = 2 when data.random_flip (v = 1 is the mirrored image), else 1
     prompt_embeds         (n, L, D); pooled_prompt_embeds (n, D2) for SDXL
-    original_size         int64 (n, 2, 2)      (h, w) of each image before resizing
-    crop_top_left         int64 (n, V, 2, 2)   crop offset of each image (per flip variant)
+    original_size         int64 (n, 2, 2)      (h, w) of each image before resizing (SDXL with data.sdxl_time_ids=pair:
+                                               the winner's for both, the loser having been resized to it)
+    crop_top_left         int64 (n, V, 2, 2)   crop offset of each image (per flip variant; one per pair in 'pair' mode)
 
 Shards are written to a temporary file and moved into place with os.replace, so a shard file either
 exists complete or not at all; shard boundaries depend only on the shard size, so a cache finished
@@ -34,7 +35,8 @@ import torch
 
 from diffusion_dpo.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: resize rounds the long side down as torchvision does, and SDXL pairs share one geometry (data.sdxl_time_ids)."""
 MANIFEST = "cache_manifest.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -134,7 +136,8 @@ class CachedPairDataset(torch.utils.data.Dataset):
                             "recorded): run `diffusion-dpo prepare` again with the same config; it continues where it stopped")
         if m["format_version"] != FORMAT_VERSION:
             raise DataError(f"cache {self.path} has format version {m['format_version']}, this toolkit reads "
-                            f"{FORMAT_VERSION}: prepare it again")
+                            f"{FORMAT_VERSION}: prepare it again (`diffusion-dpo prepare`, or `generate-pairs` for a "
+                            "cache it wrote)")
         model = m["model"]
         mismatches = [f"model.{name}: cache {model[name]!r}, training config {getattr(spec, name)!r}"
                       for name in ("pretrained", "revision", "family")

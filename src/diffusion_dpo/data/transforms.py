@@ -1,7 +1,8 @@
 """Paired image transforms: resize the short side, optionally flip, crop to a square; record sizes and offsets.
 
-Order per image: resize so the short side is `resolution` (PIL bilinear, antialiased, like the official
-code's torchvision Resize) -> horizontal flip of the whole resized image (if drawn) -> crop to
+Order per image: resize so the short side is `resolution` and the long side int(resolution * long / short)
+(truncated, exactly torchvision's `Resize(int)`, which the official and diffusers scripts use; PIL
+bilinear, antialiased) -> horizontal flip of the whole resized image (if drawn) -> crop to
 `resolution` x `resolution`. Because the flip comes before the crop, `crop_top_left` is the offset of the
 crop inside the image exactly as the model sees it, which is what SDXL's time ids describe.
 
@@ -9,6 +10,13 @@ crop inside the image exactly as the model sees it, which is what SDXL's time id
 the winner and the loser. `shared=True`: one draw is used for both. When the two images have different
 resized sizes, the shared draw is a RELATIVE crop position (the same fraction of each image's free
 range, so both crops sit e.g. 30% from the top) and the same flip decision.
+
+`same_geometry=True` (SDXL with data.sdxl_time_ids=pair): one geometry per pair, so one set of time ids
+describes both images. The loser is resized straight to the winner's resized size (its aspect ratio is
+not kept when it differs) and both are cropped at one position drawn once; its `original_size` is
+reported as the winner's. Flips still follow `shared` (a flip is not part of the time ids). diffusers'
+DPO script does the same in two resamplings (the loser to the winner's original size, then both);
+one resampling loses less, and when the two sizes are equal (most pairs) nothing changes.
 """
 
 from __future__ import annotations
@@ -30,10 +38,13 @@ class PairTransform:
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False
     shared: bool = False
+    same_geometry: bool = False
 
     @classmethod
-    def from_config(cls, cfg: DataConfig) -> PairTransform:
-        return cls(cfg.resolution, cfg.crop, cfg.random_flip, cfg.shared_transforms)
+    def from_config(cls, cfg: DataConfig, family: str) -> PairTransform:
+        """The transform a run of model family `family` uses ('sd', 'sdxl', 'lcm')."""
+        same_geometry = family == "sdxl" and cfg.sdxl_time_ids == "pair"
+        return cls(cfg.resolution, cfg.crop, cfg.random_flip, cfg.shared_transforms, same_geometry)
 
     def __post_init__(self) -> None:
         if self.resolution < 1:
@@ -49,11 +60,16 @@ class PairTransform:
         draws = torch.rand(2, 3, generator=generator, dtype=torch.float64)
         if self.shared:
             draws[1] = draws[0]
-        pixels, sizes, offsets, flips = [], [], [], []
-        for img, (u_top, u_left, u_flip) in zip((img_w, img_l), draws.tolist()):
-            tensor, top, left, flipped = self._one(img, u_top, u_left, u_flip)
+        size_w = self.resized_size(img_w.height, img_w.width)
+        sizes = [(img_w.height, img_w.width), (img_l.height, img_l.width)]
+        targets = [size_w, self.resized_size(img_l.height, img_l.width)]
+        if self.same_geometry:
+            draws[1, :2] = draws[0, :2]  # one crop position per pair: it is part of the conditioning
+            sizes[1], targets[1] = sizes[0], size_w
+        pixels, offsets, flips = [], [], []
+        for img, target, (u_top, u_left, u_flip) in zip((img_w, img_l), targets, draws.tolist()):
+            tensor, top, left, flipped = self._one(img, target, u_top, u_left, u_flip)
             pixels.append(tensor)
-            sizes.append((img.height, img.width))
             offsets.append((top, left))
             flips.append(flipped)
         return {
@@ -63,15 +79,22 @@ class PairTransform:
             "flipped": torch.tensor(flips, dtype=torch.bool),
         }
 
-    def _one(self, img: Image.Image, u_top: float, u_left: float, u_flip: float) -> tuple[torch.Tensor, int, int, bool]:
+    def resized_size(self, h: int, w: int) -> tuple[int, int]:
+        """(height, width) after resizing: the short side becomes `resolution`, the long side
+        int(resolution * long / short), truncated as torchvision's Resize(int) computes it (a 683x1024
+        image at 512 becomes 512x767, not 512x768). Never below `resolution`: long >= short."""
+        r = self.resolution
+        if w <= h:
+            return int(r * h / w), r
+        return r, int(r * w / h)
+
+    def _one(self, img: Image.Image, target: tuple[int, int], u_top: float, u_left: float,
+             u_flip: float) -> tuple[torch.Tensor, int, int, bool]:
         r = self.resolution
         if img.mode != "RGB":
             img = img.convert("RGB")
-        h, w = img.height, img.width
-        scale = r / min(h, w)
-        # max(r, ...) guards the long side against rounding below r for extreme aspect ratios.
-        new_h, new_w = max(r, round(h * scale)), max(r, round(w * scale))
-        if (new_h, new_w) != (h, w):
+        new_h, new_w = target
+        if (new_h, new_w) != (img.height, img.width):
             img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
         flipped = self.random_flip and u_flip < 0.5
         if flipped:

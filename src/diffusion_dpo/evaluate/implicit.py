@@ -68,7 +68,7 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
     from diffusion_dpo.data.sources import open_source
     from diffusion_dpo.data.transforms import PairTransform
     from diffusion_dpo.models.diffusion import pair_generator, pair_noisy_inputs, per_sample_error
-    from diffusion_dpo.models.encode import PromptEncoder, encode_images, sdxl_time_ids
+    from diffusion_dpo.models.encode import PromptEncoder, encode_images, pair_time_ids
     from diffusion_dpo.models.loading import detect_spec, load_noise_scheduler, load_text_encoders, load_vae
     from diffusion_dpo.train.step import UNetCaller
 
@@ -84,8 +84,10 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
     reference.unet.to(device)
     call = UNetCaller(spec.family, time_cond_proj_dim=spec.time_cond_proj_dim)
     res = resolution or policy.config.sample_size * spec.vae_downsample
-    source = open_source(DataConfig(source=str(pairs), resolution=res, max_pairs=max_pairs, on_corrupt="error"))
-    dataset = PairDataset(source, PairTransform(res), seed=seed, on_corrupt="error")
+    data_cfg = DataConfig(source=str(pairs), resolution=res, max_pairs=max_pairs, on_corrupt="error")
+    source = open_source(data_cfg)
+    # center crop, no flip; SDXL pairs get one geometry and one time-id row, as training's default
+    dataset = PairDataset(source, PairTransform.from_config(data_cfg, spec.family), seed=seed, on_corrupt="error")
     timesteps = fixed_timesteps(spec.num_train_timesteps, num_timesteps)
 
     diffs: list[torch.Tensor] = []  # per pair: (diff_policy - diff_ref) averaged over the K draws
@@ -99,9 +101,9 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
         lat_w, lat_l = mean_w * spec.vae_scaling_factor, mean_l * spec.vae_scaling_factor
         cond2 = encoder(batch["prompts"]).to(device).repeat_pairs()  # (2B, ...): same text for w and l
         time_ids = None
-        if spec.family == "sdxl":  # (2B, 6): winner rows then loser rows
-            time_ids = torch.cat([sdxl_time_ids(batch["original_size"][:, j], batch["crop_top_left"][:, j], res)
-                                  for j in (0, 1)]).to(device)
+        if spec.family == "sdxl":  # (2B, 6) float32: winner rows then loser rows
+            time_ids = pair_time_ids(batch["original_size"], batch["crop_top_left"], res, data_cfg.sdxl_time_ids,
+                                     batch["indices"]).to(device)
         total = torch.zeros(b)
         for k, t in enumerate(timesteps.tolist()):
             noise = torch.stack([torch.randn(lat_w.shape[1:], generator=pair_generator(seed, k, i)) for i in idx])

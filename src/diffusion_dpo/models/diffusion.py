@@ -1,8 +1,9 @@
 """Pure diffusion maths for preference training: timesteps, shared noise, noisy inputs, targets, errors.
 
 Pair convention: rows 0..B-1 are winners, rows B..2B-1 losers; pair i is rows i and B+i. Each pair
-shares ONE noise tensor and ONE timestep (Wallace et al. 2024, official code), so the only thing
-that differs between the two rows of a pair is the clean latent.
+shares ONE noise tensor and ONE timestep (Wallace et al. 2024, official code), and the caller gives both
+rows one text conditioning; the clean latents differ. For SDXL the size/crop time ids are shared too
+with data.sdxl_time_ids=pair (the default); with 'image' they are each image's own and also differ.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from diffusion_dpo.errors import DataError
+
 
 @dataclass
 class TextConditioning:
@@ -90,10 +92,32 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
 def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:
     """SDXL micro-conditioning per image: (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
 
-    original_size, crop_top_left: (N, 2) -> (N, 6) float. Uses each image's true size and crop offset
+    original_size, crop_top_left: (N, 2) -> (N, 6) float32. Uses the true original size and crop offset
     (the official DPO code uses a constant (res, res, 0, 0, res, res))."""
     target = torch.full_like(original_size, resolution)
     return torch.cat([original_size, crop_top_left, target], dim=1).float()
+
+
+def pair_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int, mode: str,
+                  indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SDXL time ids of B pairs, (2B, 6) float32, winner rows then loser rows.
+
+    original_size, crop_top_left: (B, 2, 2), [:, 0] winner, [:, 1] loser. mode 'pair' (data.sdxl_time_ids):
+    the winner's row, repeated for the loser, so a pair differs only in its image (the transforms gave
+    both one geometry; a pair whose rows differ raises DataError naming it). 'image': each image's own row."""
+    if mode == "image":
+        return torch.cat([sdxl_time_ids(original_size[:, j], crop_top_left[:, j], resolution) for j in (0, 1)])
+    if mode != "pair":
+        raise ValueError(f"sdxl time ids mode must be 'pair' or 'image', got {mode!r}")
+    differ = (original_size[:, 0] != original_size[:, 1]).any(1) | (crop_top_left[:, 0] != crop_top_left[:, 1]).any(1)
+    if differ.any():
+        k = int(differ.nonzero()[0])
+        name = f"pair {int(indices[k])}" if indices is not None else f"pair {k} of the batch"
+        raise DataError(
+            f"{name}: winner and loser have different sizes or crops (sizes {original_size[k].tolist()}, crops "
+            f"{crop_top_left[k].tolist()}) but data.sdxl_time_ids=pair gives them one time-id row: this is a cache "
+            "prepared with data.sdxl_time_ids=image; prepare one with 'pair' or set data.sdxl_time_ids=image")
+    return sdxl_time_ids(original_size[:, 0], crop_top_left[:, 0], resolution).repeat(2, 1)
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ class PairBatch:
     cond: TextConditioning  # (B, L, D) [+ pooled (B, D2)]: one text conditioning per pair
     noise: torch.Tensor  # (B, C, h, w): one noise per pair
     timesteps: torch.Tensor  # (B,): one timestep per pair
-    time_ids: Optional[torch.Tensor] = None  # SDXL (2B, 6): winner rows then loser rows
+    time_ids: Optional[torch.Tensor] = None  # SDXL (2B, 6) float32, winner rows then loser rows: pair_time_ids
 
     @property
     def size(self) -> int:
@@ -44,7 +44,10 @@ class UNetCaller:
         dtype = next(unet.parameters()).dtype  # works for DDP-wrapped networks too (no .dtype there)
         added = None
         if self.family == "sdxl":
-            added = {"text_embeds": cond.pooled_prompt_embeds.to(dtype), "time_ids": time_ids.to(dtype)}
+            # Time ids stay float32: the UNet's sinusoidal projection computes in float32 anyway, and a cast to
+            # a bf16 network's dtype rounds sizes above 256 (683 -> 684), differently for a policy and a
+            # reference of different dtypes, which would then see different conditioning.
+            added = {"text_embeds": cond.pooled_prompt_embeds.to(dtype), "time_ids": time_ids.float()}
         timestep_cond = None
         if self.time_cond_proj_dim is not None:  # latent consistency UNet: guidance-scale embedding
             w = torch.full((noisy.shape[0],), self.lcm_guidance_scale, device=noisy.device)

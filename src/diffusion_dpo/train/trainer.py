@@ -20,7 +20,7 @@ from diffusion_dpo.config import RunConfig, save_config, to_dict
 from diffusion_dpo.errors import NonFiniteLossError
 from diffusion_dpo.losses import build_loss
 from diffusion_dpo.models.diffusion import draw_pair_randomness, pair_generator
-from diffusion_dpo.models.encode import PromptEncoder, TextConditioning, encode_images, sample_latents, sdxl_time_ids
+from diffusion_dpo.models.encode import PromptEncoder, TextConditioning, encode_images, pair_time_ids, sample_latents
 from diffusion_dpo.models.loading import (DTYPES, detect_spec, load_noise_scheduler, load_text_encoders, load_unet,
                                           load_vae, spec_dict)
 from diffusion_dpo.train import checkpoint as ckpt
@@ -181,7 +181,7 @@ class Trainer:
         from diffusion_dpo.data.transforms import PairTransform
 
         source = open_source(d)  # logs what it read, ties dropped and missing files
-        transform = PairTransform(d.resolution, d.crop, d.random_flip, d.shared_transforms)
+        transform = PairTransform.from_config(d, self.spec.family)
         return PairDataset(source, transform, seed=self.cfg.train.seed, on_corrupt=d.on_corrupt), False
 
     def _collate_fn(self):
@@ -225,10 +225,9 @@ class Trainer:
         if cfg.data.caption_dropout > 0:
             cond = cond.select(rnd["drop_caption"], self.empty_cond.to(self.device))
         time_ids = None
-        if spec.family == "sdxl":
-            sizes, crops = raw["original_size"], raw["crop_top_left"]  # (B, 2, 2)
-            time_ids = torch.cat([sdxl_time_ids(sizes[:, 0], crops[:, 0], res),
-                                  sdxl_time_ids(sizes[:, 1], crops[:, 1], res)]).to(self.device)
+        if spec.family == "sdxl":  # (2B, 6) float32; one row per pair unless data.sdxl_time_ids=image
+            time_ids = pair_time_ids(raw["original_size"], raw["crop_top_left"], res, cfg.data.sdxl_time_ids,
+                                     raw["indices"]).to(self.device)
         return PairBatch(lat_w, lat_l, cond, rnd["noise"].to(self.device), rnd["timesteps"].to(self.device), time_ids)
 
     def micro_step(self, raw: dict[str, Any]):

@@ -93,6 +93,9 @@ def test_cache_key_changes_when_and_only_when_contents_change(tiny_sd, tiny_sdxl
     # the seed and shared draws matter once something is drawn at prepare time
     assert key("data.crop=random", "train.seed=7") != key("data.crop=random")
     assert key("data.crop=random", "data.shared_transforms=true") != key("data.crop=random")
+    # SDXL's time-id mode decides whether the loser is brought to the winner's size; no time ids elsewhere
+    assert key("data.sdxl_time_ids=image") == base
+    assert key("data.sdxl_time_ids=image", model=tiny_sdxl) != key(model=tiny_sdxl)
 
 
 def test_interrupted_prepare_resumes_to_an_identical_cache(tiny_sd, parquet, tmp_path, monkeypatch):
@@ -235,3 +238,58 @@ def test_two_processes_write_the_same_cache_as_one(tiny_sd, parquet, tmp_path, m
     assert not errors, errors
     assert results[0] == results[1]
     _assert_identical(one, results[0])
+
+
+def _mixed_size_manifest(folder: Path) -> Path:
+    """6 pairs: winners 40x48 (h, w), losers 48x40."""
+    from PIL import Image
+
+    from diffusion_dpo.data.synthetic import write_manifest
+
+    path = write_manifest(folder, n=6, size=(40, 48))
+    for file in sorted((folder / "images" / "rejected").glob("*.jpg")):
+        with Image.open(file) as img:
+            img.load()
+        img.resize((40, 48)).save(file)  # PIL sizes are (w, h)
+    return path
+
+
+def test_sdxl_cache_gives_each_pair_the_on_the_fly_geometry_and_time_ids(tiny_sdxl, tmp_path):
+    """Winner and loser of different sizes, random crops, independent flips (data.sdxl_time_ids=pair):
+    the cache holds the latents, sizes and crops PairDataset makes, so the time ids agree and are one row per pair."""
+    from diffusion_dpo.data.dataset import PairDataset, collate_pairs
+    from diffusion_dpo.data.sources import open_source
+    from diffusion_dpo.data.transforms import PairTransform
+    from diffusion_dpo.models.encode import encode_images, pair_time_ids
+    from diffusion_dpo.models.loading import detect_spec, load_vae
+
+    source = _mixed_size_manifest(tmp_path / "data")
+    cfg = _cfg(tiny_sdxl, source, tmp_path / "cache", "data.crop=random", "data.random_flip=true", "train.seed=3")
+    folder = prep.prepare_cache(cfg, storage_dtype="float32", progress=False)
+    spec = detect_spec(str(tiny_sdxl))
+    cached = CachedPairDataset(folder, spec, "mean", seed=3)
+    fly = PairDataset(open_source(cfg.data), PairTransform.from_config(cfg.data, "sdxl"), seed=3)
+    vae = load_vae(spec)
+    fly_items = [fly[i] for i in range(len(fly))]  # epoch 0: the crops the cache drew
+    for i, raw in enumerate(fly_items):
+        mean, _ = encode_images(vae, raw["pixel_values"])
+        torch.testing.assert_close(cached[i]["latent_mean"], mean, rtol=1e-5, atol=1e-6)
+    fly_batch, cached_batch = collate_pairs(fly_items), collate_cached([cached[i] for i in range(len(cached))])
+    assert torch.equal(cached_batch["original_size"], fly_batch["original_size"])
+    assert torch.equal(cached_batch["crop_top_left"], fly_batch["crop_top_left"])
+    ids = pair_time_ids(fly_batch["original_size"], fly_batch["crop_top_left"], 32, "pair")
+    assert torch.equal(pair_time_ids(cached_batch["original_size"], cached_batch["crop_top_left"], 32, "pair"), ids)
+    assert (ids[:, :2] == torch.tensor([40.0, 48.0])).all()  # the winner's true size for both rows
+    assert len({tuple(r) for r in ids[:, 2:4].tolist()}) > 1  # random crops differ across pairs
+
+
+@pytest.mark.fault(input="SDXL cache prepared with `data.sdxl_time_ids=image` trained with `pair`",
+                   behaviour="exit 2: names the pair, its two sizes and crops, and both fixes")
+def test_training_refuses_a_per_image_cache_in_pair_mode(tiny_sdxl, tmp_path, capsys):
+    source = _mixed_size_manifest(tmp_path / "data")
+    folder = prep.prepare_cache(_cfg(tiny_sdxl, source, tmp_path / "cache", "data.sdxl_time_ids=image"), progress=False)
+    code = main(["train", f"model.pretrained={tiny_sdxl}", f"data.source={folder}", "data.resolution=32",
+                 "train.max_steps=1", "train.batch_size=2", "output.report_to=none", f"output.dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "data.sdxl_time_ids=pair gives them one time-id row" in err and "set data.sdxl_time_ids=image" in err

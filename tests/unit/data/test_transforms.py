@@ -45,9 +45,9 @@ def test_pixel_scaling_is_exact():
 
 def test_center_crop_offsets_by_hand():
     # 40x60 (h, w) -> short side 16: 16x24, left = (24 - 16) / 2 = 4.
-    # 50x30 -> 16/30 scale: height round(26.67) = 27, top = round(11 / 2) = round(5.5) = 6.
+    # 50x30 -> 16/30 scale: height int(26.67) = 26 (torchvision truncates), top = round(10 / 2) = 5.
     out = PairTransform(16)(Image.new("RGB", (60, 40)), Image.new("RGB", (30, 50)), _gen(0))
-    assert out["crop_top_left"].tolist() == [[0, 4], [6, 0]]
+    assert out["crop_top_left"].tolist() == [[0, 4], [5, 0]]
     assert out["flipped"].tolist() == [False, False]
 
 
@@ -105,6 +105,65 @@ def test_shared_draw_with_different_sizes_keeps_the_relative_position():
         assert out["flipped"][0] == out["flipped"][1]
 
 
+def _resized_crop(img: Image.Image, size_hw: tuple[int, int], top: int, left: int, r: int) -> torch.Tensor:
+    """The expected pixels: PIL bilinear resize to the hand-computed size, crop, scale to [-1, 1]."""
+    out = img.resize(size_hw[::-1], Image.Resampling.BILINEAR).crop((left, top, left + r, top + r))
+    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def test_long_side_is_truncated_as_torchvision_resize_does():
+    # torchvision Resize(int): long = int(R * long / short). 7x10 (h, w) at 16: 16 * 10 / 7 = 22.86 -> 22
+    # (rounding would give 23); centre crop left = round((22 - 16) / 2) = 3 (with 23: round(3.5) = 4).
+    rng = np.random.default_rng(0)
+    landscape = Image.fromarray(rng.integers(0, 256, (7, 10, 3), dtype=np.uint8))
+    portrait = landscape.transpose(Image.Transpose.TRANSPOSE)  # 10x7
+    out = PairTransform(16)(landscape, portrait, _gen(0))
+    assert out["crop_top_left"].tolist() == [[0, 3], [3, 0]]
+    assert torch.equal(out["pixel_values"][0], _resized_crop(landscape, (16, 22), 0, 3, 16))
+    assert torch.equal(out["pixel_values"][1], _resized_crop(portrait, (22, 16), 3, 0, 16))
+    # the issue's example: 683x1024 at 512 -> 512x767 (not 768); centre crop left = round(255 / 2) = 128
+    photo = Image.fromarray(rng.integers(0, 256, (683, 1024, 3), dtype=np.uint8))
+    square = Image.new("RGB", (600, 600), (10, 20, 30))  # 600x600 -> 512x512, no crop offset
+    out = PairTransform(512)(photo, square, _gen(0))
+    assert out["crop_top_left"].tolist() == [[0, 128], [0, 0]]
+    assert torch.equal(out["pixel_values"][0], _resized_crop(photo, (512, 767), 0, 128, 512))
+    assert PairTransform(512).resized_size(683, 1024) == (512, 767)
+    assert PairTransform(512).resized_size(1024, 683) == (767, 512)
+    assert PairTransform(512).resized_size(600, 600) == (512, 512)
+
+
+def test_random_crop_range_follows_the_truncated_size():
+    # 7x10 at 16 -> 16x22: left in 0..6 (a rounded 23 would allow 7); all 7 values occur over enough draws
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (7, 10, 3), dtype=np.uint8))
+    lefts = {PairTransform(16, "random")(img, img, _gen(s))["crop_top_left"][0, 1].item() for s in range(200)}
+    assert lefts == set(range(7))
+
+
+def test_same_geometry_resizes_the_loser_to_the_winner_and_crops_both_at_one_place():
+    # winner 40x60 (h, w) -> 16x24, centre left 4; loser 50x30 goes straight to 16x24 and is cropped at (0, 4)
+    rng = np.random.default_rng(2)
+    img_w = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    img_l = Image.fromarray(rng.integers(0, 256, (50, 30, 3), dtype=np.uint8))
+    out = PairTransform(16, same_geometry=True)(img_w, img_l, _gen(0))
+    assert out["original_size"].tolist() == [[40, 60], [40, 60]]
+    assert out["crop_top_left"].tolist() == [[0, 4], [0, 4]]
+    assert torch.equal(out["pixel_values"][0], _resized_crop(img_w, (16, 24), 0, 4, 16))
+    assert torch.equal(out["pixel_values"][1], _resized_crop(img_l, (16, 24), 0, 4, 16))
+
+
+def test_same_geometry_shares_the_random_crop_and_leaves_flips_to_shared():
+    wide, wider = _x_ramp(16, 24), _x_ramp(16, 40)
+    outs = [PairTransform(16, "random", True, same_geometry=True)(wide, wider, _gen(s)) for s in range(20)]
+    assert all(torch.equal(o["crop_top_left"][0], o["crop_top_left"][1]) for o in outs)
+    assert len({o["crop_top_left"][0, 1].item() for o in outs}) > 1  # still random across pairs
+    assert any(o["flipped"][0] != o["flipped"][1] for o in outs)  # independent flips (shared=False)
+    shared = [PairTransform(16, "random", True, True, same_geometry=True)(wide, wider, _gen(s)) for s in range(20)]
+    assert all(o["flipped"][0] == o["flipped"][1] for o in shared)
+
+
 def test_from_config():
     cfg = DataConfig(resolution=64, crop="random", random_flip=True, shared_transforms=True)
-    assert PairTransform.from_config(cfg) == PairTransform(64, "random", True, True)
+    assert PairTransform.from_config(cfg, "sd") == PairTransform(64, "random", True, True)
+    assert PairTransform.from_config(cfg, "sdxl") == PairTransform(64, "random", True, True, same_geometry=True)
+    per_image = DataConfig(resolution=64, sdxl_time_ids="image")
+    assert PairTransform.from_config(per_image, "sdxl") == PairTransform(64)
