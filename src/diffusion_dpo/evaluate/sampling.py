@@ -9,7 +9,8 @@ which noise an image gets. Layout of one model's folder:
     <out>/<model_name>/sampling.json      model, sampler settings, prompt set, seeds: what made the images
 
 Images are written to a temporary file and renamed, so an interrupted run never leaves a half-written
-PNG; a rerun skips the images already on disk. A rerun with different settings is refused.
+PNG; a rerun skips the images already on disk. A rerun with different settings is refused, and so is a
+non-empty <out>/<model_name> without sampling.json (not ours: its files would be overwritten or taken for samples).
 """
 
 from __future__ import annotations
