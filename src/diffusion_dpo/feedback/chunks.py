@@ -89,7 +89,7 @@ class ChunkedRun:
         run_path = self.out / RUN_FILE
         self._check_folder(run_path)
         if run_path.is_file():
-            old = json.loads(run_path.read_text())
+            old = self._read_run(run_path)
             if old.get("command", command) != command:  # folders of older versions have no "command"
                 raise UserError(f"{self.out} holds a `{old['command']}` run, not a `{command}` one; "
                                 f"pass another --out")
@@ -105,6 +105,18 @@ class ChunkedRun:
         self.num_chunks = -(-num_items // chunk_size)
         self.settings = settings
         self._run_path, self._written = run_path, 0
+
+    def _read_run(self, run_path: Path) -> dict:
+        """The run.json of a previous run; another tool's run.json (or a damaged one) is not taken for ours."""
+        try:
+            old = json.loads(run_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if not (isinstance(old, dict) and {"num_items", "chunk_size", "settings"} <= set(old)
+                and isinstance(old["settings"], dict)):
+            raise UserError(f"--out {self.out}: {RUN_FILE} there is not the record of a `{self.command}` run; pass a "
+                            f"new or empty folder as --out")
+        return old
 
     def _stale_temp_files(self) -> list[Path]:
         """Temporary files of this command's outputs left by an interrupted run (any pid)."""

@@ -203,3 +203,16 @@ def test_other_commands_run_folder_is_refused_naming_the_command(tmp_path):
                                               "settings": {}}))
     with pytest.raises(UserError, match="`generate-pairs` run"):
         label_pairs(open_source(DataConfig(source=str(parquet))), load_judge([BRIGHT]), out, progress=False)
+
+
+@pytest.mark.parametrize("content", [b'{"epochs": 3, "lr": 0.1}', b"\xff\xfe not json"])
+@pytest.mark.fault(input="`label --out` a folder holding another tool's (or a damaged) `run.json`",
+                   behaviour="exit 2: names the folder; nothing written")
+def test_foreign_run_json_is_not_taken_for_ours(content, tmp_path):
+    parquet = write_pickapic_parquet(tmp_path / "pp.parquet", n=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_bytes(content)
+    with pytest.raises(UserError, match="run.json there is not the record of a `label` run"):
+        label_pairs(open_source(DataConfig(source=str(parquet))), load_judge([BRIGHT]), out, progress=False)
+    assert _tree(out) == {"run.json": content}
