@@ -134,7 +134,8 @@ class ChunkedRun:
         if foreign:
             listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise UserError(f"--out {self.out} is not empty ({listed}) and holds no `{self.command}` run "
-                            f"({RUN_FILE}); pass a new or empty folder as --out, so that no file of yours is overwritten")
+                            f"({RUN_FILE}); pass a new or empty folder as --out, so that no file of yours is "
+                            f"overwritten")
 
     def start(self) -> None:
         """Main process only: record the command and settings (first: from then on the folder is ours), create

@@ -69,7 +69,8 @@ def test_non_utf8_file_names_the_file_and_byte(tmp_path):
         load_prompts(tmp_path / "p.txt")
 
 
-@pytest.mark.fault(input="`--prompts` a folder or a FIFO", behaviour="DataError: not a regular file (a FIFO would block)")
+@pytest.mark.fault(input="`--prompts` a folder or a FIFO",
+                   behaviour="DataError: not a regular file (a FIFO would block)")
 def test_prompts_must_be_a_regular_file(tmp_path):
     import os
 
