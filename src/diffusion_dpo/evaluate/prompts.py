@@ -16,6 +16,7 @@ Built-in sets (public sources; the first download is cached as normalised JSONL 
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -92,7 +93,17 @@ def read_prompt_file(path: str | os.PathLike) -> tuple[Prompt, ...]:
     suffix = path.suffix.lower()
     if suffix not in LOCAL_SUFFIXES:
         raise DataError(f"{path}: unsupported prompt file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
-    text = path.read_text(encoding="utf-8")
+    if not path.is_file():  # a folder, or a FIFO that would block the read forever
+        raise DataError(f"{path}: not a regular file; pass a prompt file with --prompts")
+    data = path.read_bytes()
+    body = data.removeprefix(codecs.BOM_UTF8)  # Excel's "CSV UTF-8" starts with one: not part of the first prompt
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = err.start + len(data) - len(body)
+        line = data.count(b"\n", 0, at) + 1
+        raise DataError(f"{path}: not UTF-8 text (line {line}, byte {at}: {data[at:at + 1]!r}); "
+                        f"save the prompt file as UTF-8") from err
     try:
         prompts = _parse(text, suffix, str(path))
     except (json.JSONDecodeError, csv.Error) as err:

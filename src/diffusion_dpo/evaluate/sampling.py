@@ -9,7 +9,8 @@ which noise an image gets. Layout of one model's folder:
     <out>/<model_name>/sampling.json      model, sampler settings, prompt set, seeds: what made the images
 
 Images are written to a temporary file and renamed, so an interrupted run never leaves a half-written
-PNG; a rerun skips the images already on disk. A rerun with different settings is refused.
+PNG; a rerun skips the images already on disk. A rerun with different settings is refused, and so is a
+non-empty <out>/<model_name> without sampling.json (not ours: its files would be overwritten or taken for samples).
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def sample_model(spec: ModelSpec, prompts: PromptSet, out_dir: str | os.PathLike
     import torch
 
     folder = Path(out_dir) / spec.name
+    _check_folder(folder)
     plan = [(p, i) for p in range(len(prompts)) for i in range(images_per_prompt)]
     todo = [(p, i) for p, i in plan if not (folder / image_name(p, i)).exists()]
     if pipe is None and todo:
@@ -223,6 +225,16 @@ def _save_atomic(image: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def _check_folder(folder: Path) -> None:
+    """OUT/NAME must be new, empty or sampled before (sampling.json, written before any image): a user's own
+    folder would get its samples.jsonl overwritten and its PNGs taken for already sampled images."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; pass another --name or --out")
+    if folder.is_dir() and not (folder / "sampling.json").is_file() and any(folder.iterdir()):
+        raise UserError(f"{folder} is not empty and was not written by `sample` (no sampling.json); pass another "
+                        f"--name or --out, so that no file of yours is overwritten or taken for a sample")
 
 
 def _check_or_write_record(folder: Path, record: dict) -> None:

@@ -8,8 +8,14 @@ order, so an interrupted-then-resumed run writes exactly the bytes of an uninter
 Under `accelerate launch`, process r takes chunks k with k % world_size == r (cache.prepare.Distribution);
 the main process assembles once every process has passed the barrier.
 
-`run.json` records the settings that determine the results; a rerun with different settings is refused
-instead of mixing outputs. The chunk size of an interrupted run is kept.
+`run.json` records the command and the settings that determine the results; a rerun with different settings
+(or another command's folder) is refused instead of mixing outputs. The chunk size of an interrupted run is kept.
+An existing `--out` must be empty or one of this command's runs (it has run.json): the commands never write
+into, nor clean, a folder of the user's.
+
+Every file is written as a temporary `.NAME.PID.tmp` next to NAME and renamed. A rerun deletes only such
+temporary files of the files this command writes (`outputs`: glob patterns relative to the folder, e.g.
+"images/[0-9]*.png"), never any other `.tmp` file.
 
 Test hook: with DIFFUSION_DPO_FAIL_AFTER_CHUNKS=k set, a process raises after writing its k-th chunk
 (simulates a kill midway; used by the resume tests).
@@ -32,20 +38,31 @@ class InjectedFailure(RuntimeError):
     """Raised by the DIFFUSION_DPO_FAIL_AFTER_CHUNKS test hook."""
 
 
+def temp_path(path: Path) -> Path:
+    """Where `path` is written before the rename (cache.store.write_json_atomic uses the same name)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def temp_pattern(output: str) -> str:
+    """Glob of the temporary files (any pid) of the outputs matching glob `output` ("dir/name")."""
+    folder, _, name = output.rpartition("/")
+    return f"{folder}/.{name}.[0-9]*.tmp" if folder else f".{name}.[0-9]*.tmp"
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
 def save_png_atomic(image: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
 
@@ -54,18 +71,28 @@ def dumps_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 
 
+OWN_OUTPUTS = (RUN_FILE, "chunks/chunk-[0-9]*.json")  # what ChunkedRun itself writes
+
+
 class ChunkedRun:
-    """Chunk bookkeeping for one output folder. Settings in `settings` must match on a rerun."""
+    """Chunk bookkeeping for one output folder. Settings in `settings` must match on a rerun. `outputs`: glob
+    patterns (relative to `out`) of the files the command writes there, whose stale temporary files a rerun
+    deletes."""
 
     def __init__(self, out: Path, num_items: int, chunk_size: int, settings: dict, rank: int = 0, world_size: int = 1,
-                 command: str = "feedback"):
+                 command: str = "feedback", outputs: tuple[str, ...] = ()):
         if chunk_size < 1:
             raise UserError(f"--chunk-size must be >= 1, got {chunk_size}")
         self.out, self.rank, self.world_size = Path(out), rank, world_size
         self.chunk_dir = self.out / "chunks"
+        self.command, self.outputs = command, OWN_OUTPUTS + tuple(outputs)
         run_path = self.out / RUN_FILE
+        self._check_folder(run_path)
         if run_path.is_file():
-            old = json.loads(run_path.read_text())
+            old = self._read_run(run_path)
+            if old.get("command", command) != command:  # folders of older versions have no "command"
+                raise UserError(f"{self.out} holds a `{old['command']}` run, not a `{command}` one; "
+                                f"pass another --out")
             if old["settings"] != settings or old["num_items"] != num_items:
                 diff = sorted(k for k in set(old["settings"]) | set(settings)
                               if old["settings"].get(k) != settings.get(k))
@@ -79,14 +106,48 @@ class ChunkedRun:
         self.settings = settings
         self._run_path, self._written = run_path, 0
 
+    def _read_run(self, run_path: Path) -> dict:
+        """The run.json of a previous run; another tool's run.json (or a damaged one) is not taken for ours."""
+        try:
+            old = json.loads(run_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if not (isinstance(old, dict) and {"num_items", "chunk_size", "settings"} <= set(old)
+                and isinstance(old["settings"], dict)):
+            raise UserError(f"--out {self.out}: {RUN_FILE} there is not the record of a `{self.command}` run; pass a "
+                            f"new or empty folder as --out")
+        return old
+
+    def _stale_temp_files(self) -> list[Path]:
+        """Temporary files of this command's outputs left by an interrupted run (any pid)."""
+        return sorted({p for output in self.outputs for p in self.out.glob(temp_pattern(output)) if p.is_file()})
+
+    def _check_folder(self, run_path: Path) -> None:
+        """Refuse an --out that is a file, or a non-empty folder that is not one of our runs: we would
+        overwrite the user's files there (say a pairs.jsonl) or mix ours among them."""
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out} is a file; pass a folder (new or empty, or a previous run's)")
+        if run_path.is_file() or not self.out.is_dir():
+            return
+        stale = set(self._stale_temp_files())  # e.g. a run.json temp file: killed before run.json existed
+        foreign = sorted(p.name for p in self.out.iterdir() if p not in stale)
+        if foreign:
+            listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise UserError(f"--out {self.out} is not empty ({listed}) and holds no `{self.command}` run "
+                            f"({RUN_FILE}); pass a new or empty folder as --out, so that no file of yours is "
+                            f"overwritten")
+
     def start(self) -> None:
-        """Main process only: create folders, clear half-written temp files, record the settings."""
-        self.chunk_dir.mkdir(parents=True, exist_ok=True)
-        for stale in list(self.out.rglob(".*.tmp")):
-            stale.unlink()
+        """Main process only: record the command and settings (first: from then on the folder is ours), create
+        folders, delete half-written temp files of our own outputs."""
+        self.out.mkdir(parents=True, exist_ok=True)
         if not self._run_path.is_file():
-            write_text_atomic(self._run_path, json.dumps({"num_items": self.num_items, "chunk_size": self.chunk_size,
-                                                          "settings": self.settings}, indent=1, sort_keys=True))
+            write_text_atomic(self._run_path, json.dumps({"command": self.command, "num_items": self.num_items,
+                                                          "chunk_size": self.chunk_size, "settings": self.settings},
+                                                         indent=1, sort_keys=True))
+        self.chunk_dir.mkdir(exist_ok=True)
+        for stale in self._stale_temp_files():
+            stale.unlink()
 
     def bounds(self, k: int) -> range:
         return range(k * self.chunk_size, min((k + 1) * self.chunk_size, self.num_items))

@@ -56,6 +56,9 @@ SAMPLES = "samples.jsonl"
 RECORD = "generation.json"
 CACHE = "cache"
 CACHE_SHARD_SIZE = 256
+# what generate-pairs writes into --out besides run.json and chunks/ (for the clean-up of stale temp files);
+# <out>/cache/ is wholly ours
+OUTPUTS = (MANIFEST, SAMPLES, RECORD, "images/[0-9]*_[0-9]*.png", "chunks/latents-[0-9]*.safetensors", f"{CACHE}/*")
 
 
 def form_pairs(scores: Sequence[float], strategy: str, margin: float = 0.0,
@@ -337,7 +340,8 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
               "judge": judge.names, "weights": judge.weights}
     if write_cache:  # only then: the record (and run.json) of a run without it stay as they were
         record["write_cache"] = True  # a resumed run needs every chunk's latents (cache_dtype only matters at the end)
-    run = ChunkedRun(out, len(prompts), chunk_size, record, dist.rank, dist.world_size, command="generate-pairs")
+    run = ChunkedRun(out, len(prompts), chunk_size, record, dist.rank, dist.world_size, command="generate-pairs",
+                     outputs=OUTPUTS)
     if dist.rank == 0:
         run.start()
         (out / "images").mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,8 @@ log = logging.getLogger("diffusion_dpo")
 
 MANIFEST = "pairs.jsonl"
 SUMMARY = "label_summary.json"
+# what label writes into --out besides run.json and chunks/ (for the clean-up of stale temp files)
+OUTPUTS = (MANIFEST, SUMMARY, "images/[0-9]*/[0-9]*_chosen.*", "images/[0-9]*/[0-9]*_rejected.*")
 _EXT = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif"}
 
 
@@ -148,7 +150,8 @@ def label_pairs(source: Any, judge: Any, out: str | os.PathLike, margin: float =
     out = Path(out)
     settings = {"source": source.fingerprint, "source_location": source.location, "judge": judge.names,
                 "weights": judge.weights, "margin": margin, "on_corrupt": on_corrupt}
-    run = ChunkedRun(out, len(source), chunk_size, settings, dist.rank, dist.world_size, command="label")
+    run = ChunkedRun(out, len(source), chunk_size, settings, dist.rank, dist.world_size, command="label",
+                     outputs=OUTPUTS)
     if dist.rank == 0:
         run.start()
     dist.barrier()

@@ -47,3 +47,36 @@ def test_builtin_reads_the_cache(tmp_path):
     (tmp_path / "drawbench.jsonl").write_text('{"prompt": "a cat", "category": "Colors"}\n')
     ps = load_prompts("DrawBench", cache_dir=tmp_path, offline=True)
     assert ps.name == "drawbench" and ps.prompts == (Prompt("a cat", "Colors"),)
+
+
+@pytest.mark.fault(input="prompt file with a UTF-8 byte-order mark (Excel's CSV UTF-8)",
+                   behaviour="read: the mark is not part of the first prompt or column name")
+def test_byte_order_mark_is_not_part_of_the_text(tmp_path):
+    (tmp_path / "p.csv").write_bytes(b"\xef\xbb\xbfprompt,category\na cat,animals\n")
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfa cat\n")
+    assert load_prompts(tmp_path / "p.csv").prompts == (Prompt("a cat", "animals"),)
+    assert load_prompts(tmp_path / "p.txt").prompts == (Prompt("a cat"),)
+
+
+@pytest.mark.fault(input="prompt file that is not UTF-8", behaviour="DataError naming the file, line and byte")
+def test_non_utf8_file_names_the_file_and_byte(tmp_path):
+    (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "a caf\xe9"}\n')  # latin-1
+    expected = r"p\.jsonl: not UTF-8 text \(line 1, byte 17: b'\\xe9'\); save the prompt file as UTF-8"
+    with pytest.raises(DataError, match=expected):
+        load_prompts(tmp_path / "p.jsonl")
+    (tmp_path / "p.txt").write_bytes(b"\xef\xbb\xbfa\nb\xff\n")  # byte-order mark + a bad byte on line 2
+    with pytest.raises(DataError, match=r"line 2, byte 6: b'\\xff'"):
+        load_prompts(tmp_path / "p.txt")
+
+
+@pytest.mark.fault(input="`--prompts` a folder or a FIFO",
+                   behaviour="DataError: not a regular file (a FIFO would block)")
+def test_prompts_must_be_a_regular_file(tmp_path):
+    import os
+
+    (tmp_path / "dir.txt").mkdir()
+    with pytest.raises(DataError, match="dir.txt: not a regular file"):
+        load_prompts(tmp_path / "dir.txt")
+    os.mkfifo(tmp_path / "fifo.txt")
+    with pytest.raises(DataError, match="fifo.txt: not a regular file"):
+        load_prompts(tmp_path / "fifo.txt")

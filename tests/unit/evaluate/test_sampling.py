@@ -113,3 +113,21 @@ def test_model_spec_checks():
         ModelSpec("x", "base", lora="a", unet="b")
     with pytest.raises(ConfigError, match="plain folder name"):
         ModelSpec("a/b", "base")
+
+
+@pytest.mark.fault(input="`sample --out OUT --name NAME` where OUT/NAME is a non-empty folder not written by `sample`",
+                   behaviour="exit 2: names the folder; its files are neither overwritten nor taken for samples")
+def test_foreign_folder_is_refused(tiny_sd, tmp_path):
+    mine = tmp_path / "base"
+    mine.mkdir()
+    (mine / "00000_00.png").write_bytes(b"my holiday picture")
+    (mine / "samples.jsonl").write_text("my notes\n")
+    with pytest.raises(UserError, match=r"base is not empty and was not written by `sample` \(no sampling.json\)"):
+        sample_model(ModelSpec("base", str(tiny_sd)), PROMPTS, tmp_path, **FAST)
+    assert sorted(p.name for p in mine.iterdir()) == ["00000_00.png", "samples.jsonl"]
+    assert (mine / "samples.jsonl").read_text() == "my notes\n"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        sample_model(ModelSpec("file", str(tiny_sd)), PROMPTS, tmp_path, **FAST)
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    assert sample_model(ModelSpec("empty", str(tiny_sd)), PROMPTS.limit(1), tmp_path, **FAST).generated == 1

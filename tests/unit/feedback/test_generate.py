@@ -232,3 +232,63 @@ def test_write_cache_resumed_equals_uninterrupted(tiny_sd, tmp_path, monkeypatch
     with pytest.raises(Exception, match="write_cache"):
         generate_pairs(str(tiny_sd), PROMPTS, tmp_path / "straight", judge,
                        **{**kw, "write_cache": False})
+
+
+def test_gap_equal_to_the_margin_is_kept():
+    # 0.75 - 0.5 == 0.25 exactly (binary fractions): kept, as the docs say (">= margin and > 0")
+    assert form_pairs([0.5, 0.75, 0.5], "best-worst", margin=0.25) == [(1, 2)]  # worst: the last of a tie
+    assert form_pairs([0.5, 0.75, 0.5], "all", margin=0.25) == [(1, 0), (1, 2)]  # (0, 2): an exact tie
+
+
+def test_rerun_cleans_only_its_own_stale_temp_files(tiny_sd, tmp_path):
+    judge = load_judge(["feedback_test_rewards:brightness"])
+    out = tmp_path / "gen"
+    kw = dict(images_per_prompt=2, write_cache=True, **FAST)
+    generate_pairs(str(tiny_sd), PROMPTS.limit(1), out, judge, **kw)
+    own = [".pairs.jsonl.4242.tmp", ".samples.jsonl.4242.tmp", ".generation.json.4242.tmp", ".run.json.4242.tmp",
+           "images/.00000_01.png.4242.tmp", "chunks/.chunk-00000.json.4242.tmp",
+           "chunks/.latents-00000.safetensors.4242.tmp", "cache/.shard-00000.safetensors.4242.tmp",
+           "cache/.cache_manifest.json.4242.tmp"]
+    foreign = [".x.tmp", "notes/.x.tmp", "notes/.pairs.jsonl.4242.tmp", "images/.x.tmp", "images/sub/.x.tmp",
+               "chunks/.x.tmp", "cache/.x.tmp"]
+    for name in own + foreign:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    generate_pairs(str(tiny_sd), PROMPTS.limit(1), out, judge, **kw)  # all chunks done: nothing sampled again
+    assert [n for n in own if (out / n).exists()] == []
+    assert [n for n in foreign if not (out / n).exists()] == []
+
+
+@pytest.mark.fault(input="`generate-pairs --out` a non-empty folder that is not a generate-pairs run",
+                   behaviour="exit 2: names the folder and its files; nothing written")
+def test_out_folder_holding_other_files_is_refused(tiny_sd, tmp_path, capsys):
+    from diffusion_dpo.cli import main
+
+    out = tmp_path / "mine"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "00000_00.png").write_bytes(b"my own picture")
+    (out / "pairs.jsonl").write_text("my own pairs\n")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    code = main(["generate-pairs", "--base", str(tiny_sd), "--prompts", str(prompts), "-k", "2", "--steps", "2",
+                 "--resolution", "32", "--reward", "feedback_test_rewards:brightness", "--out", str(out),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and f"--out {out} is not empty (images, pairs.jsonl)" in err
+    assert _tree(out) == {"images/00000_00.png": b"my own picture", "pairs.jsonl": b"my own pairs\n"}
+
+
+def test_identical_tuned_unet_gives_the_base_samples(tiny_sd, tmp_path):
+    """Sampling a tuned model uses the base's seeds: a UNet with the base's exact weights draws its images."""
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(tiny_sd / "unet").save_pretrained(tmp_path / "unet_copy")
+    judge = load_judge(["feedback_test_rewards:brightness"])
+    kw = dict(images_per_prompt=2, chunk_size=1, **FAST)
+    generate_pairs(str(tiny_sd), PROMPTS.limit(2), tmp_path / "base", judge, **kw)
+    generate_pairs(str(tiny_sd), PROMPTS.limit(2), tmp_path / "copy", judge, unet=str(tmp_path / "unet_copy"), **kw)
+    base, copy = (_tree(tmp_path / name) for name in ("base", "copy"))
+    images = {k for k in base if k.startswith("images/")}
+    assert len(images) == 4 and {k: copy[k] for k in images} == {k: base[k] for k in images}
+    for name in ("samples.jsonl", "pairs.jsonl"):
+        assert copy[name] == base[name]

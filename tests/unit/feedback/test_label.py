@@ -125,3 +125,94 @@ def test_ensemble_is_weighted_sum_and_members_are_recorded(tmp_path):
     assert row["score_chosen"] == pytest.approx(3 * b + d) and b == pytest.approx(200 / 255)
     with pytest.raises(UserError, match="one weight per reward"):
         load_judge([BRIGHT], weights=[1.0, 2.0])
+
+
+def test_gap_equal_to_the_margin_is_kept(tmp_path):
+    # scores 0.75 / 0.5 (gap 0.25 == margin, exactly: all are binary fractions) and 0.25 / 0.75 (gap 0.5,
+    # flipped) are kept; 0.5 / 0.5 is an exact tie and dropped (docs: "below --margin (or exactly zero)")
+    source = open_source(DataConfig(source=str(_manifest(tmp_path / "data", [(191, 128), (64, 191), (128, 129)]))))
+    result = label_pairs(source, load_judge(["feedback_test_rewards:quarters"]), tmp_path / "out", margin=0.25,
+                         progress=False)
+    assert (result.kept, result.ties_dropped, result.agreed) == (2, 1, 1)
+    rows = [json.loads(x) for x in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
+    assert [(r["score_chosen"], r["score_rejected"], r["margin"]) for r in rows] == [(0.75, 0.5, 0.25),
+                                                                                     (0.75, 0.25, 0.5)]
+
+
+def _plant(out: Path, names: list[str]) -> None:
+    for name in names:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+
+
+OWN_TEMPS = [".pairs.jsonl.4242.tmp", ".label_summary.json.4242.tmp", ".run.json.4242.tmp",
+             "chunks/.chunk-00000.json.4242.tmp", "images/00000/.00000001_chosen.jpg.4242.tmp"]
+FOREIGN_TEMPS = [".x.tmp", "notes/.x.tmp", "notes/deep/.pairs.jsonl.4242.tmp", "images/.x.tmp",
+                 "images/00000/.x.tmp", "chunks/.x.tmp"]
+
+
+def test_rerun_cleans_only_its_own_stale_temp_files(tmp_path):
+    parquet = write_pickapic_parquet(tmp_path / "pp.parquet", n=2)
+    source = open_source(DataConfig(source=str(parquet)))
+    out = tmp_path / "out"
+    label_pairs(source, load_judge([BRIGHT]), out, progress=False)
+    _plant(out, OWN_TEMPS + FOREIGN_TEMPS)
+    label_pairs(source, load_judge([BRIGHT]), out, progress=False)
+    assert [n for n in OWN_TEMPS if (out / n).exists()] == []  # half-written files of an interrupted run
+    assert [n for n in FOREIGN_TEMPS if not (out / n).exists()] == []  # not ours: untouched
+
+
+@pytest.mark.fault(input="`label --out` a non-empty folder that is not a label run (e.g. the data's own folder)",
+                   behaviour="exit 2: names the folder and a file in it; nothing written")
+def test_out_folder_holding_other_files_is_refused(tmp_path, capsys):
+    from diffusion_dpo.cli import main
+
+    data = tmp_path / "data"
+    manifest = _manifest(data, [(200, 50), (40, 220)]).rename(data / "pairs.jsonl")  # the user's own pairs.jsonl
+    before = _tree(data)
+    code = main(["label", "--data", str(manifest), "--reward", BRIGHT, "--out", str(data), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert str(data) in err and "pairs.jsonl" in err and "--out" in err
+    assert _tree(data) == before  # the user's manifest and images are untouched, nothing added
+
+
+@pytest.mark.fault(input="`label --out` an existing file", behaviour="exit 2: names it")
+def test_out_that_is_a_file_is_refused(tmp_path):
+    parquet = write_pickapic_parquet(tmp_path / "pp.parquet", n=2)
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(UserError, match="is a file"):
+        label_pairs(open_source(DataConfig(source=str(parquet))), load_judge([BRIGHT]), tmp_path / "out",
+                    progress=False)
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_an_empty_existing_out_folder_is_used(tmp_path):
+    parquet = write_pickapic_parquet(tmp_path / "pp.parquet", n=2)
+    (tmp_path / "out").mkdir()
+    result = label_pairs(open_source(DataConfig(source=str(parquet))), load_judge([BRIGHT]), tmp_path / "out",
+                         progress=False)
+    assert result.kept == 2
+
+
+def test_other_commands_run_folder_is_refused_naming_the_command(tmp_path):
+    parquet = write_pickapic_parquet(tmp_path / "pp.parquet", n=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"command": "generate-pairs", "num_items": 2, "chunk_size": 8,
+                                              "settings": {}}))
+    with pytest.raises(UserError, match="`generate-pairs` run"):
+        label_pairs(open_source(DataConfig(source=str(parquet))), load_judge([BRIGHT]), out, progress=False)
+
+
+@pytest.mark.parametrize("content", [b'{"epochs": 3, "lr": 0.1}', b"\xff\xfe not json"])
+@pytest.mark.fault(input="`label --out` a folder holding another tool's (or a damaged) `run.json`",
+                   behaviour="exit 2: names the folder; nothing written")
+def test_foreign_run_json_is_not_taken_for_ours(content, tmp_path):
+    parquet = write_pickapic_parquet(tmp_path / "pp.parquet", n=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_bytes(content)
+    with pytest.raises(UserError, match="run.json there is not the record of a `label` run"):
+        label_pairs(open_source(DataConfig(source=str(parquet))), load_judge([BRIGHT]), out, progress=False)
+    assert _tree(out) == {"run.json": content}
