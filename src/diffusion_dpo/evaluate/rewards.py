@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -662,12 +663,36 @@ class CallableReward(RewardModel):
         return t
 
 
+def _import_user_module(name: str) -> Any:
+    """importlib.import_module, then, if the top-level module is not found, once more with the current folder
+    on sys.path: `python -m` puts it there but the `diffusion-dpo` console script does not, and the docs'
+    `--reward my_rewards:fn` means ./my_rewards.py. Appended last, so it never shadows an installed module."""
+    top = name.split(".")[0]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        cwd = os.getcwd()
+        if err.name != top or cwd in sys.path or not (Path(top + ".py").is_file() or Path(top).is_dir()):
+            raise
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
+        return importlib.import_module(name)
+
+
 def _import_callable(spec: str) -> Callable:
     module_name, _, attr = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UserError(f"reward {spec!r}: cannot import module {module_name!r}: {err}") from err
+        module = _import_user_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise UserError(f"reward {spec!r}: importing module {module_name!r} failed: {err}") from err
+        raise UserError(f"reward {spec!r}: no module {err.name!r} on the Python path or in the current folder "
+                        f"{os.getcwd()}; check the name, run from the folder that holds it, or add that folder "
+                        f"to PYTHONPATH") from err
+    except Exception as err:  # the user's module raised while importing (SyntaxError, a missing dependency...)
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise UserError(f"reward {spec!r}: importing module {module_name!r} failed: {type(err).__name__}: "
+                        f"{first}") from err
     fn = module
     for part in attr.split("."):
         if part not in vars(fn):

@@ -226,3 +226,48 @@ def test_missing_weights_offline_is_a_clear_error(name, monkeypatch):
 def test_missing_local_folder_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_reward("pickscore=/nonexistent/pickscore")
+
+
+@pytest.fixture
+def no_cwd_on_path(monkeypatch):
+    """sys.path as the `diffusion-dpo` console script sees it: without the current folder ('' or its path)."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    yield
+    for name in [m for m in sys.modules if m.split(".")[0] in ("my_module", "my_pkg", "broken_module")]:
+        del sys.modules[name]
+
+
+def test_a_module_in_the_current_folder_is_found_without_pythonpath(tmp_path, monkeypatch, no_cwd_on_path,
+                                                                    tiny_images):
+    (tmp_path / "my_module.py").write_text("def function(images, prompts):\n    return [2.0] * len(images)\n")
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "judges.py").write_text("def const(images, prompts):\n    return [3.0] * len(images)\n")
+    monkeypatch.chdir(tmp_path)
+    assert str(tmp_path) not in sys.path
+    assert load_reward("my_module:function").score(tiny_images, PROMPTS).tolist() == [2.0] * 4
+    assert load_reward("my_pkg.judges:const").score(tiny_images, PROMPTS).tolist() == [3.0] * 4
+    assert sys.path[-1] == str(tmp_path)  # appended last: the folder never shadows an installed module
+
+
+@pytest.mark.fault(input="`--reward module:function` naming a module that does not exist",
+                   behaviour="exit 2: `no module 'x' on the Python path or in the current folder ...`")
+@pytest.mark.fault(input="`--reward module:function` whose module fails to import (syntax error, missing dependency)",
+                   behaviour="exit 2: names the module and the first line of its error")
+def test_a_missing_or_broken_reward_module_is_one_clear_line(tmp_path, monkeypatch, no_cwd_on_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"no module 'no_such_module' on the Python path or in the current folder") as e:
+        load_reward("no_such_module:function")
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    with pytest.raises(UserError, match=r"no module 'my_pkg.nope'"):
+        load_reward("my_pkg.nope:function")
+    (tmp_path / "broken_module.py").write_text("import numpy_that_is_not_installed\n")
+    with pytest.raises(UserError, match=r"importing module 'broken_module' failed: No module named "
+                                        r"'numpy_that_is_not_installed'"):
+        load_reward("broken_module:function")
+    (tmp_path / "broken_module.py").write_text("def f(:\n")
+    with pytest.raises(UserError, match=r"importing module 'broken_module' failed: SyntaxError") as e:
+        load_reward("broken_module:function")
+    assert "\n" not in str(e.value)
