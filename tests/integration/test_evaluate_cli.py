@@ -109,8 +109,6 @@ def test_evaluate_errors_are_one_clear_line(world, tiny_sd, capsys):
     assert "1 of 12 images are missing" in capsys.readouterr().err
 
 
-@pytest.mark.fault(input="`--metrics module:function` / `--reward module:function` with the module in the current "
-                   "folder", behaviour="found without PYTHONPATH (the folder is searched after installed modules)")
 def test_a_reward_module_in_the_current_folder_needs_no_pythonpath(world, tiny_sd, monkeypatch, capsys):
     """The console script's sys.path lacks the current folder; `--metrics my_judges:fn` must still find
     ./my_judges.py, as the docs' example implies."""
