@@ -109,6 +109,28 @@ def test_evaluate_errors_are_one_clear_line(world, tiny_sd, capsys):
     assert "1 of 12 images are missing" in capsys.readouterr().err
 
 
+def test_a_reward_module_in_the_current_folder_needs_no_pythonpath(world, tiny_sd, monkeypatch, capsys):
+    """The console script's sys.path lacks the current folder; `--metrics my_judges:fn` must still find
+    ./my_judges.py, as the docs' example implies."""
+    _sample(world, tiny_sd, "base")
+    here = world / "here"
+    here.mkdir()
+    (here / "cwd_judges.py").write_text(JUDGES)
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    args = ["evaluate", "--samples", str(world / "samples"), "--out", str(world / "r"), "--quiet"]
+    try:
+        assert main([*args, "--metrics", "cwd_judges:brightness"]) == 0
+    finally:
+        sys.modules.pop("cwd_judges", None)
+    results = json.loads((world / "r" / "results.json").read_text())
+    assert results["entries"][0]["metric"] == "cwd_judges:brightness"
+    capsys.readouterr()
+    assert main([*args, "--metrics", "nowhere_judges:brightness"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no module 'nowhere_judges'" in err and err.count("\n") == 1
+
+
 def test_evaluate_samples_first_then_scores(world, tiny_sd, tmp_path):
     from diffusers import UNet2DConditionModel
 

@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--implicit-beta", type=float, default=5000.0, help="beta of the reported mean logit "
                    "(the accuracy does not depend on it)")
     g.add_argument("--implicit-max-pairs", type=int, default=None, help="use at most this many pairs")
+    g.add_argument("--implicit-vae", default=None, help="a separate VAE (hub id or folder) to encode the pairs, as "
+                   "model.vae in training; it always runs in float32, whatever --dtype")
 
 
 def _parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             implicit[spec.name] = implicit_accuracy(
                 args.base, args.pairs, lora=spec.lora, unet=spec.unet, num_timesteps=args.implicit_timesteps,
                 beta=args.implicit_beta, max_pairs=args.implicit_max_pairs, device=args.device, dtype=args.dtype,
-                seed=args.seed)
+                seed=args.seed, vae=args.implicit_vae)
             print(f"{spec.name}: implicit-reward accuracy {100 * implicit[spec.name]['accuracy']:.1f}% "
                   f"on {implicit[spec.name]['pairs']} pairs")
         if not args.prompts and not (samples_dir.is_dir() and any(samples_dir.glob("*/samples.jsonl"))):

@@ -8,17 +8,20 @@ is averaged over a FIXED set of K timesteps t_k = (k + 0.5) * T / K and one nois
 from `pair_generator(seed, k, pair_index)`; the same noise and timestep serve winner and loser, policy
 and reference. The pair is classified correctly when the averaged inside is > 0. Accuracy = the fraction
 of such pairs. beta scales inside but never changes its sign, so the accuracy does not depend on beta.
-Latents are the VAE posterior means (deterministic), times the VAE scaling factor.
+Latents are the VAE posterior means (deterministic), times the VAE scaling factor; the VAE always runs in
+float32, whatever `dtype` the UNets use. A non-finite logit stops the evaluation naming the pair: counted
+as "wrong" it would silently lower the accuracy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffusion_dpo.errors import ConfigError, ModelLoadError
+from diffusion_dpo.errors import ConfigError, ModelLoadError, NonFiniteLossError
 
 
 def fixed_timesteps(num_train_timesteps: int, k: int) -> torch.Tensor:
@@ -56,13 +59,32 @@ def _load_policy(base_spec: Any, lora: str | None, unet: str | None, dtype: torc
     return policy, Reference(freeze(load_unet(base_spec, dtype)), lora=False)
 
 
+def check_finite_logits(diff: torch.Tensor, pairs: Sequence[int], source: Any, timestep: int, dtype: str) -> None:
+    """Raise NonFiniteLossError naming the first pair whose logit term `diff` (one per pair of `pairs`) is NaN
+    or inf. `source[i]` is the pair's PairRecord (its key and prompt go into the message)."""
+    bad = (~torch.isfinite(diff)).nonzero().flatten().tolist()
+    if not bad:
+        return
+    i = pairs[bad[0]]
+    record = source[i]
+    hint = ("float16 overflowed in the UNet or text encoder: rerun with --dtype bfloat16 or float32"
+            if dtype == "float16"
+            else "look for NaN/inf in the tuned and base weights")
+    raise NonFiniteLossError(f"implicit accuracy: pair {i} (key {record.key!r}, prompt {record.prompt[:80]!r}) has a "
+                             f"non-finite DPO logit ({float(diff[bad[0]])}) at timestep {timestep}, "
+                             f"{len(bad)} of {len(pairs)} pairs in its batch; {hint}")
+
+
 @torch.no_grad()
 def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str | None = None,
                       num_timesteps: int = 8, seed: int = 0, beta: float = 5000.0, resolution: int | None = None,
                       batch_size: int = 4, max_pairs: int | None = None, device: str = "cpu",
-                      dtype: str = "float32") -> dict[str, Any]:
+                      dtype: str = "float32", vae: str | None = None) -> dict[str, Any]:
     """Accuracy of the tuned model's implicit reward on the preference pairs at `pairs` (any source
-    `diffusion_dpo.data.sources.open_source` reads: a manifest JSONL/CSV, folder pairs, Pick-a-Pic parquet)."""
+    `diffusion_dpo.data.sources.open_source` reads: a manifest JSONL/CSV, folder pairs, Pick-a-Pic parquet).
+
+    dtype: of the text encoders and UNets. vae: a separate VAE (hub id or folder), as `model.vae` in training;
+    default the base's. Raises NonFiniteLossError naming the first pair whose logit is NaN or inf."""
     from diffusion_dpo.config import DataConfig
     from diffusion_dpo.data.dataset import PairDataset, collate_pairs
     from diffusion_dpo.data.sources import open_source
@@ -77,7 +99,9 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     spec = detect_spec(base)
     scheduler = load_noise_scheduler(spec)
-    vae = load_vae(spec, torch_dtype).to(device)
+    # float32 whatever `dtype` is: SDXL's VAE overflows in float16 and its NaN latents would make every
+    # logit of the pair NaN. Each image is encoded once, so this costs little next to the 4K UNet passes.
+    autoencoder = load_vae(spec, torch.float32, vae).to(device)
     encoder = PromptEncoder(spec.family, load_text_encoders(spec, torch_dtype)).to(device)
     policy, reference = _load_policy(spec, lora, unet, torch_dtype)
     policy.to(device)
@@ -96,8 +120,8 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
         batch = collate_pairs([dataset[i] for i in idx])
         b = len(idx)
         pixels = batch["pixel_values"]  # (B, 2, 3, R, R): [:, 0] chosen, [:, 1] rejected
-        mean_w, _ = encode_images(vae, pixels[:, 0])
-        mean_l, _ = encode_images(vae, pixels[:, 1])
+        mean_w, _ = encode_images(autoencoder, pixels[:, 0])
+        mean_l, _ = encode_images(autoencoder, pixels[:, 1])
         lat_w, lat_l = mean_w * spec.vae_scaling_factor, mean_l * spec.vae_scaling_factor
         cond2 = encoder(batch["prompts"]).to(device).repeat_pairs()  # (2B, ...): same text for w and l
         time_ids = None
@@ -112,7 +136,9 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
             noisy, t2, target = noisy.to(device), t2.to(device), target.to(device)
             ref = per_sample_error(reference(lambda net: call(net, noisy, t2, cond2, time_ids), device), target)
             pol = per_sample_error(call(policy, noisy, t2, cond2, time_ids), target)
-            total += ((pol[:b] - pol[b:]) - (ref[:b] - ref[b:])).float().cpu()
+            step = ((pol[:b] - pol[b:]) - (ref[:b] - ref[b:])).float().cpu()
+            check_finite_logits(step, idx, source, t, dtype)
+            total += step
         diffs.append(total / num_timesteps)
     diff = torch.cat(diffs)
     inside = -0.5 * beta * diff  # (P,)
@@ -121,4 +147,5 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
             "mean_inside": float(inside.mean()), "beta": beta, "num_timesteps": num_timesteps,
             "timesteps": timesteps.tolist(), "noise_seed": seed, "resolution": res,
             "latents": "VAE posterior mean x scaling factor", "error": "mean over C,H,W",
-            "base": base, "lora": lora, "unet": unet, "pairs_source": source.describe()}
+            "base": base, "lora": lora, "unet": unet, "vae": vae, "vae_dtype": "float32", "unet_dtype": dtype,
+            "pairs_source": source.describe()}

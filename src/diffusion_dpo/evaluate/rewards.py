@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -429,21 +431,61 @@ def clip_bpe_tokenizer(bpe_path: str | os.PathLike | None = None):
                          unk_token="<|endoftext|>")
 
 
+# OpenAI CLIP's pixel statistics, which HPSv2's transform normalises with.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def hps_pixels(images: Sequence[Any], size: int, antialias: bool = True) -> torch.Tensor:
+    """HPSv2's evaluation transform (its open_clip fork, `image_transform(..., resize_longest_max=True)`):
+    RGB to float in [0, 1], resize the LONGEST side to `size` (bicubic, on the float tensor, so no rounding to
+    8 bits and no clamping of the overshoot), pad to a `size` x `size` square with 0 (black, before
+    normalising), the image centred and the odd pixel of padding on the right/bottom; then OpenAI CLIP mean/std.
+    Nothing is cropped. New side lengths use Python's round(), as the reference does.
+
+    antialias: torchvision >= 0.17 (what `pip install hpsv2` brings today) antialiases tensor resizes; older
+    releases did not (False reproduces those). Differences from the reference: an image whose longest side
+    is already `size` is padded here too (the reference leaves it unpadded and non-square, which its ViT
+    cannot take); RGBA is scored as RGB (the reference keeps a 4th channel its ViT cannot take either).
+    Returns (N, 3, size, size) float32."""
+    import numpy as np
+
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    out = []
+    for im in images:
+        x = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+        h, w = x.shape[1:]
+        scale = size / float(max(h, w))
+        new_h, new_w = round(h * scale), round(w * scale)
+        if (new_h, new_w) != (h, w):
+            x = torch.nn.functional.interpolate(x[None], size=(new_h, new_w), mode="bicubic", align_corners=False,
+                                                antialias=antialias)[0]
+        pad_h, pad_w = size - new_h, size - new_w  # (left, right, top, bottom): the extra pixel right/bottom
+        x = torch.nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
+        out.append((x - mean) / std)
+    return torch.stack(out)
+
+
 class HPS(RewardModel):
     """Human Preference Score v2.0 / v2.1 (Wu et al. 2023): open_clip ViT-H-14 fine-tuned on HPDv2.
     Score = cosine between image and prompt embeddings (raw, about 0.2-0.3; the HPSv2 paper reports x100).
-    The open_clip checkpoint is renamed into transformers' CLIPModel (no open_clip / torchvision needed)."""
+    The open_clip checkpoint is renamed into transformers' CLIPModel (no open_clip / torchvision needed);
+    images go through HPSv2's own transform (`hps_pixels`: longest side to 224 and pad, not crop)."""
 
     FILES = {"2.0": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}
     DEFAULT_REPO = "xswu/HPSv2"
 
     def __init__(self, source: str | None = None, device="cpu", dtype=torch.float32, version: str = "2.1",
-                 arch: dict | None = None, tokenizer: str | None = None, scale: float = 1.0, batch_size: int = 16):
-        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+                 arch: dict | None = None, tokenizer: str | None = None, scale: float = 1.0, antialias: bool = True,
+                 batch_size: int = 16):
+        from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
         device, dtype = _device_dtype(device, dtype)
         source = source or self.DEFAULT_REPO
         self.name = "hpsv21" if version == "2.1" else "hpsv2"
+        if not isinstance(antialias, bool):
+            raise UserError(f"{self.name}: antialias must be true or false, got {antialias!r}")
         flag = f"--metric {self.name}=PATH"
         weights = _fetch_file(source, self.FILES[version], f"HPS v{version} checkpoint", flag,
                               (".pt", ".pth", ".bin", ".safetensors"))
@@ -460,15 +502,15 @@ class HPS(RewardModel):
         tok = (_from_pretrained(CLIPTokenizer, tokenizer, "HPS tokenizer", flag) if tokenizer
                else clip_bpe_tokenizer())
         size = model.config.vision_config.image_size
-        # open_clip's eval transform: resize shortest side (bicubic), center crop, OpenAI CLIP mean/std
-        image_proc = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        self.clip = _ClipEmbedder(model, _Processor(image_proc, tok), device, dtype)
+        self.clip = _ClipEmbedder(model, _Processor(partial(hps_pixels, size=size, antialias=antialias), tok),
+                                  device, dtype)
         self.scale, self.batch_size = float(scale), batch_size
         self.info = {"metric": self.name, "model": f"{source} ({weights.name})", "version": f"HPS v{version}",
                      "architecture": "open_clip ViT-H-14" if arch is None else "custom (test) CLIP",
                      "scale": f"{self.scale:g} * cosine (DrawBench table: raw cosine about 0.28; HPSv2 paper: x100)",
-                     "preprocessing": f"resize shortest side {size} bicubic, center crop, OpenAI CLIP mean/std; "
-                                      f"CLIP BPE tokenizer, 77 tokens"}
+                     "preprocessing": f"HPSv2's transform: resize the longest side to {size} (bicubic"
+                                      f"{', antialiased' if antialias else ', no antialias'}), pad to a centred "
+                                      f"square with black, OpenAI CLIP mean/std; CLIP BPE tokenizer, 77 tokens"}
 
     def _score_batch(self, images, prompts):
         return self.scale * (self.clip.images(images) * self.clip.texts(prompts)).sum(-1)
@@ -476,14 +518,14 @@ class HPS(RewardModel):
 
 @dataclass
 class _Processor:
-    """Image processor + tokenizer with CLIPProcessor's call signature."""
+    """An image transform (images -> (N, 3, H, W) tensor) + tokenizer with CLIPProcessor's call signature."""
 
-    image_processor: Any
+    pixels: Callable[[list], torch.Tensor]
     tokenizer: Any
 
     def __call__(self, images=None, text=None, **kw):
         if images is not None:
-            return self.image_processor(images=images, return_tensors="pt")
+            return {"pixel_values": self.pixels(images)}
         return self.tokenizer(text, **kw)
 
 
@@ -621,12 +663,36 @@ class CallableReward(RewardModel):
         return t
 
 
+def _import_user_module(name: str) -> Any:
+    """importlib.import_module, then, if the top-level module is not found, once more with the current folder
+    on sys.path: `python -m` puts it there but the `diffusion-dpo` console script does not, and the docs'
+    `--reward my_rewards:fn` means ./my_rewards.py. Appended last, so it never shadows an installed module."""
+    top = name.split(".")[0]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        cwd = os.getcwd()
+        if err.name != top or cwd in sys.path or not (Path(top + ".py").is_file() or Path(top).is_dir()):
+            raise
+        sys.path.append(cwd)
+        importlib.invalidate_caches()
+        return importlib.import_module(name)
+
+
 def _import_callable(spec: str) -> Callable:
     module_name, _, attr = spec.partition(":")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UserError(f"reward {spec!r}: cannot import module {module_name!r}: {err}") from err
+        module = _import_user_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise UserError(f"reward {spec!r}: importing module {module_name!r} failed: {err}") from err
+        raise UserError(f"reward {spec!r}: no module {err.name!r} on the Python path or in the current folder "
+                        f"{os.getcwd()}; check the name, run from the folder that holds it, or add that folder "
+                        f"to PYTHONPATH") from err
+    except Exception as err:  # the user's module raised while importing (SyntaxError, a missing dependency...)
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise UserError(f"reward {spec!r}: importing module {module_name!r} failed: {type(err).__name__}: "
+                        f"{first}") from err
     fn = module
     for part in attr.split("."):
         if part not in vars(fn):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from diffusion_dpo.errors import ModelLoadError, UserError
-from diffusion_dpo.evaluate.rewards import REWARDS, RewardModel, clip_bpe_tokenizer, load_reward
+from diffusion_dpo.evaluate.rewards import (CLIP_MEAN, CLIP_STD, REWARDS, RewardModel, clip_bpe_tokenizer,
+                                            hps_pixels, load_reward)
 
 PROMPTS = ["a red cat", "a photo of a dog", "a cat", "a red dog"]
 
@@ -81,13 +82,11 @@ def test_hps_loads_open_clip_checkpoint_and_matches_the_source_model(tiny_hps, h
     HPS_TINY_ARCH = hps_tiny_arch
     path, ref = tiny_hps
     reward = load_reward(f"hpsv21={path}", arch=HPS_TINY_ARCH)
-    scores = reward.score(tiny_images, PROMPTS)
+    images = [im.crop((0, 0, 40, 25 + 5 * k)) for k, im in enumerate(tiny_images)]  # 40x25 ... 40x40
+    scores = reward.score(images, PROMPTS)
     _check(scores)
     tok = clip_bpe_tokenizer()
-    from transformers import CLIPImageProcessor
-
-    pixels = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})(
-        images=tiny_images, return_tensors="pt")["pixel_values"]
+    pixels = hps_pixels(images, 32)  # HPSv2's transform, checked by hand below
     ids = tok(PROMPTS, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         i = ref.visual_projection(ref.vision_model(pixel_values=pixels).pooler_output)
@@ -96,6 +95,48 @@ def test_hps_loads_open_clip_checkpoint_and_matches_the_source_model(tiny_hps, h
     torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-5)
     assert reward.name == "hpsv21" and reward.info["version"] == "HPS v2.1"
     assert load_reward(f"hpsv2={path}", arch=HPS_TINY_ARCH).info["version"] == "HPS v2.0"
+
+
+def _normalised(rgb01: torch.Tensor) -> torch.Tensor:
+    """(3, ...) values in [0, 1] -> OpenAI CLIP normalised, channel by channel."""
+    shape = (3,) + (1,) * (rgb01.ndim - 1)
+    return (rgb01 - torch.tensor(CLIP_MEAN).view(shape)) / torch.tensor(CLIP_STD).view(shape)
+
+
+@pytest.mark.parametrize(("width", "height", "rows", "cols"), [
+    (40, 21, (7, 24), (0, 32)),   # wide: 0.8 x -> 32 x round(16.8) = 17 rows; 15 rows of padding: 7 above, 8 below
+    (21, 40, (0, 32), (7, 24)),   # tall: the same, padded left 7 and right 8
+    (7, 10, (0, 32), (5, 27)),    # small, upscaled 3.2 x -> 22 x 32; 10 columns of padding, 5 each side
+])
+def test_hps_pixels_resize_the_longest_side_and_pad_never_crop(width, height, rows, cols):
+    """HPSv2's transform on a flat-colour non-square image, expected tensor built by hand: the colour where the
+    resized image lies (a flat image stays flat under bicubic), black (0 before normalising) in the padding."""
+    from PIL import Image
+
+    color = (200, 30, 90)
+    pixels = hps_pixels([Image.new("RGB", (width, height), color)], 32)
+    expected = _normalised(torch.zeros(3, 32, 32))
+    expected[:, rows[0]:rows[1], cols[0]:cols[1]] = _normalised(torch.tensor(color) / 255.0).view(3, 1, 1)
+    assert pixels.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(pixels[0], expected, rtol=0, atol=1e-5)
+
+
+def test_hps_pixels_interpolate_bicubic_antialiased_on_floats():
+    """A random 50x30 image: the content is PIL's bicubic resize (antialiased, a = -0.5, the filter torchvision
+    >= 0.17 applies to tensors) of each channel as float32 in [0, 1], placed at rows 6..24 of 32 (0.64 x 30 =
+    19.2 -> 19 rows; 13 rows of padding: 6 above, 7 below); antialias=False gives other values."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb)
+    channels = [np.asarray(Image.fromarray(rgb[..., c].astype(np.float32) / 255, mode="F").resize((32, 19),
+                                                                                                 Image.BICUBIC))
+                for c in range(3)]
+    expected = torch.zeros(3, 32, 32)
+    expected[:, 6:25] = torch.from_numpy(np.stack(channels))
+    torch.testing.assert_close(hps_pixels([image], 32)[0], _normalised(expected), rtol=0, atol=1e-5)
+    assert (hps_pixels([image], 32, antialias=False) - hps_pixels([image], 32)).abs().max() > 0.05
 
 
 def test_hps_rejects_a_checkpoint_of_the_wrong_architecture(tiny_hps):
@@ -185,3 +226,48 @@ def test_missing_weights_offline_is_a_clear_error(name, monkeypatch):
 def test_missing_local_folder_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_reward("pickscore=/nonexistent/pickscore")
+
+
+@pytest.fixture
+def no_cwd_on_path(monkeypatch):
+    """sys.path as the `diffusion-dpo` console script sees it: without the current folder ('' or its path)."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    yield
+    for name in [m for m in sys.modules if m.split(".")[0] in ("my_module", "my_pkg", "broken_module")]:
+        del sys.modules[name]
+
+
+def test_a_module_in_the_current_folder_is_found_without_pythonpath(tmp_path, monkeypatch, no_cwd_on_path,
+                                                                    tiny_images):
+    (tmp_path / "my_module.py").write_text("def function(images, prompts):\n    return [2.0] * len(images)\n")
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    (tmp_path / "my_pkg" / "judges.py").write_text("def const(images, prompts):\n    return [3.0] * len(images)\n")
+    monkeypatch.chdir(tmp_path)
+    assert str(tmp_path) not in sys.path
+    assert load_reward("my_module:function").score(tiny_images, PROMPTS).tolist() == [2.0] * 4
+    assert load_reward("my_pkg.judges:const").score(tiny_images, PROMPTS).tolist() == [3.0] * 4
+    assert sys.path[-1] == str(tmp_path)  # appended last: the folder never shadows an installed module
+
+
+@pytest.mark.fault(input="`--reward module:function` naming a module that does not exist",
+                   behaviour="exit 2: `no module 'x' on the Python path or in the current folder ...`")
+@pytest.mark.fault(input="`--reward module:function` whose module fails to import (syntax error, missing dependency)",
+                   behaviour="exit 2: names the module and the first line of its error")
+def test_a_missing_or_broken_reward_module_is_one_clear_line(tmp_path, monkeypatch, no_cwd_on_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"no module 'no_such_module' on the Python path or in the current folder") as e:
+        load_reward("no_such_module:function")
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value)
+    (tmp_path / "my_pkg").mkdir()
+    (tmp_path / "my_pkg" / "__init__.py").write_text("")
+    with pytest.raises(UserError, match=r"no module 'my_pkg.nope'"):
+        load_reward("my_pkg.nope:function")
+    (tmp_path / "broken_module.py").write_text("import numpy_that_is_not_installed\n")
+    with pytest.raises(UserError, match=r"importing module 'broken_module' failed: No module named "
+                                        r"'numpy_that_is_not_installed'"):
+        load_reward("broken_module:function")
+    (tmp_path / "broken_module.py").write_text("def f(:\n")
+    with pytest.raises(UserError, match=r"importing module 'broken_module' failed: SyntaxError") as e:
+        load_reward("broken_module:function")
+    assert "\n" not in str(e.value)
