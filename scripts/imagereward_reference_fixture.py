@@ -103,9 +103,16 @@ PAIRS = [(0, "portrait_48x64.png"), (1, "landscape_62x40.png"), (2, "square_224.
          (4, "gray_50x70.png"), (5, "portrait_48x64.png"), (0, "landscape_62x40.png")]
 
 
+# Parameters that write into the ViT's residual stream: scaled by 1e-3 so that every LayerNorm of the ViT
+# sees inputs of variance about 1e-6, where its epsilon (1e-6 in BLIP's ViT, 1e-5 in transformers' default)
+# changes the output; at O(1) activations a wrong epsilon would hide below the test's tolerance.
+VIT_RESIDUAL = ("cls_token", "pos_embed", "patch_embed.proj.", "attn.proj.", "mlp.fc2.")
+
+
 def _randomize(model: torch.nn.Module) -> None:
     """Redraw every parameter: matrices ~ N(0, 1/fan_in) (keeps activations O(1) through the linear MLP
-    head), LayerNorm weights 1 + N(0, 0.1), biases N(0, 0.1), class/position embeddings N(0, 0.5)."""
+    head), LayerNorm weights 1 + N(0, 0.1), biases N(0, 0.1), class/position embeddings N(0, 0.5); the
+    ViT's residual-stream writers (VIT_RESIDUAL) 1000 times smaller."""
     g = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -118,6 +125,8 @@ def _randomize(model: torch.nn.Module) -> None:
                 p.copy_(1 + 0.1 * r)
             else:
                 p.copy_(0.1 * r)
+            if name.startswith("blip.visual_encoder.") and any(part in name for part in VIT_RESIDUAL):
+                p.mul_(1e-3)
 
 
 def main() -> int:
