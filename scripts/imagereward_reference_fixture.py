@@ -19,16 +19,17 @@ scores each (prompt, image) pair with `ImageReward.score`, one pair at a time as
 It cannot run in the project's venv (image-reward needs transformers 4.x, timm 0.6, fairscale). Regenerate:
 
     python3 -m venv /tmp/irvenv
-    /tmp/irvenv/bin/pip install torch==2.13.0                      # the local CPU wheel
+    /tmp/irvenv/bin/pip install torch==2.13.0   # CPU wheel (here a local one; elsewhere --index-url .../whl/cpu)
     /tmp/irvenv/bin/pip install --no-deps torchvision==0.28.0 timm==0.6.13 image-reward==1.5
     /tmp/irvenv/bin/pip install --no-deps --no-build-isolation fairscale==0.4.13
     /tmp/irvenv/bin/pip install transformers==4.36.2 pillow safetensors "numpy<2"
     /tmp/irvenv/bin/python scripts/imagereward_reference_fixture.py  # writes tests/fixtures/imagereward/
 
 The package's __init__ files (ReFL trainer, CLIP and aesthetic scorers) are bypassed; see
-_import_package_without_init. The torchvision wheel on PyPI is a CUDA build whose C extension does not load beside the CPU torch; its
-import then fails while registering fake kernels for two detection ops. Only the PIL transforms are used
-here, so the two op schemas are declared (never executed) before importing torchvision when needed.
+_import_package_without_init. The torchvision wheel on PyPI is a CUDA build whose C extension does not
+load beside the CPU torch; its import then fails while registering fake kernels for two detection ops.
+Only the PIL transforms are used here, so the two op schemas are declared (never executed) before
+importing torchvision when needed. The output is deterministic: rerunning rewrites identical files.
 """
 
 from __future__ import annotations

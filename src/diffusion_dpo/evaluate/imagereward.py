@@ -136,13 +136,12 @@ def _text_config(med_config: Path, vision_width: int) -> Any:
                           eos_token_id=None, sep_token_id=None)
 
 
-def _load_into(module: torch.nn.Module, sd: dict, what: str, weights: Path, ignore: tuple[str, ...] = ()) -> None:
+def _load_into(module: torch.nn.Module, sd: dict, what: str, weights: Path) -> None:
     try:
         missing, unexpected = module.load_state_dict(sd, strict=False)
     except RuntimeError as err:  # shape mismatches
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise ModelLoadError(f"{weights}: does not fit the {what}: {lines[1] if len(lines) > 1 else lines[0]}") from err
-    missing = [k for k in missing if not k.endswith(ignore)]
     if missing or unexpected:
         raise ModelLoadError(f"{weights}: does not fit the {what}: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
@@ -169,17 +168,18 @@ class ImageReward(RewardModel):
 
         arch = "custom (test) ViT" if vision_config else "BLIP ViT-L/16"
         vision_cfg = BlipVisionConfig(**{**VIT_L_16, **(vision_config or {})})
-        width = vision_sd.get("embeddings.class_embedding", torch.zeros(0)).shape[-1:]
+        cls_token = vision_sd.get("embeddings.class_embedding")
+        width = None if cls_token is None else cls_token.shape[-1]
         depth = len({k.split(".")[2] for k in vision_sd if k.startswith("encoder.layers.")})
-        if (tuple(width), depth) != ((vision_cfg.hidden_size,), vision_cfg.num_hidden_layers):
+        if (width, depth) != (vision_cfg.hidden_size, vision_cfg.num_hidden_layers):
             # checked before building the model: a ViT-L takes seconds to initialise
-            raise ModelLoadError(f"{weights}: does not fit the {arch}: the checkpoint's ViT has width {tuple(width)} "
-                                 f"and {depth} layers, the {arch} {vision_cfg.hidden_size} and "
+            raise ModelLoadError(f"{weights}: does not fit the {arch}: the checkpoint's ViT has width {width} and "
+                                 f"{depth} layers, the {arch} {vision_cfg.hidden_size} and "
                                  f"{vision_cfg.num_hidden_layers}")
         self.vision = BlipVisionModel(vision_cfg)
         _load_into(self.vision, vision_sd, arch, weights)
         self.text = BlipTextModel(_text_config(config_path, vision_cfg.hidden_size), add_pooling_layer=False)
-        _load_into(self.text, text_sd, f"BERT of {config_path}", weights, ignore=("position_ids",))
+        _load_into(self.text, text_sd, f"BERT of {config_path}", weights)
         if "layers.0.weight" not in head_sd:
             raise ModelLoadError(f"{weights}: no MLP head (mlp.layers.0.weight): not an ImageReward checkpoint")
         self.mlp = AestheticMLP(head_sd["layers.0.weight"].shape[1])  # the same 5-linear head, other weights
@@ -193,7 +193,7 @@ class ImageReward(RewardModel):
         tok_source = tokenizer or (str(weights.parent) if local_tok else DEFAULT_TOKENIZER)
         self.tokenizer = _from_pretrained(BertTokenizer, tok_source, "ImageReward tokenizer (BERT uncased)",
                                           "--metric-option imagereward.tokenizer=PATH")
-        # BLIP's init_tokenizer: ids vocab and vocab+1 (only a prompt spelling them out can reach them)
+        # as BLIP's init_tokenizer (ids 30522 and 30523 in the release); only a prompt that spells them out uses them
         self.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
         if len(self.tokenizer) > self.text.config.vocab_size:
             raise ModelLoadError(f"ImageReward tokenizer {tok_source}: {len(self.tokenizer)} tokens but the checkpoint "
