@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "if present, else the first model)")
     parser.add_argument("--metrics", default=DEFAULT_METRICS,
                         help="comma-separated metrics: names (pickscore, pickscore_cosine, hpsv2, hpsv21, aesthetic, "
-                             "clip, text_alignment), name=SOURCE (local folder/file or hub id) or module:function "
-                             f"(default {DEFAULT_METRICS})")
+                             "clip, text_alignment, imagereward), name=SOURCE (local folder/file or hub id) or "
+                             f"module:function (default {DEFAULT_METRICS})")
     parser.add_argument("--metric-option", action="append", default=[], metavar="METRIC.KEY=VALUE",
                         help="scorer option, e.g. aesthetic.clip=/models/clip-l14, clip.scale=1, "
                              "text_alignment.captioner=/models/llava (repeatable; VALUE parsed as JSON if it can be)")

@@ -707,8 +707,14 @@ def _import_callable(spec: str) -> Callable:
 # The closed name table and the public entry point
 # ------------------------------------------------------------------------------------------------
 
+def _imagereward(**kwargs: Any) -> RewardModel:
+    from diffusion_dpo.evaluate.imagereward import ImageReward  # its own module, which imports this one
+
+    return ImageReward(**kwargs)
+
+
 # name -> (constructor, fixed keyword arguments, one-line description)
-REWARDS: dict[str, tuple[type[RewardModel], dict[str, Any], str]] = {
+REWARDS: dict[str, tuple[Callable[..., RewardModel], dict[str, Any], str]] = {
     "pickscore": (PickScore, {"scale": "logit"}, "PickScore v1, logit_scale.exp() * cosine (as papers report)"),
     "pickscore_cosine": (PickScore, {"scale": "cosine"}, "PickScore v1, raw cosine (official Diffusion-DPO code)"),
     "hpsv2": (HPS, {"version": "2.0"}, "HPS v2.0, raw cosine (x100 in the HPSv2 paper)"),
@@ -716,6 +722,7 @@ REWARDS: dict[str, tuple[type[RewardModel], dict[str, Any], str]] = {
     "aesthetic": (Aesthetic, {}, "LAION aesthetic predictor v2 on CLIP ViT-L/14, scale about 1-10"),
     "clip": (ClipScore, {}, "CLIP score, max(100 * cosine, 0) with OpenAI CLIP ViT-L/14 (torchmetrics)"),
     "text_alignment": (TextAlignment, {}, "caption + sentence-transformers cosine (DrawBench table recipe)"),
+    "imagereward": (_imagereward, {}, "ImageReward v1.0 (BLIP + BERT cross-encoder), (mlp - 0.167) / 1.033"),
 }
 
 

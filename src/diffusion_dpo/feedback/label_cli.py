@@ -17,8 +17,8 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("judge")
     g.add_argument("--reward", action="append", required=True, metavar="SPEC",
                    help="reward model: a name (pickscore, pickscore_cosine, hpsv2, hpsv21, aesthetic, clip, "
-                        "text_alignment), name=LOCAL_PATH, or module:function (images, prompts) -> scores; "
-                        "repeat for a weighted ensemble")
+                        "text_alignment, imagereward), name=LOCAL_PATH, or module:function (images, prompts) -> "
+                        "scores; repeat for a weighted ensemble")
     g.add_argument("--weights", type=lambda s: [float(x) for x in s.split(",")], default=None,
                    help="comma-separated weight per --reward (default 1 each); the ensemble score is the weighted "
                         "sum of raw scores")
