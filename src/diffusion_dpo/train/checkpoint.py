@@ -119,7 +119,8 @@ def read(path: Path) -> Checkpoint:
         try:
             return reader(path / name)
         except Exception as err:  # any failure to read a file (truncated, garbled, missing) makes it unusable
-            raise CheckpointError(f"{path / name} cannot be read ({type(err).__name__}: {err})") from err
+            why = (str(err).strip().splitlines() or [""])[0][:160]  # one line: torch's messages run to paragraphs
+            raise CheckpointError(f"{path / name} cannot be read ({type(err).__name__}: {why})") from err
 
     def pt(p: Path):
         return torch.load(p, weights_only=True, map_location="cpu")
