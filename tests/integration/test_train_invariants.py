@@ -210,3 +210,49 @@ def test_lean_autograd_changes_nothing_but_saved_activations(tmp_path, tiny_sd, 
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture
+def fp16_accelerator():
+    """An fp16 Accelerator with torch's CPU GradScaler. accelerate builds a scaler only on GPUs; with this one
+    acc.backward scales the loss, clip_grad_norm_ unscales, the optimizer wrapper runs scaler.step + update,
+    and acc.autocast() is torch.autocast("cpu", float16): the fp16 code path of a GPU run, on a CPU."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    def make():
+        AcceleratorState._reset_state(True)
+        acc = Accelerator(mixed_precision="fp16", cpu=True)
+        # 2^8, not the default 2^16: this tiny UNet's fp16 gradients overflow at 2^16 by themselves, and the test
+        # wants exactly one overflow, where it puts it
+        acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8), True
+        return acc
+
+    yield make
+    AcceleratorState._reset_state(True)  # later tests build their own (fp32) accelerator
+
+
+@pytest.mark.parametrize("on_nonfinite", ["stop", "skip"])
+def test_fp16_overflow_skips_the_step_lowers_the_scale_and_continues(tmp_path, tiny_sd, data, fp16_accelerator,
+                                                                     on_nonfinite):
+    cfg = _cfg(tiny_sd, data, tmp_path, "train.batch_size=2", "train.mixed_precision=fp16", "train.checkpoint_every=1",
+               "train.max_steps=3", f"train.on_nonfinite={on_nonfinite}")
+    t = Trainer(cfg, accelerator=fp16_accelerator(), progress=False).setup()
+    assert t.accelerator.scaler.get_scale() == 2.0 ** 8
+    lora_b = next(p for n, p in t.unet.named_parameters() if "lora_B" in n)
+    # step 2's scaled gradient overflows (inf), as fp16 gradients do when the loss scale is too high
+    lora_b.register_hook(lambda g: torch.full_like(g, float("inf")) if t.step == 1 else g)
+    summary = t.train()
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # the run went on
+    assert [r["overflow_steps"] for r in rows] == [0, 1, 1] and summary["overflow_steps"] == 1
+    assert [r["loss_scale"] for r in rows] == [2.0 ** 8, 2.0 ** 7, 2.0 ** 7]  # halved once
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 0]  # an overflow is not a non-finite loss
+    assert [r["trained_pairs"] for r in rows] == [2, 2, 4]
+    assert rows[1]["lr"] == rows[0]["lr"] != rows[2]["lr"]  # the skipped update did not advance the schedule
+    ck = [load_file(str(tmp_path / "checkpoints" / f"checkpoint-{s}" / "trainable.safetensors")) for s in (1, 2, 3)]
+    assert all(torch.equal(ck[0][k], ck[1][k]) for k in ck[0])  # step 2 changed nothing
+    assert not all(torch.equal(ck[1][k], ck[2][k]) for k in ck[1])  # step 3 did
+    # the loss scale is part of the checkpoint: a resumed run continues with 2^7, not 2^8
+    again = Trainer(cfg, accelerator=fp16_accelerator(), progress=False).setup()
+    assert again.step == 3 and again.accelerator.scaler.get_scale() == 2.0 ** 7
