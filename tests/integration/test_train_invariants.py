@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 from diffusion_dpo.config import load_config
 from diffusion_dpo.data.synthetic import write_manifest
-from diffusion_dpo.errors import NonFiniteLossError
+from diffusion_dpo.errors import NonFiniteLossError, TrainingInterrupted
 from diffusion_dpo.train import trainer as trainer_mod
 from diffusion_dpo.train.trainer import Trainer, train
 
@@ -25,12 +26,15 @@ def data(tmp_path_factory):
     return write_manifest(tmp_path_factory.mktemp("inv"), n=8)
 
 
+def _overrides(model, source, out, *extra) -> list[str]:
+    return [f"model.pretrained={model}", f"data.source={source}", "data.resolution=32", "data.random_flip=true",
+            "data.crop=random", "data.caption_dropout=0.25", "train.max_steps=4", "train.learning_rate=1e-3",
+            "train.checkpoint_every=2", "train.lr_scheduler=linear", "train.warmup_steps=1", "lora.rank=4",
+            "lora.dropout=0.0", "output.report_to=none", f"output.dir={out}", *extra]
+
+
 def _cfg(model, source, out, *extra):
-    return load_config(None, [f"model.pretrained={model}", f"data.source={source}", "data.resolution=32",
-                              "data.random_flip=true", "data.crop=random", "data.caption_dropout=0.25",
-                              "train.max_steps=4", "train.learning_rate=1e-3", "train.checkpoint_every=2",
-                              "train.lr_scheduler=linear", "train.warmup_steps=1", "lora.rank=4", "lora.dropout=0.0",
-                              "output.report_to=none", f"output.dir={out}", *extra])
+    return load_config(None, _overrides(model, source, out, *extra))
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -89,6 +93,48 @@ def test_resumed_run_equals_uninterrupted(tmp_path, tiny_sd, data, uninterrupted
     summary = train(_cfg(tiny_sd, data, resumed, *RESUME))
     assert summary["steps_this_run"] == 2  # continued from checkpoint-2, did not start over
     _assert_same_run(uninterrupted, resumed)
+
+
+@pytest.mark.fault(input="SIGTERM (or Ctrl-C) during training",
+                   behaviour="checkpoint at the end of the step, exit 2: one line naming it; a rerun resumes exactly")
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(tmp_path, tiny_sd, data, uninterrupted, monkeypatch,
+                                                                  capsys):
+    from diffusion_dpo.cli import main
+
+    out = tmp_path / "stopped"
+    original = Trainer.micro_step
+
+    def terminated_during_step_3(self, raw):
+        if self.step == 2 and self.stop.received is None:  # once: a second signal means "stop now"
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, raw)
+
+    monkeypatch.setattr(Trainer, "micro_step", terminated_during_step_3)
+    assert main(["train", *_overrides(tiny_sd, data, out, *RESUME)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"error: stopped by SIGTERM after step 3; rerun the same command to resume "
+                                            f"from {out / 'checkpoints' / 'checkpoint-3'}")
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]  # step 3 finished before stopping
+    monkeypatch.setattr(Trainer, "micro_step", original)
+    assert train(_cfg(tiny_sd, data, out, *RESUME))["steps_this_run"] == 1
+    _assert_same_run(uninterrupted, out)
+
+
+def test_second_ctrl_c_stops_at_once_naming_the_last_checkpoint(tmp_path, tiny_sd, data, monkeypatch):
+    original = Trainer.micro_step
+
+    def ctrl_c_twice_in_step_3(self, raw):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # stop after this step...
+            os.kill(os.getpid(), signal.SIGINT)  # ...no, now
+        return original(self, raw)
+
+    monkeypatch.setattr(Trainer, "micro_step", ctrl_c_twice_in_step_3)
+    out = tmp_path / "o"
+    with pytest.raises(TrainingInterrupted, match=f"during step 3; .* resume from {out / 'checkpoints' / 'checkpoint-2'}"):
+        train(_cfg(tiny_sd, data, out, "train.batch_size=2"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
 
 
 def _accumulated_grads(model, source, out, batch_size, accumulation):

@@ -248,7 +248,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Run to train.max_steps; the main process also logs to output.dir/train.log. Ctrl-C / SIGTERM stop
         at the next step boundary with a checkpoint (TrainingInterrupted); a second one stops at once."""
-        handler = None
+        handler, self.bar = None, None
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(self.out / "train.log")
@@ -264,6 +264,8 @@ class Trainer:
             where = f"rerun the same command to resume from {last}" if last else "no checkpoint yet: a rerun starts over"
             raise TrainingInterrupted(f"interrupted during step {self.step + 1}; {where}") from None
         finally:
+            if self.bar is not None:
+                self.bar.close()  # end the progress line before an error is printed after it
             if handler is not None:
                 log.removeHandler(handler)
                 handler.close()
@@ -279,7 +281,7 @@ class Trainer:
                 acc.init_trackers("diffusion-dpo", config=_flat(to_dict(cfg)))
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.is_main and self.progress),
+        self.bar = bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.is_main and self.progress),
                    desc=cfg.train.method, dynamic_ncols=True)
         batches = iter(self.loader)
         if self.resume_rng is not None:
@@ -339,7 +341,6 @@ class Trainer:
                 bar.update(1)
             self.check_something_trained(epoch_done=self.step * ga >= self.sampler.per_epoch)
             if stop and self.step < cfg.train.max_steps:
-                bar.close()
                 self.save_checkpoint()
                 raise TrainingInterrupted(f"stopped by {self.stop.received or 'a signal'} after step {self.step}; "
                                           f"rerun the same command to resume from {ckpt.latest(self.out / 'checkpoints')}")
