@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +24,7 @@ from diffusion_dpo.models.loading import (DTYPES, detect_spec, load_noise_schedu
                                           load_vae, spec_dict)
 from diffusion_dpo.train import checkpoint as ckpt
 from diffusion_dpo.train.interrupt import StopSignals
-from diffusion_dpo.train.optim import build_lr_scheduler, build_optimizer
+from diffusion_dpo.train.optim import apply_gradients, build_lr_scheduler, build_optimizer
 from diffusion_dpo.train.sampler import PairBatchSampler
 from diffusion_dpo.train.step import PairBatch, UNetCaller, preference_step
 
@@ -261,7 +260,7 @@ class Trainer:
                 return self._train()
         except KeyboardInterrupt:
             last = ckpt.latest(self.out / "checkpoints")
-            where = f"rerun the same command to resume from {last}" if last else "no checkpoint yet: a rerun starts over"
+            where = f"rerun the same command to resume from {last}" if last else "no checkpoint yet, a rerun starts over"
             raise TrainingInterrupted(f"interrupted during step {self.step + 1}; {where}") from None
         finally:
             if self.bar is not None:
@@ -281,8 +280,8 @@ class Trainer:
                 acc.init_trackers("diffusion-dpo", config=_flat(to_dict(cfg)))
         from tqdm.auto import tqdm
 
-        self.bar = bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.is_main and self.progress),
-                   desc=cfg.train.method, dynamic_ncols=True)
+        self.bar = bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=cfg.train.method, dynamic_ncols=True,
+                              disable=not (self.is_main and self.progress))
         batches = iter(self.loader)
         if self.resume_rng is not None:
             ckpt.restore_rng(self.resume_rng)  # after iter(): see setup step 6
@@ -310,7 +309,8 @@ class Trainer:
                                              device=self.device), "sum").tolist()
             pairs, stop = int(totals[0]), totals[2] > 0
             self.counts["skipped_pairs"] += int(totals[1])
-            grad_norm, outcome = self.optimizer_step(metrics)
+            grad_norm, outcome = apply_gradients(acc, self.optimizer, self.lr_scheduler, self.params,
+                                                 cfg.train.max_grad_norm, metrics)
             if outcome == "nonfinite":
                 if cfg.train.on_nonfinite == "stop":
                     raise NonFiniteLossError(
@@ -342,8 +342,9 @@ class Trainer:
             self.check_something_trained(epoch_done=self.step * ga >= self.sampler.per_epoch)
             if stop and self.step < cfg.train.max_steps:
                 self.save_checkpoint()
+                last = ckpt.latest(self.out / "checkpoints")
                 raise TrainingInterrupted(f"stopped by {self.stop.received or 'a signal'} after step {self.step}; "
-                                          f"rerun the same command to resume from {ckpt.latest(self.out / 'checkpoints')}")
+                                          f"rerun the same command to resume from {last}")
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.max_steps:
                 self.save_checkpoint()
         bar.close()
@@ -356,43 +357,13 @@ class Trainer:
         log.info("finished: %s", json.dumps(summary))
         return summary
 
-    def optimizer_step(self, metrics: dict[str, float]) -> tuple[float, str]:
-        """Clip and apply the accumulated gradients once. Returns (grad norm, outcome): 'applied'; 'nonfinite'
-        (a NaN/inf loss, or gradient without fp16 loss scaling: the caller applies train.on_nonfinite); or
-        'overflow' (fp16: the scaled gradients overflowed, so GradScaler skipped the update and lowered its
-        scale, as every fp16 trainer does). `metrics` are already reduced, so every process agrees."""
-        cfg, acc = self.cfg.train, self.accelerator
-        scaler = acc.scaler  # a GradScaler under fp16 mixed precision, else None
-        if not all(math.isfinite(v) for v in metrics.values()):
-            self.optimizer.zero_grad(set_to_none=True)  # nothing unscaled yet, so the scaler is left as it was
-            return float("nan"), "nonfinite"
-        if cfg.max_grad_norm is not None:
-            grad_norm = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm))  # unscales fp16 gradients first
-        else:
-            acc.unscale_gradients()  # no-op without a scaler; with one, the norm below is of the true gradients
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
-        if scaler is not None:
-            # Once gradients are unscaled the scaler must see this step (scaler.step + update run inside): that is
-            # where it skips an overflowed update and halves its scale; skipping it here instead would leave the
-            # scale unchanged and make the next unscale_ raise.
-            self.optimizer.step()
-            outcome = "overflow" if self.optimizer.step_was_skipped else "applied"
-        elif math.isfinite(grad_norm):
-            self.optimizer.step()
-            outcome = "applied"
-        else:
-            outcome = "nonfinite"
-        if outcome == "applied":  # as accelerate's scheduler wrapper: a skipped update does not advance the schedule
-            self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, outcome
-
     def check_something_trained(self, epoch_done: bool) -> None:
         """A run (or a whole pass over the data) that trained no pair must fail, not report success."""
         c = self.counts
         if not epoch_done or c["trained_pairs"] > 0:
             return
-        message = (f"no pair was trained in {self.step} steps over {len(self.dataset)} pairs of {self.cfg.data.source}: "
+        message = (f"no pair was trained in {self.step} steps over {len(self.dataset)} pairs of "
+                   f"{self.cfg.data.source}: "
                    f"{c['skipped_pairs']} pairs skipped as corrupt, {c['skipped_steps']} steps skipped as non-finite, "
                    f"{c['overflow_steps']} fp16 overflows (see {self.out / 'train.log'})")
         raise (DataError if c["skipped_pairs"] else NonFiniteLossError)(message)
