@@ -60,3 +60,16 @@ def test_resume_with_another_lora_rank_is_one_line(tmp_path, tiny_sd, capsys):
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: checkpoint ") and "lora.rank=4 there, 8 here" in last
+
+
+@pytest.mark.fault(input="Ctrl-C while models and data load", behaviour="exit 2: one line, where a rerun starts")
+def test_ctrl_c_during_setup_is_one_line(tmp_path, tiny_sd, monkeypatch, capsys):
+    source = write_manifest(tmp_path / "data", n=4)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_mod, "load_unet", ctrl_c)
+    assert main(_args(tiny_sd, source, tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "error: interrupted while loading models and data; rerun the same command to start"

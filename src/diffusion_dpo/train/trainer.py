@@ -339,7 +339,7 @@ class Trainer:
                     acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "implicit_acc", "grad_norm") if k in record})
                 bar.update(1)
-            self.check_something_trained(epoch_done=self.step * ga >= self.sampler.per_epoch)
+            self.check_something_trained(run_done=False)
             if stop and self.step < cfg.train.max_steps:
                 self.save_checkpoint()
                 last = ckpt.latest(self.out / "checkpoints")
@@ -350,17 +350,19 @@ class Trainer:
         bar.close()
         self.save_checkpoint()
         acc.wait_for_everyone()
-        self.check_something_trained(epoch_done=True)
+        self.check_something_trained(run_done=True)
         elapsed = time.perf_counter() - t0
         summary = self.save_outputs(history, elapsed, self.step - start_step)
         acc.end_training()
         log.info("finished: %s", json.dumps(summary))
         return summary
 
-    def check_something_trained(self, epoch_done: bool) -> None:
-        """A run (or a whole pass over the data) that trained no pair must fail, not report success."""
+    def check_something_trained(self, run_done: bool) -> None:
+        """A run that trained no pair must fail, not report success; so must a whole pass over the data (every
+        pair corrupt, say), unless fp16 overflows say the loss scale is still settling."""
         c = self.counts
-        if not epoch_done or c["trained_pairs"] > 0:
+        epoch_done = self.step * self.cfg.train.gradient_accumulation >= self.sampler.per_epoch
+        if c["trained_pairs"] > 0 or not (run_done or (epoch_done and c["overflow_steps"] == 0)):
             return
         message = (f"no pair was trained in {self.step} steps over {len(self.dataset)} pairs of "
                    f"{self.cfg.data.source}: "
@@ -402,4 +404,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Python entry point: `diffusion_dpo.train.trainer.train(load_config(path, overrides))`."""
-    return Trainer(cfg, progress=progress).setup().train()
+    try:
+        trainer = Trainer(cfg, progress=progress).setup()
+    except KeyboardInterrupt:  # loading large models can take minutes: Ctrl-C there is one line too
+        last = ckpt.latest(Path(cfg.output.dir) / "checkpoints")
+        raise TrainingInterrupted("interrupted while loading models and data; rerun the same command to "
+                                  + (f"resume from {last}" if last else "start")) from None
+    return trainer.train()
