@@ -38,9 +38,13 @@ _SHAPE_KEYS = (("train", "finetune"), ("lora", "rank"), ("lora", "target_modules
 def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))
+    found = [(step_of(p), p) for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)
              and (p / "trainer_state.json").is_file()]
     return [p for _, p in sorted(found)]
+
+
+def step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
 
 
 def _finish_swaps(root: Path) -> None:
@@ -68,7 +72,8 @@ def save(root: Path, step: int, model, optimizer, lr_scheduler, cfg, extra: dict
     _finish_swaps(root)
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for partial in root.glob(".tmp-checkpoint-*"):  # left by a save that was killed: never a valid checkpoint
+        shutil.rmtree(partial)
     tmp.mkdir()
     trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, str(tmp / "trainable.safetensors"))
@@ -92,8 +97,15 @@ def save(root: Path, step: int, model, optimizer, lr_scheduler, cfg, extra: dict
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+    ours = []
+    for path in list_checkpoints(root):
+        if step_of(path) <= step:
+            ours.append(path)
+        else:  # this run resumed from before it (it was corrupt): a later resume must not pick it
+            log.warning("removing %s: it is newer than this run's %s, which replaces its history", path, final.name)
+            shutil.rmtree(path)
     if keep is not None:
-        for stale in list_checkpoints(root)[:-keep]:  # oldest first: the newest `keep` stay
+        for stale in ours[:-keep]:  # oldest first: the newest `keep` stay
             shutil.rmtree(stale)
     return final
 

@@ -78,6 +78,15 @@ def test_corrupt_latest_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
     assert str(bad) in caplog.text
 
 
+def test_after_a_fallback_the_corrupt_newer_checkpoint_never_outlives_the_good_ones(tmp_path):
+    _save(tmp_path, 2, keep=None)
+    _save(tmp_path, 4, keep=None)
+    (tmp_path / "checkpoint-4" / "rng.pt").write_bytes(b"")  # corrupt
+    assert ckpt.read_latest(tmp_path).path.name == "checkpoint-2"  # the run resumes from 2 ...
+    _save(tmp_path, 3, keep=1)  # ... and its next checkpoint must be what remains, not the corrupt 4
+    assert _steps(tmp_path) == [3]
+
+
 @pytest.mark.fault(input="every checkpoint in output.dir corrupt",
                    behaviour="`CheckpointError` (exit 2) naming the unreadable file; delete it or `train.resume=never`")
 def test_no_readable_checkpoint_is_an_error_naming_the_file(tmp_path):
