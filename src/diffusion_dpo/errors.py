@@ -28,3 +28,11 @@ class ModelLoadError(UserError):
 
 class NonFiniteLossError(UserError):
     """The training loss became NaN or inf."""
+
+
+class CheckpointError(UserError):
+    """No checkpoint in output.dir can be read; the message names the file at fault."""
+
+
+class TrainingInterrupted(UserError):
+    """Training stopped on Ctrl-C / SIGTERM; the message says which checkpoint a rerun resumes from."""

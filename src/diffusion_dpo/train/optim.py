@@ -1,6 +1,9 @@
-"""Optimizers and learning-rate schedules named in the config."""
+"""Optimizers and learning-rate schedules named in the config, and one optimizer step (clip, fp16 loss scaling)."""
 
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 import torch
 
@@ -35,3 +38,35 @@ def build_lr_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def apply_gradients(acc, optimizer, lr_scheduler, params: list[torch.nn.Parameter], max_grad_norm: Optional[float],
+                    metrics: dict[str, float]) -> tuple[float, str]:
+    """Clip and apply the accumulated gradients once; zero them. Returns (grad norm, outcome): 'applied';
+    'nonfinite' (a NaN/inf loss, or gradient without fp16 loss scaling: the caller applies train.on_nonfinite);
+    or 'overflow' (fp16: the scaled gradients overflowed, so the GradScaler skipped the update and lowered its
+    scale, as every fp16 trainer does). `metrics` are already reduced, so every process takes the same branch."""
+    scaler = acc.scaler  # a GradScaler under fp16 mixed precision, else None
+    if not all(math.isfinite(v) for v in metrics.values()):
+        optimizer.zero_grad(set_to_none=True)  # nothing unscaled yet, so the scaler is left as it was
+        return float("nan"), "nonfinite"
+    if max_grad_norm is not None:
+        grad_norm = float(acc.clip_grad_norm_(params, max_grad_norm))  # unscales fp16 gradients first
+    else:
+        acc.unscale_gradients()  # no-op without a scaler; with one, the norm below is of the true gradients
+        grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    if scaler is not None:
+        # Once gradients are unscaled the scaler must see this step (scaler.step + update run inside): that is where
+        # it skips an overflowed update and halves its scale. Skipping the call instead, as for a non-finite loss,
+        # would leave the scale as it was and make the next unscale_ raise.
+        optimizer.step()
+        outcome = "overflow" if optimizer.step_was_skipped else "applied"
+    elif math.isfinite(grad_norm):
+        optimizer.step()
+        outcome = "applied"
+    else:
+        outcome = "nonfinite"
+    if outcome == "applied":  # as accelerate's scheduler wrapper: a skipped update does not advance the schedule
+        lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, outcome

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -17,19 +16,22 @@ from typing import Any, Optional
 import torch
 
 from diffusion_dpo.config import RunConfig, save_config, to_dict
-from diffusion_dpo.errors import NonFiniteLossError
+from diffusion_dpo.errors import DataError, NonFiniteLossError, TrainingInterrupted
 from diffusion_dpo.losses import build_loss
 from diffusion_dpo.models.diffusion import draw_pair_randomness, pair_generator
 from diffusion_dpo.models.encode import PromptEncoder, TextConditioning, encode_images, pair_time_ids, sample_latents
 from diffusion_dpo.models.loading import (DTYPES, detect_spec, load_noise_scheduler, load_text_encoders, load_unet,
                                           load_vae, spec_dict)
 from diffusion_dpo.train import checkpoint as ckpt
-from diffusion_dpo.train.optim import build_lr_scheduler, build_optimizer
+from diffusion_dpo.train.interrupt import StopSignals
+from diffusion_dpo.train.optim import apply_gradients, build_lr_scheduler, build_optimizer
 from diffusion_dpo.train.sampler import PairBatchSampler
 from diffusion_dpo.train.step import PairBatch, UNetCaller, preference_step
 
 log = logging.getLogger("diffusion_dpo")
 
+# Counters kept across resumes (trainer_state.json) and logged with every step in metrics.jsonl.
+COUNTS = ("trained_pairs", "skipped_pairs", "skipped_steps", "overflow_steps")
 METRIC_KEYS = ("loss", "implicit_acc", "err_policy_w", "err_policy_l", "err_ref_w", "err_ref_l", "diff_policy",
                "diff_ref", "inside")
 
@@ -141,18 +143,21 @@ class Trainer:
         # The LR scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
         self.unet, self.optimizer = acc.prepare(self.unet, self.optimizer)
 
-        # 6. resume
+        # 6. resume: weights, optimizer, schedule and loss scale now; the RNG only once the loader's iterator
+        # exists (creating it draws from the global RNG, which would shift every later dropout mask)
         self.step = 0
-        self.skipped_steps = 0
-        self.skipped_pairs = 0
+        self.counts = {key: 0 for key in COUNTS}
+        self.resume_rng: Optional[dict] = None
         if cfg.train.resume == "auto":
-            latest = ckpt.latest(self.out / "checkpoints")
-            if latest is not None:
-                state = ckpt.load(latest, acc.unwrap_model(self.unet), self.optimizer, self.lr_scheduler)
-                self.step = state["step"]
-                self.skipped_steps = state.get("skipped_steps", 0)
-                self.skipped_pairs = state.get("skipped_pairs", 0)
-                log.info("resumed from %s (step %d)", latest, self.step)
+            state = ckpt.read_latest(self.out / "checkpoints")
+            if state is not None:
+                ckpt.apply(state, cfg, acc.unwrap_model(self.unet), self.optimizer, self.lr_scheduler, acc.scaler)
+                self.step = state.state["step"]
+                self.counts = {k: state.state.get(k, 0) for k in COUNTS}
+                if "trained_pairs" not in state.state:  # older checkpoints did not count it; their steps trained
+                    self.counts["trained_pairs"] = self.step
+                self.resume_rng = state.rng
+                log.info("resumed from %s (step %d)", state.path, self.step)
 
         # 7. order of pairs, positioned after the last completed optimizer step
         self.sampler = PairBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed, acc.process_index,
@@ -243,26 +248,34 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Run to train.max_steps; the main process also logs to output.dir/train.log."""
-        if not self.is_main:
-            return self._train()
-        self.out.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(self.out / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        if log.level == logging.NOTSET:  # the file gets INFO lines even when the caller set up no logging
-            log.setLevel(logging.INFO)
+        """Run to train.max_steps; the main process also logs to output.dir/train.log. Ctrl-C / SIGTERM stop
+        at the next step boundary with a checkpoint (TrainingInterrupted); a second one stops at once."""
+        handler, self.bar = None, None
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(self.out / "train.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            log.addHandler(handler)
+            if log.level == logging.NOTSET:  # the file gets INFO lines even when the caller set up no logging
+                log.setLevel(logging.INFO)
         try:
-            return self._train()
+            with StopSignals() as self.stop:
+                return self._train()
+        except KeyboardInterrupt:
+            last = ckpt.latest(self.out / "checkpoints")
+            where = f"rerun the same command to resume from {last}" if last else "no checkpoint yet, a rerun starts over"
+            raise TrainingInterrupted(f"interrupted during step {self.step + 1}; {where}") from None
         finally:
-            log.removeHandler(handler)
-            handler.close()
+            if self.bar is not None:
+                self.bar.close()  # end the progress line before an error is printed after it
+            if handler is not None:
+                log.removeHandler(handler)
+                handler.close()
 
     def _train(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         ga = cfg.train.gradient_accumulation
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             (self.out / "model_spec.json").write_text(json.dumps(spec_dict(self.spec), indent=2))
             ckpt.truncate_metrics(self.out / "metrics.jsonl", self.step)
@@ -270,18 +283,20 @@ class Trainer:
                 acc.init_trackers("diffusion-dpo", config=_flat(to_dict(cfg)))
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.is_main and self.progress),
-                   desc=cfg.train.method, dynamic_ncols=True)
+        self.bar = bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=cfg.train.method, dynamic_ncols=True,
+                              disable=not (self.is_main and self.progress))
         batches = iter(self.loader)
+        if self.resume_rng is not None:
+            ckpt.restore_rng(self.resume_rng)  # after iter(): see setup step 6
         t0 = time.perf_counter()
         start_step = self.step
         history: list[dict] = []
         while self.step < cfg.train.max_steps:
             sums: dict[str, torch.Tensor] = {}
-            pairs = 0
+            pairs = skipped = 0
             for micro in range(ga):
                 raw = next(batches)
-                self.skipped_pairs += int(raw.get("num_skipped", 0))
+                skipped += int(raw.get("num_skipped", 0))
                 sync = micro == ga - 1
                 ctx = contextlib.nullcontext() if sync else acc.no_sync(self.unet)
                 with ctx:
@@ -292,33 +307,33 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v
             metrics = {k: v / ga for k, v in sums.items()}
             metrics = {k: acc.reduce(v.reshape(1).to(self.device), "mean").item() for k, v in sorted(metrics.items())}
-            finite = torch.tensor([1.0 if all(math.isfinite(v) for v in metrics.values()) else 0.0], device=self.device)
-            finite = acc.reduce(finite, "min").item() > 0
-            grad_norm = float("nan")
-            if finite:
-                if cfg.train.max_grad_norm is not None:
-                    grad_norm = float(acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm))
-                else:
-                    grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
-                finite = math.isfinite(grad_norm)
-            if not finite:
-                self.optimizer.zero_grad(set_to_none=True)
+            # one collective for the pair counts of all processes and a stop signal any of them caught
+            totals = acc.reduce(torch.tensor([pairs, skipped, self.stop.received is not None], dtype=torch.float64,
+                                             device=self.device), "sum").tolist()
+            pairs, stop = int(totals[0]), totals[2] > 0
+            self.counts["skipped_pairs"] += int(totals[1])
+            grad_norm, outcome = apply_gradients(acc, self.optimizer, self.lr_scheduler, self.params,
+                                                 cfg.train.max_grad_norm, metrics)
+            if outcome == "nonfinite":
                 if cfg.train.on_nonfinite == "stop":
                     raise NonFiniteLossError(
                         f"non-finite loss or gradient at step {self.step + 1} (metrics {metrics}, grad norm {grad_norm}). "
                         "Lower train.learning_rate or train.beta, use bf16 instead of fp16, or set train.on_nonfinite=skip "
                         "to skip such steps (they are counted in metrics.jsonl)")
-                self.skipped_steps += 1
+                self.counts["skipped_steps"] += 1
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d so far)", self.step + 1,
-                            self.skipped_steps)
+                            self.counts["skipped_steps"])
+            elif outcome == "overflow":
+                self.counts["overflow_steps"] += 1
+                log.warning("step %d: fp16 gradients overflowed, step skipped and loss scale lowered to %g (%d so far)",
+                            self.step + 1, acc.scaler.get_scale(), self.counts["overflow_steps"])
             else:
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.counts["trained_pairs"] += pairs
             self.step += 1
             record = {"step": self.step, **metrics, "grad_norm": grad_norm, "lr": self.lr_scheduler.get_last_lr()[0],
-                      "pairs": pairs * acc.num_processes, "skipped_steps": self.skipped_steps,
-                      "skipped_pairs": self.skipped_pairs}
+                      "pairs": pairs, **self.counts}
+            if acc.scaler is not None:
+                record["loss_scale"] = acc.scaler.get_scale()
             history.append(record)
             if self.is_main:
                 with open(self.out / "metrics.jsonl", "a") as f:
@@ -327,30 +342,49 @@ class Trainer:
                     acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
                 bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "implicit_acc", "grad_norm") if k in record})
                 bar.update(1)
+            self.check_something_trained(run_done=False)
+            if stop and self.step < cfg.train.max_steps:
+                self.save_checkpoint()
+                last = ckpt.latest(self.out / "checkpoints")
+                raise TrainingInterrupted(f"stopped by {self.stop.received or 'a signal'} after step {self.step}; "
+                                          f"rerun the same command to resume from {last}")
             if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.max_steps:
                 self.save_checkpoint()
         bar.close()
         self.save_checkpoint()
         acc.wait_for_everyone()
+        self.check_something_trained(run_done=True)
         elapsed = time.perf_counter() - t0
         summary = self.save_outputs(history, elapsed, self.step - start_step)
         acc.end_training()
         log.info("finished: %s", json.dumps(summary))
         return summary
 
+    def check_something_trained(self, run_done: bool) -> None:
+        """A run that trained no pair must fail, not report success; so must a whole pass over the data (every
+        pair corrupt, say), unless fp16 overflows say the loss scale is still settling."""
+        c = self.counts
+        epoch_done = self.step * self.cfg.train.gradient_accumulation >= self.sampler.per_epoch
+        if c["trained_pairs"] > 0 or not (run_done or (epoch_done and c["overflow_steps"] == 0)):
+            return
+        message = (f"no pair was trained in {self.step} steps over {len(self.dataset)} pairs of "
+                   f"{self.cfg.data.source}: "
+                   f"{c['skipped_pairs']} pairs skipped as corrupt, {c['skipped_steps']} steps skipped as non-finite, "
+                   f"{c['overflow_steps']} fp16 overflows (see {self.out / 'train.log'})")
+        raise (DataError if c["skipped_pairs"] else NonFiniteLossError)(message)
+
     def save_checkpoint(self) -> None:
         self.accelerator.wait_for_everyone()
         if self.is_main:
             ckpt.save(self.out / "checkpoints", self.step, self.accelerator.unwrap_model(self.unet), self.optimizer,
-                      self.lr_scheduler, self.cfg, {"skipped_steps": self.skipped_steps, "skipped_pairs": self.skipped_pairs},
-                      self.cfg.train.checkpoints_total_limit)
+                      self.lr_scheduler, self.cfg, self.counts, self.cfg.train.checkpoints_total_limit,
+                      self.accelerator.scaler)
         self.accelerator.wait_for_everyone()
 
     def save_outputs(self, history: list[dict], elapsed: float, steps_run: int) -> dict[str, Any]:
         from diffusion_dpo.train.outputs import write_final_outputs
 
-        summary = {"steps": self.step, "steps_this_run": steps_run, "seconds": round(elapsed, 2),
-                   "skipped_steps": self.skipped_steps, "skipped_pairs": self.skipped_pairs}
+        summary = {"steps": self.step, "steps_this_run": steps_run, "seconds": round(elapsed, 2), **self.counts}
         if history:
             last = history[-min(len(history), 10):]
             for key in ("loss", "implicit_acc"):
@@ -373,4 +407,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Python entry point: `diffusion_dpo.train.trainer.train(load_config(path, overrides))`."""
-    return Trainer(cfg, progress=progress).setup().train()
+    try:
+        trainer = Trainer(cfg, progress=progress).setup()
+    except KeyboardInterrupt:  # loading large models can take minutes: Ctrl-C there is one line too
+        last = ckpt.latest(Path(cfg.output.dir) / "checkpoints")
+        raise TrainingInterrupted("interrupted while loading models and data; rerun the same command to "
+                                  + (f"resume from {last}" if last else "start")) from None
+    return trainer.train()
