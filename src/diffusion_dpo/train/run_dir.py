@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
@@ -300,7 +301,9 @@ class RunDir:
     """The claimed output folder of one run."""
 
     def __init__(self, out: Path, lock: Optional[_Lock], forced: Optional[dict]):
-        self.out, self._lock, self.forced = out, lock, forced
+        self.out, self.forced = out, forced
+        # released by release(), or when a Trainer that never trained (bench, tests) is garbage collected
+        self._release = weakref.finalize(self, lock.release) if lock is not None else None
 
     @classmethod
     def claim(cls, cfg: RunConfig, is_main: bool) -> "RunDir":
@@ -346,7 +349,6 @@ class RunDir:
         _write_atomic(self.out / "config.yaml", header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        if self._release is not None:
+            self._release()  # a finalizer runs at most once
 

@@ -58,7 +58,7 @@ def test_lock_is_reentrant_within_a_process(tmp_path):
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 1 and f"pid {os.getpid()}" in proc.stderr  # still held against other processes
     second.release()
-    assert not (tmp_path / LOCK_FILE).exists() and not run_dir._HELD
+    assert not (tmp_path / LOCK_FILE).exists() and (tmp_path / LOCK_FILE).resolve() not in run_dir._HELD
 
 
 def test_what_counts_as_one_of_our_runs(tmp_path):
@@ -93,3 +93,16 @@ def test_resume_differences_name_result_keys_only():
     assert resume_differences(saved, base) == {}
     assert resume_differences(saved, load_config(None, ["data.latent_sampling=mean"])) == {
         "data.latent_sampling": ("sample", "mean")}
+
+
+def test_a_claimed_folder_is_released_when_its_run_dir_is_collected(tmp_path):
+    """A Trainer that is set up but never trains (bench, tests) must not keep its folder locked."""
+    import gc
+
+    cfg = load_config(None, [f"output.dir={tmp_path}"])
+    claimed = run_dir.RunDir.claim(cfg, is_main=True)
+    assert (tmp_path / LOCK_FILE).exists() and (tmp_path / run_dir.RUN_FILE).is_file()
+    del claimed
+    gc.collect()
+    assert not (tmp_path / LOCK_FILE).exists()
+    run_dir.RunDir.claim(cfg, is_main=True).release()  # claimable again, and ours now
