@@ -27,10 +27,6 @@ def _hold_lock(folder):
     return proc
 
 
-@pytest.mark.fault(input="a second `train` into an output.dir another live run holds",
-                   behaviour="exit 2: names the other run's pid and host")
-@pytest.mark.fault(input="`train.lock` left by a run killed with kill -9",
-                   behaviour="taken over with a log line naming the dead pid")
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caplog):
     proc = _hold_lock(tmp_path)
     try:
