@@ -7,6 +7,7 @@ Modules are imported only when their subcommand runs, so `diffusion-dpo --help` 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -24,6 +25,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "iterate": ("diffusion_dpo.feedback.iterate_cli", "rounds of generate-pairs, label, prepare and train"),
     "demo": ("diffusion_dpo.demo.cli", "the whole story on a miniature text-to-image world, on a laptop CPU"),
 }
+
+
+# OS errors a user fixes on their side (a full disk, a read-only or foreign folder): one line, exit 2, any command.
+DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "not writable (read-only file system)", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
+
+
+def disk_error_message(err: OSError) -> str:
+    where = err.filename if err.filename is not None else "a file (the system did not say which)"
+    return (f"{DISK_ERRORS[err.errno]}: {where}: free space or fix the permissions there (or choose another output "
+            "folder), then run the command again")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -65,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {disk_error_message(err)}", file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ config is written next to every output (`save_config`) so a run can always be re
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,18 +67,18 @@ class DataConfig:
     cropped at the same place, and one time-id row serves both, so a pair differs only in its image, as the DPO
     derivation assumes. 'image': each image's own original size and crop. Ignored by other families. See docs/data.md."""
     caption_dropout: float = 0.0
-    """Probability, per pair, of replacing the prompt with the empty string (paper: 0.2)."""
+    """Probability, per pair, of replacing the prompt with the empty string (paper: 0.2); in [0, 1)."""
     drop_ties: bool = True
     """Drop tied pairs (label 0.5) and count them. Setting False is an error for tie labels: a tie has no winner."""
     on_corrupt: Literal["skip", "error"] = "skip"
     """A corrupt or missing image: skip its pair and count it ('skip'), or stop with an error ('error')."""
     max_pairs: Optional[int] = None
-    """Use at most this many pairs (after dropping ties), for quick runs."""
+    """Use at most this many pairs (after dropping ties), for quick runs; >= 1 (null: all)."""
     prompts_file: Optional[str] = None
     """Folder format: prompts file (JSONL lines {"name", "prompt"}, a JSON {name: prompt}, or 'name<TAB>prompt' lines);
     a relative path is looked up in data.source first. Default: prompts.jsonl / .json / .txt / .tsv inside the folder."""
     num_workers: int = 0
-    """DataLoader worker processes."""
+    """DataLoader worker processes (>= 0; 0 loads in the training process)."""
     cache_dir: Optional[str] = None
     """Where `prepare` writes (and `train` looks for) a latent cache; None: encode on the fly."""
     cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
@@ -91,8 +92,9 @@ class LoraSettings:
     rank: int = 8
     """LoRA rank r."""
     alpha: Optional[float] = None
-    """LoRA alpha (default: equal to rank, i.e. scale 1)."""
+    """LoRA alpha, > 0 (default: equal to rank, i.e. scale 1; 0 would switch the adapter off)."""
     dropout: float = 0.0
+    """Dropout on the LoRA input, in [0, 1)."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """UNet module names that receive an adapter."""
     init_weights: Literal["default", "gaussian"] = "default"
@@ -111,7 +113,8 @@ class TrainConfig:
     """Per-sample error: mean over C,H,W (official code, default) or sum (the paper's pseudocode)."""
     finetune: Literal["lora", "full"] = "lora"
     learning_rate: float = 1e-5
-    """Peak learning rate, used as given (no scaling by batch size). See docs/recipes.md for the paper's numbers."""
+    """Peak learning rate, > 0, used as given (no scaling by batch size). See docs/recipes.md for the paper's
+    numbers."""
     scale_lr: bool = False
     """Multiply learning_rate by batch_size * gradient_accumulation * num_processes (the official launchers' convention)."""
     batch_size: int = 1
@@ -121,13 +124,19 @@ class TrainConfig:
     """Optimizer steps."""
     optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw"
     adam_beta1: float = 0.9
+    """AdamW beta1, in [0, 1)."""
     adam_beta2: float = 0.999
+    """AdamW beta2, in [0, 1)."""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon, >= 0."""
     weight_decay: float = 1e-2
+    """Decoupled weight decay, >= 0."""
     max_grad_norm: Optional[float] = 1.0
-    """Clip the global gradient norm to this value (None: no clipping)."""
+    """Clip the global gradient norm to this value, > 0 (None: no clipping; a negative value would flip the
+    gradient's sign)."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     warmup_steps: int = 0
+    """Linear warm-up steps, >= 0 (schedules with warm-up only)."""
     warmup_ratio: Optional[float] = None
     """Warm-up as a fraction of max_steps (overrides warmup_steps), e.g. 0.25 for the paper's SD1.5 run."""
     seed: int = 0
@@ -138,16 +147,20 @@ class TrainConfig:
     recomputes its GELU, GroupNorm+SiLU and LayerNorm+LoRA recompute the norm (models/lean_autograd.py)."""
     allow_tf32: bool = True
     checkpoint_every: int = 500
-    """Save a resumable checkpoint every N optimizer steps (0: only at the end)."""
+    """Save a resumable checkpoint every N optimizer steps, >= 0 (0: only at the end)."""
     checkpoints_total_limit: Optional[int] = 3
-    """Keep at most this many checkpoints (oldest removed first)."""
-    resume: Literal["auto", "never"] = "auto"
-    """'auto': continue from the latest checkpoint in output.dir if there is one."""
+    """Keep at most this many checkpoints, >= 1 (oldest removed first; None: keep all)."""
+    resume: Literal["auto", "never", "force"] = "auto"
+    """'auto': continue from the latest checkpoint in output.dir if there is one, refused if a setting that
+    determines the result differs from the checkpoint's; 'force': continue even then (recorded in config.yaml,
+    train_summary.json and the model card); 'never': start from scratch (refused if output.dir holds checkpoints).
+    See docs/recipes.md for which settings may change on a resume."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/inf loss: stop the run with an error ('stop') or skip that optimizer step and log it ('skip')."""
     timestep_range: tuple[int, int] = (0, 1000)
     """Timesteps are drawn uniformly from [low, high) (clipped to the scheduler's num_train_timesteps)."""
     log_every: int = 1
+    """Send metrics to the tracker every N optimizer steps, >= 1 (metrics.jsonl gets every step)."""
 
 
 @dataclass
@@ -177,6 +190,24 @@ class RunConfig:
                            ("train.max_steps", t.max_steps), ("data.resolution", d.resolution), ("lora.rank", self.lora.rank)):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
+        # values torch rejects later or that silently do nothing (a negative clip norm flips the gradient,
+        # alpha 0 switches the adapter off); null keeps its documented meaning where a key allows it
+        positive = (("train.learning_rate", t.learning_rate), ("train.max_grad_norm", t.max_grad_norm),
+                    ("lora.alpha", self.lora.alpha))
+        non_negative = (("train.adam_epsilon", t.adam_epsilon), ("train.weight_decay", t.weight_decay),
+                        ("data.num_workers", d.num_workers), ("train.warmup_steps", t.warmup_steps),
+                        ("train.checkpoint_every", t.checkpoint_every))
+        at_least_one = (("train.checkpoints_total_limit", t.checkpoints_total_limit), ("train.log_every", t.log_every),
+                        ("data.max_pairs", d.max_pairs))
+        for bound, pairs, ok in (("> 0", positive, lambda v: v > 0), (">= 0", non_negative, lambda v: v >= 0),
+                                 (">= 1", at_least_one, lambda v: v >= 1)):
+            for key, value in pairs:
+                if value is not None and not ok(value):
+                    raise ConfigError(f"{key} must be {bound}, got {value}")
+        for key, value in (("lora.dropout", self.lora.dropout), ("train.adam_beta1", t.adam_beta1),
+                           ("train.adam_beta2", t.adam_beta2)):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key} must be in [0, 1), got {value}")
         if d.resolution % 8:
             raise ConfigError(f"data.resolution must be a multiple of 8 (the VAE downsamples by 8), got {d.resolution}")
         if not 0.0 <= d.caption_dropout < 1.0:
@@ -251,14 +282,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no key means anything with NaN or inf; torch would fail or train on garbage
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -315,7 +351,18 @@ def apply_override(data: dict, override: str, schema: type) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"cannot override '{dotted}': '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_yaml_problem(err)}); "
+                          "quote a value with YAML characters, e.g. 'data.source=\"a: b\"'") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    """One line from a PyYAML error (its str() spans several lines with a source excerpt)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        return ", ".join(p for p in (err.context, err.problem) if p)
+    return str(err).splitlines()[0]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema: type = RunConfig) -> Any:
@@ -325,7 +372,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                              "save the file as UTF-8") from None
+        except yaml.YAMLError as err:
+            mark = err.problem_mark if isinstance(err, yaml.MarkedYAMLError) else None  # parse errors carry a position
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where}: malformed YAML ({_yaml_problem(err)}); fix the file at that line") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -25,7 +25,12 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     setup_logging()
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except OSError as err:
+        if err.filename is None:  # a failed write() names no file: name the folder every output goes to
+            err.filename = cfg.output.dir
+        raise
     print("training finished: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in summary.items()))
     print(f"outputs in {cfg.output.dir}")

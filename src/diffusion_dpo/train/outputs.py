@@ -8,6 +8,7 @@ from pathlib import Path
 
 from diffusion_dpo.config import RunConfig
 from diffusion_dpo.models.loading import ModelSpec
+from diffusion_dpo.train.run_dir import describe_changes, forced_resumes
 
 _PIPELINE = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "lcm": "LatentConsistencyModelPipeline"}
 
@@ -27,6 +28,9 @@ def write_final_outputs(out: Path, unet, cfg: RunConfig, spec: ModelSpec, summar
             pipe = DiffusionPipeline.from_pretrained(spec.pretrained, revision=spec.revision, unet=unet)
             pipe.save_pretrained(out / "pipeline", safe_serialization=True)
             written.append(out / "pipeline")
+    forced = forced_resumes(out)
+    if forced:  # a run resumed with train.resume=force across changed settings says so wherever it is described
+        summary = {**summary, "forced_resumes": forced}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     (out / "README.md").write_text(model_card(cfg, spec, summary))
     written.append(out / "README.md")
@@ -61,6 +65,13 @@ def model_card(cfg: RunConfig, spec: ModelSpec, summary: dict) -> str:
     ]
     if "implicit_acc_last10" in summary:
         lines.append(f"| implicit accuracy (last 10 steps) | {summary['implicit_acc_last10']:.3f} |")
+    if summary.get("forced_resumes"):
+        lines += ["", "## Settings changed during training", "",
+                  "This run was resumed with `train.resume=force` across changed settings; the table above shows the "
+                  "final values. Steps before each resume were trained with the earlier ones:", "",
+                  "| resumed at step | setting: before -> after |", "| --- | --- |"]
+        for f in summary["forced_resumes"]:
+            lines.append(f"| {f['step']} | {describe_changes(f['changed'])} |")
     lines += ["", "## Use", "", "```python", f"from diffusers import {pipe}, UNet2DConditionModel", usage, "```", "",
               "The resolved training config is in `config.yaml`; per-step metrics in `metrics.jsonl`.", ""]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from diffusion_dpo.config import RunConfig, save_config, to_dict
+from diffusion_dpo.config import RunConfig, to_dict
 from diffusion_dpo.errors import DataError, NonFiniteLossError, TrainingInterrupted
 from diffusion_dpo.losses import build_loss
 from diffusion_dpo.models.diffusion import draw_pair_randomness, pair_generator
@@ -25,6 +25,7 @@ from diffusion_dpo.models.loading import (DTYPES, detect_spec, load_noise_schedu
 from diffusion_dpo.train import checkpoint as ckpt
 from diffusion_dpo.train.interrupt import StopSignals
 from diffusion_dpo.train.optim import apply_gradients, build_lr_scheduler, build_optimizer
+from diffusion_dpo.train.run_dir import RunDir
 from diffusion_dpo.train.sampler import PairBatchSampler
 from diffusion_dpo.train.step import PairBatch, UNetCaller, preference_step
 
@@ -80,6 +81,7 @@ class Trainer:
         acc = self.accelerator
         self.device = acc.device
         self.is_main = acc.is_main_process
+        self.run_dir = RunDir.claim(cfg, self.is_main)  # lock output.dir; refuse a foreign folder or a mismatched resume
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(cfg.train.seed)  # model init (LoRA A matrices) identical on every process
@@ -148,7 +150,7 @@ class Trainer:
         self.step = 0
         self.counts = {key: 0 for key in COUNTS}
         self.resume_rng: Optional[dict] = None
-        if cfg.train.resume == "auto":
+        if cfg.train.resume != "never":  # "force": RunDir.claim has checked and recorded the changes
             state = ckpt.read_latest(self.out / "checkpoints")
             if state is not None:
                 ckpt.apply(state, cfg, acc.unwrap_model(self.unet), self.optimizer, self.lr_scheduler, acc.scaler)
@@ -271,12 +273,13 @@ class Trainer:
             if handler is not None:
                 log.removeHandler(handler)
                 handler.close()
+            self.run_dir.release()
 
     def _train(self) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         ga = cfg.train.gradient_accumulation
         if self.is_main:
-            save_config(cfg, self.out / "config.yaml")
+            self.run_dir.write_config(cfg)
             (self.out / "model_spec.json").write_text(json.dumps(spec_dict(self.spec), indent=2))
             ckpt.truncate_metrics(self.out / "metrics.jsonl", self.step)
             if self.report_to != "none":
