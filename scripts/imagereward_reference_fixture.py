@@ -1,6 +1,6 @@
 """Write tests/fixtures/imagereward/: a small random-weight ImageReward built and run by the REFERENCE code.
 
-The fixture pins our implementation (src/diffusion_dpo/evaluate/imagereward.py) to the reference forward:
+The fixture pins our implementation (src/diffusion_dpo/evaluate/rewards/imagereward.py) to the reference forward:
 tests/unit/evaluate/test_imagereward.py loads the reference state dict written here (the reference's own
 key names) through our key map and must reproduce the reference's `ImageReward.score(prompt, image)`,
 its tokenization and its preprocessing.

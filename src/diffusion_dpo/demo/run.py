@@ -178,7 +178,7 @@ class Demo:
     def stage_pairs(self) -> None:
         from diffusion_dpo.demo.world import train_prompts
         from diffusion_dpo.feedback.generate import describe, generate_pairs
-        from diffusion_dpo.feedback.judge import load_judge
+        from diffusion_dpo.feedback.reward_judge import load_judge
 
         texts = train_prompts()[: self.s.train_prompts]
         result = generate_pairs(self.base, _prompt_set("demo-train", texts), self.out / "pairs",

@@ -135,7 +135,8 @@ def _jsonable(meta: dict) -> dict:
 
 def label_pairs(source: Any, judge: Any, out: str | os.PathLike, margin: float = 0.0, chunk_size: int = 256,
                 on_corrupt: str = "skip", dist: Any = None, progress: bool = True) -> LabelResult | None:
-    """Re-judge every pair of `source` (a data.sources.PairSource) with `judge` (feedback.judge.Judge) into `out`.
+    """Re-judge every pair of `source` (a data.sources.PairSource) with `judge` (feedback.reward_judge.Judge)
+    into `out`.
 
     Resumable (finished chunks are skipped) and shardable across processes (`dist`, see
     cache.prepare.Distribution). Returns the result on the main process, None on the others.

@@ -29,7 +29,7 @@ def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
 
 def judge_from_args(args: argparse.Namespace, device: str):
     """The Judge that the flags of add_judge_arguments describe."""
-    from diffusion_dpo.feedback.judge import load_judge
+    from diffusion_dpo.feedback.reward_judge import load_judge
 
     return load_judge(args.reward, args.weights, device=device, dtype=args.reward_dtype,
                       batch_size=args.reward_batch_size)

@@ -19,8 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusion_dpo.errors import ModelLoadError
-from diffusion_dpo.evaluate.imagereward import MAX_TOKENS, blip_pixels, imagereward_to_transformers
 from diffusion_dpo.evaluate.rewards import load_reward
+from diffusion_dpo.evaluate.rewards.imagereward import MAX_TOKENS, blip_pixels, imagereward_to_transformers
 
 FIXTURE = Path(__file__).parents[2] / "fixtures" / "imagereward"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())

@@ -17,7 +17,7 @@ from diffusion_dpo.evaluate.prompts import Prompt, PromptSet
 from diffusion_dpo.evaluate.sampling import image_seed
 from diffusion_dpo.feedback.chunks import FAIL_ENV, InjectedFailure
 from diffusion_dpo.feedback.generate import form_pairs, generate_pairs
-from diffusion_dpo.feedback.judge import load_judge
+from diffusion_dpo.feedback.reward_judge import load_judge
 
 PROMPTS = PromptSet("test", "inline", (Prompt("a red circle"), Prompt("a blue square"), Prompt("a small green cat")))
 FAST = dict(steps=2, resolution=32, progress=False)

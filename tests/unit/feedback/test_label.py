@@ -15,8 +15,8 @@ from diffusion_dpo.data.sources import open_source
 from diffusion_dpo.data.synthetic import write_pickapic_parquet
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.feedback.chunks import FAIL_ENV, InjectedFailure
-from diffusion_dpo.feedback.judge import load_judge
 from diffusion_dpo.feedback.label import label_pairs
+from diffusion_dpo.feedback.reward_judge import load_judge
 
 BRIGHT = "feedback_test_rewards:brightness"
 

@@ -25,16 +25,14 @@ from typing import Any
 import torch
 
 from diffusion_dpo.errors import ModelLoadError
-from diffusion_dpo.evaluate.rewards import (AestheticMLP, RewardModel, _device_dtype, _fetch_file, _from_pretrained,
-                                            load_state_dict)
+from diffusion_dpo.evaluate.rewards.base import CLIP_MEAN, CLIP_STD, RewardModel
+from diffusion_dpo.evaluate.rewards.clip import AestheticMLP
+from diffusion_dpo.evaluate.rewards.hub import device_dtype, fetch_file, from_pretrained, load_state_dict
 
 # ImageReward/ImageReward.py: rewards = (rewards - self.mean) / self.std
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
 MAX_TOKENS = 35  # the reference tokenizes with max_length=35
-# BLIP's (= OpenAI CLIP's) normalisation, as in the reference's _transform
-PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
-PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_REPO = "THUDM/ImageReward"
 # The reference: BertTokenizer.from_pretrained("bert-base-uncased") plus [DEC] (bos) and [ENC] (BLIP's
@@ -95,7 +93,8 @@ def blip_pixels(images: list, size: int) -> torch.Tensor:
     """The reference's preprocessing for PIL images, without torchvision: Resize(size, BICUBIC) (shortest
     side to `size`, the other side truncated, int(size * long / short), as torchvision computes it),
     CenterCrop(size) (offsets int(round((new - size) / 2)), Python's half-to-even round, as torchvision),
-    ToTensor (/255), Normalize(PIXEL_MEAN, PIXEL_STD). Returns (N, 3, size, size) float32."""
+    ToTensor (/255), Normalize(CLIP_MEAN, CLIP_STD) (BLIP's normalisation is OpenAI CLIP's).
+    Returns (N, 3, size, size) float32."""
     import numpy as np
     from PIL import Image
 
@@ -108,7 +107,7 @@ def blip_pixels(images: list, size: int) -> torch.Tensor:
         top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
         im = im.crop((left, top, left + size, top + size)).convert("RGB")
         out.append(torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float().div(255))
-    mean, std = torch.tensor(PIXEL_MEAN)[:, None, None], torch.tensor(PIXEL_STD)[:, None, None]
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     return (torch.stack(out) - mean) / std
 
 
@@ -157,12 +156,12 @@ class ImageReward(RewardModel):
                  tokenizer: str | None = None, vision_config: dict | None = None, batch_size: int = 16):
         from transformers import BertTokenizer, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-        device, dtype = _device_dtype(device, dtype)
+        device, dtype = device_dtype(device, dtype)
         source = source or DEFAULT_REPO
         self.name = "imagereward"
         flag = "--metric imagereward=PATH"
         suffixes = (".pt", ".pth", ".bin", ".safetensors")
-        weights = _fetch_file(source, "ImageReward.pt", "ImageReward checkpoint", flag, suffixes)
+        weights = fetch_file(source, "ImageReward.pt", "ImageReward checkpoint", flag, suffixes)
         config_path = self._med_config(source, weights, med_config, suffixes)
         vision_sd, text_sd, head_sd = imagereward_to_transformers(load_state_dict(weights))
 
@@ -191,7 +190,7 @@ class ImageReward(RewardModel):
         # A folder holding the checkpoint and BERT's vocab.txt needs no hub access for the tokenizer either.
         local_tok = any((weights.parent / f).is_file() for f in ("vocab.txt", "tokenizer.json"))
         tok_source = tokenizer or (str(weights.parent) if local_tok else DEFAULT_TOKENIZER)
-        self.tokenizer = _from_pretrained(BertTokenizer, tok_source, "ImageReward tokenizer (BERT uncased)",
+        self.tokenizer = from_pretrained(BertTokenizer, tok_source, "ImageReward tokenizer (BERT uncased)",
                                           "--metric-option imagereward.tokenizer=PATH")
         # as BLIP's init_tokenizer (ids 30522 and 30523 in the release); only a prompt that spells them out uses them
         self.tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
@@ -221,7 +220,7 @@ class ImageReward(RewardModel):
         if Path(source).expanduser().exists() or source.startswith(("http://", "https://")):
             raise ModelLoadError(f"ImageReward: no med_config.json next to {weights}; pass it with {flag}")
         repo = source.rsplit("/", 1)[0] if source.endswith(suffixes) and source.count("/") >= 2 else source
-        return _fetch_file(repo, "med_config.json", "ImageReward med_config", flag, (".json",))
+        return fetch_file(repo, "med_config.json", "ImageReward med_config", flag, (".json",))
 
     @torch.no_grad()
     def _score_batch(self, images, prompts):
