@@ -1,7 +1,8 @@
 """The `diffusion-dpo` console command.
 
-Each subcommand lives in its own module, which exposes `add_arguments(parser)` and `run(args) -> int`.
-Modules are imported only when their subcommand runs, so `diffusion-dpo --help` stays fast.
+Each subcommand lives in its own module (diffusion_dpo.commands.*; bench in diffusion_dpo.bench), which exposes
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported only when their subcommand runs, so
+`diffusion-dpo --help` stays fast; they never import this module back.
 """
 
 from __future__ import annotations
@@ -9,21 +10,20 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
-import logging
 import os
 import sys
 
 # name -> (module, one-line help). A closed table: no registry, no plugins.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("diffusion_dpo.train.cli", "train Diffusion-DPO or SFT from a YAML config with dotted overrides"),
-    "prepare": ("diffusion_dpo.cache.cli", "encode a preference dataset once into a latent + text-embedding cache"),
+    "train": ("diffusion_dpo.commands.train", "train Diffusion-DPO or SFT from a YAML config with dotted overrides"),
+    "prepare": ("diffusion_dpo.commands.prepare", "encode a preference dataset once into a latent + text-embedding cache"),
     "bench": ("diffusion_dpo.bench", "time training steps of our design against the official one"),
-    "sample": ("diffusion_dpo.evaluate.sample_cli", "sample a prompt set with fixed seeds (base, LoRA or tuned UNet)"),
-    "evaluate": ("diffusion_dpo.evaluate.cli", "score sampled images with reward models and compare models"),
-    "label": ("diffusion_dpo.feedback.label_cli", "re-judge preference pairs with a reward model (AI feedback)"),
-    "generate-pairs": ("diffusion_dpo.feedback.generate_cli", "sample K images per prompt, score them, write pairs"),
-    "iterate": ("diffusion_dpo.feedback.iterate_cli", "rounds of generate-pairs, label, prepare and train"),
-    "demo": ("diffusion_dpo.demo.cli", "the whole story on a miniature text-to-image world, on a laptop CPU"),
+    "sample": ("diffusion_dpo.commands.sample", "sample a prompt set with fixed seeds (base, LoRA or tuned UNet)"),
+    "evaluate": ("diffusion_dpo.commands.evaluate", "score sampled images with reward models and compare models"),
+    "label": ("diffusion_dpo.commands.label", "re-judge preference pairs with a reward model (AI feedback)"),
+    "generate-pairs": ("diffusion_dpo.commands.generate_pairs", "sample K images per prompt, score them, write pairs"),
+    "iterate": ("diffusion_dpo.commands.iterate", "rounds of generate-pairs, label, prepare and train"),
+    "demo": ("diffusion_dpo.commands.demo", "the whole story on a miniature text-to-image world, on a laptop CPU"),
 }
 
 
@@ -37,11 +37,6 @@ def disk_error_message(err: OSError) -> str:
     where = err.filename if err.filename is not None else "a file (the system did not say which)"
     return (f"{DISK_ERRORS[err.errno]}: {where}: free space or fix the permissions there (or choose another output "
             "folder), then run the command again")
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Console logging for the long-running subcommands (one format everywhere)."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def build_parser(with_subcommands: str | None = None) -> argparse.ArgumentParser:

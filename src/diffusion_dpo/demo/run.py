@@ -212,10 +212,10 @@ class Demo:
                            f"{acc} (last 10 steps) -> {cfg.output.dir}")
 
     def specs(self) -> list:
-        from diffusion_dpo.evaluate.sampling import ModelSpec
+        from diffusion_dpo.evaluate.sampling import SampledModel
 
-        return [ModelSpec("base", self.base), ModelSpec("sft", self.base, lora=str(self.out / "sft")),
-                ModelSpec("dpo", self.base, lora=str(self.out / "dpo"))]
+        return [SampledModel("base", self.base), SampledModel("sft", self.base, lora=str(self.out / "sft")),
+                SampledModel("dpo", self.base, lora=str(self.out / "dpo"))]
 
     def heldout(self):
         from diffusion_dpo.demo.world import heldout_prompts

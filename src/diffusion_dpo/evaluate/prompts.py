@@ -149,9 +149,10 @@ def _load_builtin(name: str, cache_dir: Path, offline: bool | None) -> PromptSet
     source = BUILTIN_SETS[name]
     if cached.exists():
         return PromptSet(name, source, read_prompt_file(cached))
+    from diffusion_dpo.runtime import datasets_offline, write_text_atomic  # here: runtime imports torch
+
     if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or \
-            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0")
+        offline = datasets_offline()
     hint = (f"download it on a machine with network access (it is cached at {cached}), or pass a local "
             f"file with --prompts path/to/prompts.txt (.txt/.csv/.tsv/.json/.jsonl)")
     if offline:
@@ -163,11 +164,7 @@ def _load_builtin(name: str, cache_dir: Path, offline: bool | None) -> PromptSet
     except Exception as err:  # network errors come in many types (urllib, requests, hub)
         raise DataError(f"cannot download prompt set {name!r} from {source}: {type(err).__name__}: {err}; {hint}") from err
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for p in prompts:
-            f.write(json.dumps({"prompt": p.text, "category": p.category}) + "\n")
-    os.replace(tmp, cached)
+    write_text_atomic(cached, "".join(json.dumps({"prompt": p.text, "category": p.category}) + "\n" for p in prompts))
     return PromptSet(name, source, prompts)
 
 

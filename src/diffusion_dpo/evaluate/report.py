@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from diffusion_dpo.runtime import write_text_atomic
+
 
 def write_report(out_dir: str | os.PathLike, entries: list[dict], infos: dict[str, dict],
                  scores: dict[str, dict[str, np.ndarray]], sets: dict, baseline: str,
@@ -27,9 +29,9 @@ def write_report(out_dir: str | os.PathLike, entries: list[dict], infos: dict[st
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "html": out / "report.html",
              "scores": out / "scores.jsonl"}
-    _atomic_write(paths["json"], json.dumps({"summary": summary, "metrics": infos, "entries": entries}, indent=2))
-    _atomic_write(paths["markdown"], markdown_tables(entries, infos, list(sets), baseline, summary))
-    _atomic_write(paths["html"], html_page(out, entries, scores, sets, baseline, html_max_prompts))
+    write_text_atomic(paths["json"], json.dumps({"summary": summary, "metrics": infos, "entries": entries}, indent=2))
+    write_text_atomic(paths["markdown"], markdown_tables(entries, infos, list(sets), baseline, summary))
+    write_text_atomic(paths["html"], html_page(out, entries, scores, sets, baseline, html_max_prompts))
     lines = []
     for metric, per_model in scores.items():
         for model, values in per_model.items():
@@ -37,14 +39,25 @@ def write_report(out_dir: str | os.PathLike, entries: list[dict], infos: dict[st
                 for i, v in enumerate(row):
                     lines.append(json.dumps({"model": model, "metric": metric, "prompt_index": p, "image_index": i,
                                              "score": float(v)}))
-    _atomic_write(paths["scores"], "\n".join(lines) + "\n")
+    write_text_atomic(paths["scores"], "\n".join(lines) + "\n")
     return paths
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def run_summary(sets: dict, baseline: str, bootstrap: int, bootstrap_seed: int,
+                implicit: dict[str, dict] | None = None) -> dict[str, Any]:
+    """The "summary" of results.json: what was sampled (from the baseline's sampling.json), by which models and
+    samplers, and how win rates were computed; plus the implicit-reward accuracies, if any."""
+    first = sets[baseline]
+    summary = {"prompt_set": first.sampling.get("prompt_set"), "prompt_source": first.sampling.get("prompt_source"),
+               "num_prompts": first.num_prompts, "images_per_prompt": first.images_per_prompt,
+               "seed": first.sampling.get("seed"), "seed_rule": first.sampling.get("seed_rule"),
+               "baseline": baseline, "models": {n: s.sampling.get("model") for n, s in sets.items()},
+               "sampler": {n: s.sampling.get("sampler") for n, s in sets.items()},
+               "bootstrap_resamples": bootstrap, "bootstrap_seed": bootstrap_seed,
+               "win_rule": "per prompt: mean over its images; win 1, tie 0.5, loss 0"}
+    if implicit:
+        summary["implicit_accuracy"] = implicit
+    return summary
 
 
 def _fmt(x: float) -> str:
@@ -151,8 +164,8 @@ def write_implicit_only(out_dir: str | os.PathLike, implicit: dict[str, dict]) -
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md"}
-    _atomic_write(paths["json"], json.dumps({"summary": {"implicit_accuracy": implicit}, "metrics": {},
-                                             "entries": []}, indent=2))
-    _atomic_write(paths["markdown"], "\n".join(["# Implicit-reward accuracy (held-out pairs)", "",
-                                                 *implicit_table(implicit), ""]))
+    write_text_atomic(paths["json"], json.dumps({"summary": {"implicit_accuracy": implicit}, "metrics": {},
+                                                 "entries": []}, indent=2))
+    write_text_atomic(paths["markdown"], "\n".join(["# Implicit-reward accuracy (held-out pairs)", "",
+                                                     *implicit_table(implicit), ""]))
     return paths

@@ -11,6 +11,9 @@ which noise an image gets. Layout of one model's folder:
 Images are written to a temporary file and renamed, so an interrupted run never leaves a half-written
 PNG; a rerun skips the images already on disk. A rerun with different settings is refused, and so is a
 non-empty <out>/<model_name> without sampling.json (not ours: its files would be overwritten or taken for samples).
+
+diffusion_dpo.runtime (and with it torch) is imported inside the functions that use it: the commands' parsers
+import this module for its tables, and `diffusion-dpo sample --help` should stay cheap.
 """
 
 from __future__ import annotations
@@ -89,8 +92,9 @@ def image_name(prompt_index: int, image_index: int) -> str:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """A model to sample: a base pipeline (folder or hub id), optionally a LoRA folder or a tuned UNet folder."""
+class SampledModel:
+    """A model to sample: a base pipeline (folder or hub id), optionally a LoRA folder or a tuned UNet folder.
+    (Not models.loading.ModelSpec, which describes a base model's family and components.)"""
 
     name: str
     base: str
@@ -104,6 +108,18 @@ class ModelSpec:
             raise ConfigError(f"model name {self.name!r} must be a plain folder name (no '/')")
 
 
+def tuned_model(name: str, base: str, folder: str) -> SampledModel:
+    """`base` with the training result in `folder`: a LoRA (*lora*.safetensors / *lora*.bin there) or a tuned UNet
+    (config.json, or unet/config.json), told apart by its files."""
+    path = Path(folder)
+    if any(path.glob("*lora*.safetensors")) or any(path.glob("*lora*.bin")):
+        return SampledModel(name, base, lora=folder)
+    if (path / "config.json").exists() or (path / "unet" / "config.json").exists():
+        return SampledModel(name, base, unet=folder)
+    raise ConfigError(f"--tuned {name + '=' + folder!r}: {folder} holds neither LoRA weights (*lora*.safetensors) "
+                      f"nor a UNet (config.json or unet/config.json)")
+
+
 def pipeline_family(pipe: Any) -> str:
     name = type(pipe).__name__
     if "XL" in name:
@@ -113,16 +129,16 @@ def pipeline_family(pipe: Any) -> str:
     return "sd"
 
 
-def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "float32") -> Any:
-    """A diffusers pipeline for `spec`, with the LoRA loaded or the UNet replaced."""
-    import torch
+def load_sampling_pipeline(spec: SampledModel, device: str = "cpu", dtype: str = "float32") -> Any:
+    """The diffusers pipeline that samples `spec`: its base, with the LoRA loaded or the UNet replaced."""
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    from diffusion_dpo.runtime import hub_offline, torch_dtype
+
+    dtype_ = torch_dtype(dtype)
     local = Path(spec.base).exists()
     try:
-        pipe = DiffusionPipeline.from_pretrained(spec.base, dtype=torch_dtype, local_files_only=local or offline)
+        pipe = DiffusionPipeline.from_pretrained(spec.base, dtype=dtype_, local_files_only=local or hub_offline())
     except (OSError, ValueError, EnvironmentError) as err:
         raise ModelLoadError(f"cannot load base pipeline {spec.base!r}: {err}; pass a local diffusers folder "
                              f"with --base PATH") from err
@@ -133,7 +149,7 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "float32") 
         if not (unet_dir / "config.json").exists():
             raise ModelLoadError(f"--unet {spec.unet}: no config.json there (nor in {spec.unet}/unet); "
                                  f"pass a folder saved with UNet2DConditionModel.save_pretrained")
-        pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=torch_dtype)
+        pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=dtype_)
     if spec.lora:
         if not Path(spec.lora).exists():
             raise ModelLoadError(f"--lora {spec.lora}: folder does not exist")
@@ -147,7 +163,8 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "float32") 
     return pipe.to(device)
 
 
-def _set_scheduler(pipe: Any, name: str) -> None:
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Replace the pipeline's scheduler by SCHEDULERS[name], built from its config ("default": keep it)."""
     if SCHEDULERS[name] is None:
         return
     import diffusers
@@ -164,7 +181,7 @@ class SampleResult:
     files: list[str] = field(default_factory=list)
 
 
-def sample_model(spec: ModelSpec, prompts: PromptSet, out_dir: str | os.PathLike, settings: SamplerSettings | None = None,
+def sample_model(spec: SampledModel, prompts: PromptSet, out_dir: str | os.PathLike, settings: SamplerSettings | None = None,
                  preset: str | None = None, images_per_prompt: int = 1, seed: int = 0, batch_size: int = 4,
                  device: str = "cpu", dtype: str = "float32", pipe: Any = None, progress: bool = True,
                  **overrides: Any) -> SampleResult:
@@ -176,12 +193,14 @@ def sample_model(spec: ModelSpec, prompts: PromptSet, out_dir: str | os.PathLike
     """
     import torch
 
+    from diffusion_dpo.runtime import save_png_atomic
+
     folder = Path(out_dir) / spec.name
     _check_folder(folder)
     plan = [(p, i) for p in range(len(prompts)) for i in range(images_per_prompt)]
     todo = [(p, i) for p, i in plan if not (folder / image_name(p, i)).exists()]
     if pipe is None and todo:
-        pipe = load_pipeline(spec, device, dtype)
+        pipe = load_sampling_pipeline(spec, device, dtype)
     family = pipeline_family(pipe) if pipe is not None else None
     if settings is None:
         settings = resolve_settings(preset, family or "sd", **overrides)
@@ -195,7 +214,7 @@ def sample_model(spec: ModelSpec, prompts: PromptSet, out_dir: str | os.PathLike
     result = SampleResult(folder, skipped=len(plan) - len(todo), files=[image_name(p, i) for p, i in plan])
     if not todo:
         return result
-    _set_scheduler(pipe, settings.scheduler)
+    set_scheduler(pipe, settings.scheduler)
     kwargs: dict[str, Any] = {"num_inference_steps": settings.steps, "output_type": "pil"}
     if settings.guidance is not None:
         kwargs["guidance_scale"] = settings.guidance
@@ -214,17 +233,11 @@ def sample_model(spec: ModelSpec, prompts: PromptSet, out_dir: str | os.PathLike
             kwargs["negative_prompt"] = [settings.negative_prompt] * len(chunk)
         images = pipe(prompt=texts, generator=generators, **kwargs).images
         for (p, i), image in zip(chunk, images):
-            _save_atomic(image, folder / image_name(p, i))
+            save_png_atomic(image, folder / image_name(p, i))
         result.generated += len(chunk)
         bar.update(len(chunk))
     bar.close()
     return result
-
-
-def _save_atomic(image: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def _check_folder(folder: Path) -> None:
@@ -250,19 +263,17 @@ def _check_or_write_record(folder: Path, record: dict) -> None:
                             f"instead of mixing images made with different settings")
         if record["family"] is None:  # nothing to generate: keep the recorded settings
             return
+    from diffusion_dpo.runtime import write_text_atomic
+
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(record, indent=2))
 
 
 def _write_manifest(folder: Path, prompts: PromptSet, images_per_prompt: int, seed: int) -> None:
+    from diffusion_dpo.runtime import write_text_atomic
+
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "samples.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for p, prompt in enumerate(prompts.prompts):
-            for i in range(images_per_prompt):
-                f.write(json.dumps({"prompt_index": p, "image_index": i, "prompt": prompt.text,
-                                    "category": prompt.category, "seed": image_seed(seed, p, i),
-                                    "file": image_name(p, i)}) + "\n")
-    os.replace(tmp, folder / "samples.jsonl")
+    write_text_atomic(folder / "samples.jsonl", "".join(
+        json.dumps({"prompt_index": p, "image_index": i, "prompt": prompt.text, "category": prompt.category,
+                    "seed": image_seed(seed, p, i), "file": image_name(p, i)}) + "\n"
+        for p, prompt in enumerate(prompts.prompts) for i in range(images_per_prompt)))

@@ -63,6 +63,19 @@ def read_samples(folder: str | Path) -> SampleSet:
     return SampleSet(folder.name, folder, records, sampling)
 
 
+def read_sample_sets(samples_dir: str | Path, names: Sequence[str] | None = None) -> dict[str, SampleSet]:
+    """The sample folders `names` under `samples_dir` (default: every subfolder holding a samples.jsonl, sorted),
+    read with read_samples; DataError when there is none."""
+    samples_dir = Path(samples_dir)
+    if names is None:
+        names = sorted(p.name for p in samples_dir.iterdir() if (p / "samples.jsonl").exists()) \
+            if samples_dir.is_dir() else []
+    if not names:
+        raise DataError(f"no sampled models in {samples_dir}; run `diffusion-dpo sample --out {samples_dir} ...` "
+                        f"first, or pass --samples")
+    return {n: read_samples(samples_dir / n) for n in names}
+
+
 def load_image(path: str | Path):
     """A PIL RGB image, decoded as training decodes (data.dataset.decode_image), or CorruptImageError naming the file."""
     from diffusion_dpo.data.dataset import decode_image
@@ -96,6 +109,28 @@ def score_set(reward: Any, samples: SampleSet, batch_size: int = 16) -> np.ndarr
         images = [load_image(samples.folder / r["file"]) for r in rows]
         scores[start:start + len(rows)] = reward.score(images, [r["prompt"] for r in rows]).double().numpy()
     return scores.reshape(samples.num_prompts, samples.images_per_prompt)
+
+
+def score_models(metric_specs: Sequence[str], sets: dict[str, SampleSet], options: dict[str, dict[str, Any]],
+                 device: str = "cpu", batch_size: int = 16, verbose: bool = True) -> tuple[dict, dict]:
+    """Score every model's images with every metric (evaluate.rewards.load_reward specs), loading one reward
+    model at a time (only one is ever in memory). `options`: metric name (lower case) -> scorer options.
+    Returns (metric -> model -> (P, N) scores, metric -> reward info)."""
+    from diffusion_dpo.evaluate.rewards import load_reward
+
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    infos: dict[str, dict] = {}
+    for spec in metric_specs:
+        name = spec.partition("=")[0].strip()
+        reward = load_reward(spec, device=device, batch_size=batch_size, **options.get(name.lower(), {}))
+        infos[reward.name] = reward.info
+        scores[reward.name] = {}
+        for model, s in sets.items():
+            if verbose:
+                print(f"scoring {model} with {reward.name} ({len(s.records)} images)")
+            scores[reward.name][model] = score_set(reward, s, batch_size=batch_size)
+        del reward
+    return scores, infos
 
 
 def compare(scores: dict[str, dict[str, np.ndarray]], sets: dict[str, SampleSet], infos: dict[str, dict],

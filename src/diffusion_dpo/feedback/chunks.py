@@ -5,7 +5,7 @@ results go to `chunks/chunk-0000k.json`, written to a temporary file and renamed
 or not at all. A rerun skips finished chunks; the final output is assembled from the chunk files in
 order, so an interrupted-then-resumed run writes exactly the bytes of an uninterrupted one.
 
-Under `accelerate launch`, process r takes chunks k with k % world_size == r (cache.prepare.Distribution);
+Under `accelerate launch`, process r takes chunks k with k % world_size == r (runtime.ProcessInfo);
 the main process assembles once every process has passed the barrier.
 
 `run.json` records the command and the settings that determine the results; a rerun with different settings
@@ -13,7 +13,8 @@ the main process assembles once every process has passed the barrier.
 An existing `--out` must be empty or one of this command's runs (it has run.json): the commands never write
 into, nor clean, a folder of the user's.
 
-Every file is written as a temporary `.NAME.PID.tmp` next to NAME and renamed. A rerun deletes only such
+Every file is written as a temporary `.NAME.PID.tmp` next to NAME and renamed (runtime.atomic_path, without
+fsync: the runs are made resumable against interruptions, not power loss). A rerun deletes only such
 temporary files of the files this command writes (`outputs`: glob patterns relative to the folder, e.g.
 "images/[0-9]*.png"), never any other `.tmp` file.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from diffusion_dpo.errors import UserError
 
@@ -38,33 +38,11 @@ class InjectedFailure(RuntimeError):
     """Raised by the DIFFUSION_DPO_FAIL_AFTER_CHUNKS test hook."""
 
 
-def temp_path(path: Path) -> Path:
-    """Where `path` is written before the rename (cache.store.write_json_atomic uses the same name)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def temp_pattern(output: str) -> str:
-    """Glob of the temporary files (any pid) of the outputs matching glob `output` ("dir/name")."""
+    """Glob of the temporary files (any pid; runtime.temp_path names them) of the outputs matching glob `output`
+    ("dir/name")."""
     folder, _, name = output.rpartition("/")
     return f"{folder}/.{name}.[0-9]*.tmp" if folder else f".{name}.[0-9]*.tmp"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = temp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = temp_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def save_png_atomic(image: Any, path: Path) -> None:
-    tmp = temp_path(path)
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def dumps_jsonl(rows: list[dict]) -> str:
@@ -140,11 +118,13 @@ class ChunkedRun:
     def start(self) -> None:
         """Main process only: record the command and settings (first: from then on the folder is ours), create
         folders, delete half-written temp files of our own outputs."""
+        from diffusion_dpo.runtime import write_text_atomic
+
         self.out.mkdir(parents=True, exist_ok=True)
         if not self._run_path.is_file():
             write_text_atomic(self._run_path, json.dumps({"command": self.command, "num_items": self.num_items,
                                                           "chunk_size": self.chunk_size, "settings": self.settings},
-                                                         indent=1, sort_keys=True))
+                                                         indent=1, sort_keys=True), fsync=False)
         self.chunk_dir.mkdir(exist_ok=True)
         for stale in self._stale_temp_files():
             stale.unlink()
@@ -164,7 +144,9 @@ class ChunkedRun:
         return [k for k in range(self.num_chunks) if k % self.world_size == self.rank and k not in done]
 
     def write(self, k: int, result: dict) -> None:
-        write_text_atomic(self.path(k), json.dumps(result, sort_keys=True))
+        from diffusion_dpo.runtime import write_text_atomic
+
+        write_text_atomic(self.path(k), json.dumps(result, sort_keys=True), fsync=False)
         self._written += 1
         fail_after = os.environ.get(FAIL_ENV)
         if fail_after and self._written >= int(fail_after):
@@ -176,14 +158,3 @@ class ChunkedRun:
         if missing:
             raise RuntimeError(f"{self.chunk_dir}: chunks {missing[:5]} are missing after every process finished")
         return [json.loads(self.path(k).read_text()) for k in range(self.num_chunks)]
-
-
-def distribution():
-    """(rank, world_size, device, barrier) from accelerate's PartialState (one process without a launcher).
-    Without CUDA, cpu=True lets `torchrun`/`accelerate launch` processes form a gloo group on the CPU."""
-    import torch
-    from accelerate import PartialState
-
-    from diffusion_dpo.cache.prepare import Distribution
-
-    return Distribution.from_accelerate(PartialState(cpu=not torch.cuda.is_available()))

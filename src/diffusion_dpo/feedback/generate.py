@@ -45,8 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_dpo.errors import ConfigError
-from diffusion_dpo.feedback.chunks import (ChunkedRun, dumps_jsonl, save_png_atomic, write_bytes_atomic,
-                                          write_text_atomic)
+from diffusion_dpo.feedback.chunks import ChunkedRun, dumps_jsonl
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -106,11 +105,13 @@ def save_safetensors_sorted(path: Path, tensors: dict, metadata: dict[str, str])
     run's bytes. Written to a temporary file and renamed."""
     from safetensors.torch import save
 
+    from diffusion_dpo.runtime import write_bytes_atomic
+
     raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     n = int.from_bytes(raw[:8], "little")
     header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # data offsets are relative to the end of the header
-    write_bytes_atomic(path, len(header).to_bytes(8, "little") + header + raw[8 + n:])
+    write_bytes_atomic(path, len(header).to_bytes(8, "little") + header + raw[8 + n:], fsync=False)
 
 
 def _latents_path(out: Path, k: int) -> Path:
@@ -137,6 +138,7 @@ def generate_chunk(pipe: Any, prompts: Any, indices: range, judge: Any, out: Pat
     import torch
 
     from diffusion_dpo.evaluate.sampling import image_name, image_seed
+    from diffusion_dpo.runtime import save_png_atomic
 
     kwargs: dict[str, Any] = {"num_inference_steps": settings.steps, "output_type": "pil"}
     latents: list[torch.Tensor] = []
@@ -311,9 +313,9 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
     """
     from tqdm.auto import tqdm
 
-    from diffusion_dpo.cache.prepare import Distribution
-    from diffusion_dpo.evaluate.sampling import ModelSpec, _set_scheduler, load_pipeline, resolve_settings
+    from diffusion_dpo.evaluate.sampling import SampledModel, load_sampling_pipeline, resolve_settings, set_scheduler
     from diffusion_dpo.models.loading import detect_spec
+    from diffusion_dpo.runtime import ProcessInfo, write_text_atomic
 
     if images_per_prompt < 2:
         raise ConfigError(f"--images-per-prompt must be >= 2 to form pairs, got {images_per_prompt}")
@@ -326,9 +328,9 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
 
         if cache_dtype not in STORAGE_DTYPES:
             raise ConfigError(f"--cache-dtype must be one of {', '.join(STORAGE_DTYPES)}, got {cache_dtype!r}")
-    dist = dist or Distribution()
+    dist = dist or ProcessInfo()
     out = Path(out)
-    spec = ModelSpec(name="model", base=str(base), lora=lora, unet=unet)
+    spec = SampledModel(name="model", base=str(base), lora=lora, unet=unet)
     model_spec = detect_spec(str(base))
     family = model_spec.family
     settings = resolve_settings(preset, family, **overrides)
@@ -348,8 +350,8 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
     dist.barrier()
     todo = run.todo()
     if todo:
-        pipe = load_pipeline(spec, device, dtype)
-        _set_scheduler(pipe, settings.scheduler)
+        pipe = load_sampling_pipeline(spec, device, dtype)
+        set_scheduler(pipe, settings.scheduler)
         bar = tqdm(total=sum(len(run.bounds(k)) for k in todo) * images_per_prompt, unit="img",
                    disable=not progress, dynamic_ncols=True,
                    desc=f"generate [{dist.rank}]" if dist.world_size > 1 else "generate")
@@ -364,8 +366,8 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
     chunks = run.results()
     samples = [r for c in chunks for r in c["samples"]]
     pairs = [r for c in chunks for r in c["pairs"]]
-    write_text_atomic(out / SAMPLES, dumps_jsonl(samples))
-    write_text_atomic(out / MANIFEST, dumps_jsonl(pairs))
+    write_text_atomic(out / SAMPLES, dumps_jsonl(samples), fsync=False)
+    write_text_atomic(out / MANIFEST, dumps_jsonl(pairs), fsync=False)
     paired = {r["prompt_index"] for r in pairs}
     result = GenerateResult(out / MANIFEST, len(prompts), len(samples), len(pairs), len(prompts) - len(paired))
     if write_cache and chunks:
@@ -373,7 +375,7 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
     write_text_atomic(out / RECORD, json.dumps({**record, "judge_info": judge.info,
                                                 "result": {k: v for k, v in asdict(result).items()
                                                            if k not in ("manifest", "cache")}},
-                                               indent=1, sort_keys=True))
+                                               indent=1, sort_keys=True), fsync=False)
     return result
 
 

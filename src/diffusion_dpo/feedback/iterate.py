@@ -34,7 +34,6 @@ from typing import Any
 
 from diffusion_dpo.config import RunConfig, save_config
 from diffusion_dpo.errors import ConfigError, UserError
-from diffusion_dpo.feedback.chunks import write_text_atomic
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -50,9 +49,11 @@ def fuse_model(base: str, train_dir: str | os.PathLike, finetune: str, out: str 
     import torch
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
+    from diffusion_dpo.runtime import hub_offline
+
     out, train_dir = Path(out), Path(train_dir)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    pipe = DiffusionPipeline.from_pretrained(base, dtype=torch.float32, local_files_only=Path(base).exists() or offline)
+    pipe = DiffusionPipeline.from_pretrained(base, dtype=torch.float32,
+                                             local_files_only=Path(base).exists() or hub_offline())
     if finetune == "lora":
         if not (train_dir / "pytorch_lora_weights.safetensors").is_file():
             raise UserError(f"{train_dir}: no pytorch_lora_weights.safetensors to fuse; did training finish?")
@@ -86,15 +87,16 @@ def iterate(cfg: RunConfig, prompts: Any, judge: Any, out: str | os.PathLike, ro
     model.pretrained, data.source/format and output.dir are replaced. Sampler `overrides` as in
     generate_pairs (resolution defaults to data.resolution).
     """
-    from diffusion_dpo.cache.prepare import Distribution, prepare_cache
+    from diffusion_dpo.cache.prepare import prepare_cache
     from diffusion_dpo.feedback.generate import generate_pairs
+    from diffusion_dpo.runtime import ProcessInfo, write_text_atomic
     from diffusion_dpo.train.trainer import train
 
     if rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {rounds}")
     if not cfg.model.pretrained:
         raise ConfigError("model.pretrained is empty: set the starting model in the config or as an override")
-    dist = dist or Distribution()
+    dist = dist or ProcessInfo()
     device = device or str(dist.device)
     out = Path(out)
     overrides = {**overrides, "resolution": overrides.get("resolution") or cfg.data.resolution}
@@ -146,7 +148,7 @@ def iterate(cfg: RunConfig, prompts: Any, judge: Any, out: str | os.PathLike, ro
                   "result_model": result_model, "train_summary": {k: v for k, v in summary.items()
                                                                   if isinstance(v, (int, float, str))}}
         if dist.rank == 0:
-            write_text_atomic(done, json.dumps(record, indent=1, sort_keys=True))
+            write_text_atomic(done, json.dumps(record, indent=1, sort_keys=True), fsync=False)
         dist.barrier()
         records.append(record)
         if update_reference:

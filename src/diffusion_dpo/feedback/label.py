@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from diffusion_dpo.errors import CorruptImageError, UserError
-from diffusion_dpo.feedback.chunks import ChunkedRun, dumps_jsonl, write_bytes_atomic, write_text_atomic
+from diffusion_dpo.feedback.chunks import ChunkedRun, dumps_jsonl
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -73,6 +73,7 @@ def label_chunk(source: Any, indices: range, judge: Any, margin: float, out: Pat
                 on_corrupt: str = "skip") -> dict:
     """Judge the pairs `indices` of `source`; write the kept pairs' images; return the chunk's rows and counts."""
     from diffusion_dpo.data.dataset import decode_image
+    from diffusion_dpo.runtime import write_bytes_atomic
 
     pairs, corrupt = [], 0
     for i in indices:
@@ -107,7 +108,7 @@ def label_chunk(source: Any, indices: range, judge: Any, margin: float, out: Pat
             files = []
             for side, idx in (("chosen", w), ("rejected", l)):
                 path = folder / f"{i:08d}_{side}{_extension(raw[idx])}"
-                write_bytes_atomic(path, raw[idx])
+                write_bytes_atomic(path, raw[idx], fsync=False)
                 files.append(path.relative_to(out).as_posix())
             row = {"prompt": record.prompt, "chosen": files[0], "rejected": files[1],
                    "score_chosen": max(s_orig_w, s_orig_l), "score_rejected": min(s_orig_w, s_orig_l), "margin": diff,
@@ -138,16 +139,16 @@ def label_pairs(source: Any, judge: Any, out: str | os.PathLike, margin: float =
     """Re-judge every pair of `source` (a data.sources.PairSource) with `judge` (feedback.reward_judge.Judge)
     into `out`.
 
-    Resumable (finished chunks are skipped) and shardable across processes (`dist`, see
-    cache.prepare.Distribution). Returns the result on the main process, None on the others.
+    Resumable (finished chunks are skipped) and shardable across processes (`dist`: a runtime.ProcessInfo,
+    default a single process). Returns the result on the main process, None on the others.
     """
     from tqdm.auto import tqdm
 
-    from diffusion_dpo.cache.prepare import Distribution
+    from diffusion_dpo.runtime import ProcessInfo, write_text_atomic
 
     if margin < 0:
         raise UserError(f"--margin must be >= 0, got {margin}")
-    dist = dist or Distribution()
+    dist = dist or ProcessInfo()
     out = Path(out)
     settings = {"source": source.fingerprint, "source_location": source.location, "judge": judge.names,
                 "weights": judge.weights, "margin": margin, "on_corrupt": on_corrupt}
@@ -172,11 +173,11 @@ def label_pairs(source: Any, judge: Any, out: str | os.PathLike, margin: float =
     rows = [r for c in chunks for r in c["rows"]]
     result = LabelResult(out / MANIFEST, len(source), len(rows), sum(c["ties"] for c in chunks),
                          sum(c["corrupt"] for c in chunks), sum(c["agreed"] for c in chunks))
-    write_text_atomic(out / MANIFEST, dumps_jsonl(rows))
+    write_text_atomic(out / MANIFEST, dumps_jsonl(rows), fsync=False)
     summary = {**{k: v for k, v in asdict(result).items() if k != "manifest"}, "agreement": result.agreement,
                "margin": margin, "source": source.describe(), "judge": judge.info,
                "manifest": MANIFEST, "format": "manifest (data.format=manifest): prompt, chosen, rejected + scores"}
-    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=1, sort_keys=True))
+    write_text_atomic(out / SUMMARY, json.dumps(summary, indent=1, sort_keys=True), fsync=False)
     done_now = sum(len(run.bounds(k)) for k in todo)
     log.info("labelled %d pairs in %.1f s this run", done_now, elapsed)
     return result

@@ -8,7 +8,7 @@ import pytest
 
 from diffusion_dpo.errors import ConfigError, UserError
 from diffusion_dpo.evaluate.prompts import Prompt, PromptSet
-from diffusion_dpo.evaluate.sampling import ModelSpec, image_seed, resolve_settings, sample_model
+from diffusion_dpo.evaluate.sampling import SampledModel, image_seed, resolve_settings, sample_model
 
 PROMPTS = PromptSet("test", "inline", (Prompt("a red cat", "animals"), Prompt("a blue square", "shapes")))
 FAST = dict(steps=2, resolution=32, progress=False)
@@ -33,8 +33,8 @@ def test_presets_resolve_per_family_and_flags_override():
 
 
 def test_same_seed_same_images_bit_identical(tiny_sd, tmp_path):
-    a = sample_model(ModelSpec("base", str(tiny_sd)), PROMPTS, tmp_path / "a", images_per_prompt=2, **FAST)
-    b = sample_model(ModelSpec("base", str(tiny_sd)), PROMPTS, tmp_path / "b", images_per_prompt=2, **FAST)
+    a = sample_model(SampledModel("base", str(tiny_sd)), PROMPTS, tmp_path / "a", images_per_prompt=2, **FAST)
+    b = sample_model(SampledModel("base", str(tiny_sd)), PROMPTS, tmp_path / "b", images_per_prompt=2, **FAST)
     assert a.generated == 4 and a.files == ["00000_00.png", "00000_01.png", "00001_00.png", "00001_01.png"]
     for f in a.files:
         assert (a.folder / f).read_bytes() == (b.folder / f).read_bytes()
@@ -48,7 +48,7 @@ def test_same_seed_same_images_bit_identical(tiny_sd, tmp_path):
 
 
 def test_resume_skips_finished_images_and_regenerates_only_missing(tiny_sd, tmp_path):
-    spec = ModelSpec("base", str(tiny_sd))
+    spec = SampledModel("base", str(tiny_sd))
     first = sample_model(spec, PROMPTS, tmp_path, images_per_prompt=2, **FAST)
     kept = (first.folder / "00000_00.png").stat().st_mtime_ns
     removed = (first.folder / "00001_01.png").read_bytes()
@@ -64,7 +64,7 @@ def test_resume_skips_finished_images_and_regenerates_only_missing(tiny_sd, tmp_
 
 
 def test_rerun_with_different_settings_is_refused(tiny_sd, tmp_path):
-    spec = ModelSpec("base", str(tiny_sd))
+    spec = SampledModel("base", str(tiny_sd))
     sample_model(spec, PROMPTS, tmp_path, images_per_prompt=1, **FAST)
     (tmp_path / "base" / "00000_00.png").unlink()
     with pytest.raises(UserError, match="different sampler"):
@@ -74,7 +74,7 @@ def test_rerun_with_different_settings_is_refused(tiny_sd, tmp_path):
 @pytest.mark.parametrize("family", ["tiny_sdxl", "tiny_lcm"])
 def test_other_families_sample(family, request, tmp_path):
     path = request.getfixturevalue(family)
-    r = sample_model(ModelSpec("base", str(path)), PROMPTS.limit(1), tmp_path, preset="paper", **FAST)
+    r = sample_model(SampledModel("base", str(path)), PROMPTS.limit(1), tmp_path, preset="paper", **FAST)
     assert r.generated == 1
 
 
@@ -87,8 +87,8 @@ def test_tuned_unet_and_lora(tiny_sd, tmp_path):
     with torch.no_grad():
         unet.conv_out.bias.add_(0.5)
     unet.save_pretrained(tmp_path / "tuned_unet")
-    base = sample_model(ModelSpec("base", str(tiny_sd)), PROMPTS.limit(1), tmp_path / "s", **FAST)
-    tuned = sample_model(ModelSpec("tuned", str(tiny_sd), unet=str(tmp_path / "tuned_unet")), PROMPTS.limit(1),
+    base = sample_model(SampledModel("base", str(tiny_sd)), PROMPTS.limit(1), tmp_path / "s", **FAST)
+    tuned = sample_model(SampledModel("tuned", str(tiny_sd), unet=str(tmp_path / "tuned_unet")), PROMPTS.limit(1),
                          tmp_path / "s", **FAST)
     assert (base.folder / "00000_00.png").read_bytes() != (tuned.folder / "00000_00.png").read_bytes()
 
@@ -102,7 +102,7 @@ def test_tuned_unet_and_lora(tiny_sd, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
-    lora = sample_model(ModelSpec("lora", str(tiny_sd), lora=str(tmp_path / "lora")), PROMPTS.limit(1),
+    lora = sample_model(SampledModel("lora", str(tiny_sd), lora=str(tmp_path / "lora")), PROMPTS.limit(1),
                         tmp_path / "s", **FAST)
     assert lora.generated == 1
     assert (base.folder / "00000_00.png").read_bytes() != (lora.folder / "00000_00.png").read_bytes()
@@ -110,9 +110,9 @@ def test_tuned_unet_and_lora(tiny_sd, tmp_path):
 
 def test_model_spec_checks():
     with pytest.raises(ConfigError, match="not both"):
-        ModelSpec("x", "base", lora="a", unet="b")
+        SampledModel("x", "base", lora="a", unet="b")
     with pytest.raises(ConfigError, match="plain folder name"):
-        ModelSpec("a/b", "base")
+        SampledModel("a/b", "base")
 
 
 @pytest.mark.fault(input="`sample --out OUT --name NAME` where OUT/NAME is a non-empty folder not written by `sample`",
@@ -123,11 +123,11 @@ def test_foreign_folder_is_refused(tiny_sd, tmp_path):
     (mine / "00000_00.png").write_bytes(b"my holiday picture")
     (mine / "samples.jsonl").write_text("my notes\n")
     with pytest.raises(UserError, match=r"base is not empty and was not written by `sample` \(no sampling.json\)"):
-        sample_model(ModelSpec("base", str(tiny_sd)), PROMPTS, tmp_path, **FAST)
+        sample_model(SampledModel("base", str(tiny_sd)), PROMPTS, tmp_path, **FAST)
     assert sorted(p.name for p in mine.iterdir()) == ["00000_00.png", "samples.jsonl"]
     assert (mine / "samples.jsonl").read_text() == "my notes\n"
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        sample_model(ModelSpec("file", str(tiny_sd)), PROMPTS, tmp_path, **FAST)
+        sample_model(SampledModel("file", str(tiny_sd)), PROMPTS, tmp_path, **FAST)
     (tmp_path / "empty").mkdir()  # an empty folder is fine
-    assert sample_model(ModelSpec("empty", str(tiny_sd)), PROMPTS.limit(1), tmp_path, **FAST).generated == 1
+    assert sample_model(SampledModel("empty", str(tiny_sd)), PROMPTS.limit(1), tmp_path, **FAST).generated == 1

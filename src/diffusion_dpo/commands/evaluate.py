@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffusion_dpo.evaluate.sample_cli import add_sampling_arguments
+from diffusion_dpo.commands.common import add_sampling_arguments
 
 DEFAULT_METRICS = "pickscore,pickscore_cosine,hpsv21,aesthetic,clip"
 
@@ -72,28 +72,22 @@ def _parse_options(items: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _tuned_spec(item: str, base: str):
+def _tuned_model(item: str, base: str):
+    """--tuned NAME=DIR -> the SampledModel it names (a LoRA or a UNet folder, told apart by its files)."""
     from diffusion_dpo.errors import ConfigError
-    from diffusion_dpo.evaluate.sampling import ModelSpec
+    from diffusion_dpo.evaluate.sampling import tuned_model
 
     name, sep, folder = item.partition("=")
     if not sep:
         raise ConfigError(f"--tuned {item!r}: expected NAME=DIR (a LoRA folder or a UNet folder)")
-    path = Path(folder)
-    if any(path.glob("*lora*.safetensors")) or any(path.glob("*lora*.bin")):
-        return ModelSpec(name, base, lora=folder)
-    if (path / "config.json").exists() or (path / "unet" / "config.json").exists():
-        return ModelSpec(name, base, unet=folder)
-    raise ConfigError(f"--tuned {item!r}: {folder} holds neither LoRA weights (*lora*.safetensors) nor a UNet "
-                      f"(config.json or unet/config.json)")
+    return tuned_model(name, base, folder)
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusion_dpo.cli import setup_logging
-    from diffusion_dpo.errors import ConfigError, DataError
+    from diffusion_dpo.errors import ConfigError
     from diffusion_dpo.evaluate import scoring
-    from diffusion_dpo.evaluate.report import write_report
-    from diffusion_dpo.evaluate.rewards import load_reward
+    from diffusion_dpo.evaluate.report import run_summary, write_report
+    from diffusion_dpo.runtime import setup_logging
 
     setup_logging()
 
@@ -105,20 +99,20 @@ def run(args: argparse.Namespace) -> int:
 
     # 1. sample first, if asked (resumable: finished images are skipped); --pairs alone samples nothing
     if args.base and (args.prompts or not args.pairs):
+        from diffusion_dpo.commands.common import check_counts, sampling_overrides
         from diffusion_dpo.evaluate.prompts import load_prompts
-        from diffusion_dpo.evaluate.sample_cli import check_counts, sampling_overrides
-        from diffusion_dpo.evaluate.sampling import ModelSpec, sample_model
+        from diffusion_dpo.evaluate.sampling import SampledModel, sample_model
 
         if not args.prompts:
             raise ConfigError("--base needs --prompts (a built-in prompt set or a local file)")
         check_counts(args)
         prompts = load_prompts(args.prompts, cache_dir=args.prompt_cache).limit(args.limit)
-        specs = [ModelSpec("base", args.base)] + [_tuned_spec(t, args.base) for t in args.tuned]
-        for spec in specs:
-            r = sample_model(spec, prompts, samples_dir, preset=args.preset, images_per_prompt=args.images_per_prompt,
+        models = [SampledModel("base", args.base)] + [_tuned_model(t, args.base) for t in args.tuned]
+        for model in models:
+            r = sample_model(model, prompts, samples_dir, preset=args.preset, images_per_prompt=args.images_per_prompt,
                              seed=args.seed, batch_size=args.sample_batch_size, device=args.device, dtype=args.dtype,
                              progress=not args.quiet, **sampling_overrides(args))
-            print(f"{spec.name}: {r.generated} images generated, {r.skipped} already on disk")
+            print(f"{model.name}: {r.generated} images generated, {r.skipped} already on disk")
     elif args.tuned and not args.base:
         raise ConfigError("--tuned needs --base (the pipeline the LoRA or UNet applies to)")
 
@@ -130,13 +124,13 @@ def run(args: argparse.Namespace) -> int:
         if not (args.base and args.tuned):
             raise ConfigError("--pairs needs --base and at least one --tuned NAME=DIR")
         for item in args.tuned:
-            spec = _tuned_spec(item, args.base)
-            implicit[spec.name] = implicit_accuracy(
-                args.base, args.pairs, lora=spec.lora, unet=spec.unet, num_timesteps=args.implicit_timesteps,
+            model = _tuned_model(item, args.base)
+            implicit[model.name] = implicit_accuracy(
+                args.base, args.pairs, lora=model.lora, unet=model.unet, num_timesteps=args.implicit_timesteps,
                 beta=args.implicit_beta, max_pairs=args.implicit_max_pairs, device=args.device, dtype=args.dtype,
                 seed=args.seed, vae=args.implicit_vae)
-            print(f"{spec.name}: implicit-reward accuracy {100 * implicit[spec.name]['accuracy']:.1f}% "
-                  f"on {implicit[spec.name]['pairs']} pairs")
+            print(f"{model.name}: implicit-reward accuracy {100 * implicit[model.name]['accuracy']:.1f}% "
+                  f"on {implicit[model.name]['pairs']} pairs")
         if not args.prompts and not (samples_dir.is_dir() and any(samples_dir.glob("*/samples.jsonl"))):
             from diffusion_dpo.evaluate.report import write_implicit_only
 
@@ -145,46 +139,20 @@ def run(args: argparse.Namespace) -> int:
             return 0
 
     # 3. read the sample folders and check they are comparable
-    if args.models:
-        names = [m.strip() for m in args.models.split(",") if m.strip()]
-    else:
-        names = sorted(p.name for p in samples_dir.iterdir() if (p / "samples.jsonl").exists()) \
-            if samples_dir.is_dir() else []
-    if not names:
-        raise DataError(f"no sampled models in {samples_dir}; run `diffusion-dpo sample --out {samples_dir} ...` "
-                        f"first, or pass --samples")
-    sets = {n: scoring.read_samples(samples_dir / n) for n in names}
-    baseline = args.baseline or ("base" if "base" in sets else names[0])
+    names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    sets = scoring.read_sample_sets(samples_dir, names)
+    baseline = args.baseline or ("base" if "base" in sets else next(iter(sets)))
     if baseline not in sets:
         raise ConfigError(f"--baseline {baseline!r} is not among the models: {', '.join(sets)}")
     scoring.check_comparable(list(sets.values()))
 
     # 4. score every model with every metric, one reward model in memory at a time
-    scores: dict[str, dict[str, Any]] = {}
-    infos: dict[str, dict] = {}
-    for spec in metric_specs:
-        name = spec.partition("=")[0].strip()
-        reward = load_reward(spec, device=args.device, batch_size=args.batch_size, **options.get(name.lower(), {}))
-        infos[reward.name] = reward.info
-        scores[reward.name] = {}
-        for model, s in sets.items():
-            if not args.quiet:
-                print(f"scoring {model} with {reward.name} ({len(s.records)} images)")
-            scores[reward.name][model] = scoring.score_set(reward, s, batch_size=args.batch_size)
-        del reward
+    scores, infos = scoring.score_models(metric_specs, sets, options, device=args.device, batch_size=args.batch_size,
+                                         verbose=not args.quiet)
 
     # 5. compare, write the report, print the table
     entries = scoring.compare(scores, sets, infos, baseline, resamples=args.bootstrap, seed=args.bootstrap_seed)
-    first = sets[baseline]
-    summary = {"prompt_set": first.sampling.get("prompt_set"), "prompt_source": first.sampling.get("prompt_source"),
-               "num_prompts": first.num_prompts, "images_per_prompt": first.images_per_prompt,
-               "seed": first.sampling.get("seed"), "seed_rule": first.sampling.get("seed_rule"),
-               "baseline": baseline, "models": {n: s.sampling.get("model") for n, s in sets.items()},
-               "sampler": {n: s.sampling.get("sampler") for n, s in sets.items()},
-               "bootstrap_resamples": args.bootstrap, "bootstrap_seed": args.bootstrap_seed,
-               "win_rule": "per prompt: mean over its images; win 1, tie 0.5, loss 0"}
-    if implicit:
-        summary["implicit_accuracy"] = implicit
+    summary = run_summary(sets, baseline, args.bootstrap, args.bootstrap_seed, implicit)
     paths = write_report(args.out, entries, infos, scores, sets, baseline, summary, args.html_max_prompts)
     print(paths["markdown"].read_text().split("\n## Metrics")[0])
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from diffusion_dpo.evaluate.sample_cli import sampling_overrides
-from diffusion_dpo.feedback.generate_cli import add_generation_arguments
-from diffusion_dpo.feedback.label_cli import add_judge_arguments, add_run_arguments, judge_from_args
+from diffusion_dpo.commands.common import (add_feedback_arguments, add_generation_arguments, judge_from_args,
+                                          sampling_overrides, this_process)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,30 +24,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fuse each round's result into a full pipeline that samples and serves as the DPO "
                              "reference of the next round (default on)")
     add_generation_arguments(parser)
-    add_judge_arguments(parser)
-    add_run_arguments(parser, default_chunk=8)
+    add_feedback_arguments(parser, default_chunk=8)
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusion_dpo.cli import setup_logging
-
     from diffusion_dpo.config import load_config
     from diffusion_dpo.evaluate.prompts import load_prompts
-    from diffusion_dpo.feedback.chunks import distribution
     from diffusion_dpo.feedback.iterate import iterate
+    from diffusion_dpo.runtime import setup_logging
 
     setup_logging()
     cfg = load_config(args.config, args.overrides)
-    dist = distribution()
-    device = args.device or str(dist.device)
+    process, device = this_process(args)
     prompts = load_prompts(args.prompts, cache_dir=args.prompt_cache).limit(args.limit)
     judge = judge_from_args(args, device)
     records = iterate(cfg, prompts, judge, args.out, args.rounds, images_per_prompt=args.images_per_prompt,
                       strategy=args.strategy, margin=args.margin, seed=args.seed,
                       update_reference=args.update_reference, preset=args.preset,
                       sample_batch_size=args.sample_batch_size, chunk_size=args.chunk_size, device=device,
-                      dtype=args.dtype, dist=dist, progress=not args.no_progress, **sampling_overrides(args))
-    if dist.rank == 0:
+                      dtype=args.dtype, dist=process, progress=not args.no_progress, **sampling_overrides(args))
+    if process.is_main:
         for rec in records:
             loss = rec["train_summary"].get("loss_last10")
             print(f"round {rec['round']}: {rec['num_pairs']} pairs, reference {rec['reference']}, "

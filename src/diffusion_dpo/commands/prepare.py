@@ -25,24 +25,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusion_dpo.cli import setup_logging
-
     from accelerate import PartialState
 
-    from diffusion_dpo.cache.prepare import Distribution, prepare_cache
+    from diffusion_dpo.cache.prepare import prepare_cache
     from diffusion_dpo.config import load_config
     from diffusion_dpo.errors import ConfigError
+    from diffusion_dpo.runtime import ProcessInfo, setup_logging
 
     for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     setup_logging()
     cfg = load_config(args.config, args.overrides)
-    state = PartialState()
-    folder = prepare_cache(cfg, storage_dtype=args.dtype or cfg.data.cache_dtype, batch_size=args.batch_size, shard_size=args.shard_size,
-                           num_workers=args.num_workers, cache_dir=args.cache_dir,
-                           dist=Distribution.from_accelerate(state),
-                           progress=not args.no_progress and state.is_main_process)
-    if state.is_main_process:
+    process = ProcessInfo.from_accelerate(PartialState())
+    folder = prepare_cache(cfg, storage_dtype=args.dtype or cfg.data.cache_dtype, batch_size=args.batch_size,
+                           shard_size=args.shard_size, num_workers=args.num_workers, cache_dir=args.cache_dir,
+                           dist=process, progress=not args.no_progress and process.is_main)
+    if process.is_main:
         print(f"train from it with: data.source={folder}  (or keep data.cache_dir={folder.parent} and the same config)")
     return 0

@@ -13,11 +13,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusion_dpo.cli import setup_logging
-
     import yaml
 
     from diffusion_dpo.config import load_config, to_dict
+    from diffusion_dpo.runtime import setup_logging
     from diffusion_dpo.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)

@@ -11,25 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from diffusion_dpo.evaluate.sample_cli import sampling_overrides
-from diffusion_dpo.feedback.generate import STRATEGIES
-from diffusion_dpo.feedback.label_cli import add_judge_arguments, add_run_arguments, judge_from_args
-
-
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """Sampling and pairing flags shared by generate-pairs and iterate."""
-    from diffusion_dpo.evaluate.sample_cli import add_sampler_settings
-
-    g = parser.add_argument_group("sampling and pairing")
-    g.add_argument("--prompts", required=True, help="built-in prompt set name or a local .txt/.csv/.tsv/.json/.jsonl file")
-    g.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
-    g.add_argument("--images-per-prompt", "-k", type=int, default=4, help="K images sampled per prompt (default 4)")
-    g.add_argument("--strategy", choices=STRATEGIES, default="best-worst",
-                   help="best-worst: one pair per prompt; all: every pair; random: K//2 disjoint random pairs")
-    g.add_argument("--margin", type=float, default=0.0,
-                   help="keep a pair only if winner score - loser score >= this (default 0: any strict winner)")
-    g.add_argument("--seed", type=int, default=0, help="base seed; image i of prompt p uses image_seed(seed, p, i)")
-    add_sampler_settings(g)
+from diffusion_dpo.commands.common import (add_feedback_arguments, add_generation_arguments, judge_from_args,
+                                          sampling_overrides, this_process)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,26 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "encoding); train with data.source=OUT/cache")
     c.add_argument("--cache-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="storage dtype of the cache's latents and text embeddings (default float16)")
-    add_judge_arguments(parser)
-    add_run_arguments(parser, default_chunk=8)
+    add_feedback_arguments(parser, default_chunk=8)
 
 
 def run(args: argparse.Namespace) -> int:
-    from diffusion_dpo.cli import setup_logging
-
     from diffusion_dpo.evaluate.prompts import load_prompts
-    from diffusion_dpo.feedback.chunks import distribution
     from diffusion_dpo.feedback.generate import describe, generate_pairs
+    from diffusion_dpo.runtime import setup_logging
 
     setup_logging()
-    dist = distribution()
-    device = args.device or str(dist.device)
+    process, device = this_process(args)
     prompts = load_prompts(args.prompts, cache_dir=args.prompt_cache).limit(args.limit)
     judge = judge_from_args(args, device)
     result = generate_pairs(args.base, prompts, args.out, judge, lora=args.lora, unet=args.unet,
                             images_per_prompt=args.images_per_prompt, strategy=args.strategy, margin=args.margin,
                             seed=args.seed, preset=args.preset, sample_batch_size=args.sample_batch_size,
-                            chunk_size=args.chunk_size, device=device, dtype=args.dtype, dist=dist,
+                            chunk_size=args.chunk_size, device=device, dtype=args.dtype, dist=process,
                             progress=not args.no_progress, write_cache=args.write_cache,
                             cache_dtype=args.cache_dtype, **sampling_overrides(args))
     if result is not None:
