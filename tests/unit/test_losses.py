@@ -118,3 +118,34 @@ def test_reference_errors_get_no_gradient_and_policy_errors_do():
     inside = -0.5 * 2.0 * ((torch.tensor([1.0, 2.0]) - torch.tensor([1.5, 0.5])) - (torch.tensor([1.5, 1.5]) - 1.0))
     g = (1 - torch.sigmoid(inside)) * 2.0 / (2 * 2)
     assert torch.allclose(err_policy.grad, torch.cat([g, -g]), atol=1e-7)
+
+
+def test_dpo_logit_by_hand_and_used_by_the_loss():
+    # pair 0: policy (1.0, 2.0), reference (1.5, 1.5), beta 2: -2/2 * ((1 - 2) - (1.5 - 1.5)) = 1
+    # pair 1: policy (3.0, 1.0), reference (0.5, 0.5), beta 2: -1 * ((3 - 1) - 0) = -2
+    pw, pl, rw, rl = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 1.0]), torch.tensor([1.5, 0.5]), torch.tensor([1.5, 0.5])
+    assert torch.equal(dpo_logit(pw, pl, rw, rl, beta=2.0), torch.tensor([1.0, -2.0]))
+    # beta scales the logit, never its sign; a reference that moved like the policy cancels it
+    assert torch.equal(dpo_logit(pw, pl, rw, rl, beta=4.0), torch.tensor([2.0, -4.0]))
+    assert torch.equal(dpo_logit(pw, pl, pw, pl, beta=5000.0), torch.zeros(2))
+    out = DPOLoss(beta=2.0)(PairErrors(pw, pl, rw, rl))
+    assert out.metrics["inside"].item() == pytest.approx(-0.5)  # the mean DPO logit
+    assert torch.allclose(out.per_pair, -F.logsigmoid(torch.tensor([1.0, -2.0])))
+
+
+def test_build_loss_picks_from_the_losses_table(monkeypatch):
+    class Hinge(DPOLoss):
+        """A stand-in for a later loss: registered in LOSSES, built by name."""
+
+    monkeypatch.setitem(LOSSES, "hinge", Hinge)
+    built = build_loss("hinge", 7.0)
+    assert type(built) is Hinge and built.beta == 7.0
+    with pytest.raises(ConfigError, match=r"unknown train.method 'ipo'; choose one of \['dpo', 'hinge', 'sft'\]"):
+        build_loss("ipo", 1.0)
+
+
+def test_sft_needs_neither_losers_nor_reference():
+    assert (SFTLoss.needs_losers, SFTLoss.needs_reference) == (False, False)
+    assert (DPOLoss.needs_losers, DPOLoss.needs_reference) == (True, True)
+    out = SFTLoss()(PairErrors(torch.tensor([0.25, 0.75]), policy_l=None, ref_w=None, ref_l=None))
+    assert out.loss.item() == 0.5 and torch.equal(out.per_pair, torch.tensor([0.25, 0.75]))

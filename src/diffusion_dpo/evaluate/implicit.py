@@ -128,13 +128,13 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
         mean_l, _ = encode_images(autoencoder, pixels[:, 1])
         lat_w, lat_l = mean_w * spec.vae_scaling_factor, mean_l * spec.vae_scaling_factor
         cond = encoder(batch["prompts"])  # (B, ...): one text conditioning per pair
-        extra = family.pair_conditioning(batch, res, data_cfg.sdxl_time_ids)  # SDXL: (2B, 6), one row per pair
-        extra = None if extra is None else extra.to(device)
+        pair_cond = family.pair_conditioning(batch, res, data_cfg.sdxl_time_ids)  # SDXL: (2B, 6), one row per pair
+        pair_cond = None if pair_cond is None else pair_cond.to(device)
         total = torch.zeros(b)
         for k, t in enumerate(timesteps.tolist()):
             noise = torch.stack([torch.randn(lat_w.shape[1:], generator=pair_generator(seed, k, i)) for i in idx])
             t_b = torch.full((b,), t, dtype=torch.long)
-            pairs_k = PairBatch(lat_w.cpu(), lat_l.cpu(), cond, noise, t_b, extra)
+            pairs_k = PairBatch(lat_w.cpu(), lat_l.cpu(), cond, noise, t_b, pair_cond)
             e = pair_errors(policy, reference, family, scheduler, pairs_k, "mean", device=device)
             step = dpo_logit(e.policy_w, e.policy_l, e.ref_w, e.ref_l, beta).float().cpu()  # (B,)
             check_finite_logits(step, idx, source, t, dtype)

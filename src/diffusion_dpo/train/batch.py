@@ -32,7 +32,7 @@ class PairBatch:
     cond: TextConditioning  # (B, L, D) [+ pooled (B, D2)]: one text conditioning per pair
     noise: torch.Tensor  # (B, C, h, w): one noise per pair
     timesteps: torch.Tensor  # (B,): one timestep per pair
-    extra: Optional[torch.Tensor] = None  # family.pair_conditioning rows (2B, ...): SDXL time ids (2B, 6) float32
+    pair_cond: Optional[torch.Tensor] = None  # family.pair_conditioning rows (2B, ...): SDXL time ids (2B, 6) float32
 
     @property
     def size(self) -> int:
@@ -67,9 +67,9 @@ class PairEncoder(ABC):
         lat_l = sample_latents(mean[:, 1], std[:, 1], sf, rnd["latent_eps_l"].to(self.device), mode)
         if cfg.data.caption_dropout > 0:
             cond = cond.select(rnd["drop_caption"], self.empty_cond.to(self.device))
-        extra = self.family.pair_conditioning(raw, res, cfg.data.sdxl_time_ids)
+        pair_cond = self.family.pair_conditioning(raw, res, cfg.data.sdxl_time_ids)
         return PairBatch(lat_w, lat_l, cond, rnd["noise"].to(self.device), rnd["timesteps"].to(self.device),
-                         None if extra is None else extra.to(self.device))
+                         None if pair_cond is None else pair_cond.to(self.device))
 
 
 class PixelEncoder(PairEncoder):

@@ -24,23 +24,23 @@ def pair_errors(policy, reference, family, scheduler, batch: PairBatch, reductio
     CPU, so its results do not depend on the device); default the batch's device."""
     if not losers:
         latents, noise, t = batch.latents_w, batch.noise, batch.timesteps
-        extra = None if batch.extra is None else batch.extra[: batch.size]
+        pair_cond = None if batch.pair_cond is None else batch.pair_cond[: batch.size]
     else:
         # (2B, ...) winner rows first: the same noise and timestep for winner and loser of a pair
         latents, noise, t = stack_pairs(batch.latents_w, batch.latents_l, batch.noise, batch.timesteps)
-        extra = batch.extra
+        pair_cond = batch.pair_cond
     noisy, target = family.noisy_and_target(scheduler, latents, noise, t)
     device = latents.device if device is None else device
     noisy, t, target = noisy.to(device), t.to(device), target.to(device)
     if not losers:
-        pred = family.predict(policy, noisy, t, batch.cond, extra)
+        pred = family.predict(policy, noisy, t, batch.cond, pair_cond)
         return PairErrors(per_sample_error(pred, target, reduction))
     cond2 = batch.cond.repeat_pairs()  # (2B, ...): the same text for winner and loser
     ref_w = ref_l = None
     if with_reference:
-        ref_pred = reference(lambda net: family.predict(net, noisy, t, cond2, extra), device)
+        ref_pred = reference(lambda net: family.predict(net, noisy, t, cond2, pair_cond), device)
         ref_w, ref_l = split_pairs(per_sample_error(ref_pred, target, reduction))
-    pred = family.predict(policy, noisy, t, cond2, extra)
+    pred = family.predict(policy, noisy, t, cond2, pair_cond)
     policy_w, policy_l = split_pairs(per_sample_error(pred, target, reduction))
     return PairErrors(policy_w, policy_l, ref_w, ref_l)
 

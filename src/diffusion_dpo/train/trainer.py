@@ -82,7 +82,7 @@ class Trainer:
         from diffusion_dpo.data.sources import check_fills_batch  # before the models load: fail fast
 
         check_fills_batch(len(self.dataset), cfg.train.batch_size, acc.num_processes, pairs.source_stats)
-        self.encode_batch = pairs.encoder(cfg, self.family, self.device)
+        self.batch_encoder = pairs.encoder(cfg, self.family, self.device)
 
         # 4. trained network and reference policy
         self.loss_fn = build_loss(cfg.train.method, cfg.train.beta)
@@ -144,7 +144,7 @@ class Trainer:
         return self
 
     def micro_step(self, raw: dict[str, Any]):
-        batch = self.encode_batch(raw)
+        batch = self.batch_encoder(raw)
         if batch is None:  # every pair of this micro-batch was corrupt: keep processes in step with a zero loss
             zero = sum(p.sum() for p in self.params) * 0.0
             return zero, {}, 0

@@ -7,10 +7,10 @@ family names: they ask the object.
     detection      matches(configs)                            (class method; the FAMILIES table is ordered)
     loading        load_text_encoders, load_network, load_vae, load_noise_scheduler
     prompts        encode_prompts(encoders, prompts)          -> TextConditioning (what the cache stores)
-    pairs          pair_conditioning(batch, resolution, mode) -> extra per-row conditioning (SDXL time ids)
+    pairs          pair_conditioning(batch, resolution, mode) -> pair_cond per-row conditioning (SDXL time ids)
     randomness     draw_randomness(generators, ...)            per-pair seeded noise / timestep / coins
     diffusion      noisy_and_target(scheduler, latents, noise, t) -> (noisy input, training target)
-    network        predict(net, noisy, t, cond, extra)        -> the network's prediction
+    network        predict(net, noisy, t, cond, pair_cond)        -> the network's prediction
     outputs        pipeline_class, lora_targets, pipeline_text_encoders(pipe)
 """
 
@@ -116,5 +116,5 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def predict(self, net, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
-                extra: Optional[torch.Tensor]) -> torch.Tensor:
-        """One forward of `net` (policy or reference) on N rows; `extra` is pair_conditioning's rows (or a slice)."""
+                pair_cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """One forward of `net` (policy or reference) on N rows; `pair_cond` is pair_conditioning's rows (or a slice)."""

@@ -30,13 +30,13 @@ class SDFamily(ModelFamily):
         """DDPM forward process x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps; target eps or v (scheduler.prediction_type)."""
         return scheduler.add_noise(latents, noise, timesteps), prediction_target(scheduler, latents, noise, timesteps)
 
-    def predict(self, net, noisy, timesteps, cond, extra=None):
+    def predict(self, net, noisy, timesteps, cond, pair_cond=None):
         dtype = next(net.parameters()).dtype  # works for DDP-wrapped networks too (no .dtype there)
         return net(noisy.to(dtype), timesteps, encoder_hidden_states=cond.prompt_embeds.to(dtype),
-                   added_cond_kwargs=self.added_cond(cond, extra, dtype), timestep_cond=self.timestep_cond(noisy, dtype),
+                   added_cond_kwargs=self.added_cond(cond, pair_cond, dtype), timestep_cond=self.timestep_cond(noisy, dtype),
                    return_dict=False)[0]
 
-    def added_cond(self, cond: TextConditioning, extra: Optional[torch.Tensor], dtype) -> Optional[dict]:
+    def added_cond(self, cond: TextConditioning, pair_cond: Optional[torch.Tensor], dtype) -> Optional[dict]:
         """The UNet's added conditioning (SDXL: pooled text + time ids); none for SD."""
         return None
 

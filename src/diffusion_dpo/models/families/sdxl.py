@@ -39,8 +39,8 @@ class SDXLFamily(SDFamily):
         """Time ids (2B, 6) float32: one row per pair unless data.sdxl_time_ids=image."""
         return pair_time_ids(batch["original_size"], batch["crop_top_left"], resolution, mode, batch["indices"])
 
-    def added_cond(self, cond: TextConditioning, extra: Optional[torch.Tensor], dtype) -> Optional[dict]:
+    def added_cond(self, cond: TextConditioning, pair_cond: Optional[torch.Tensor], dtype) -> Optional[dict]:
         # Time ids stay float32: the UNet's sinusoidal projection computes in float32 anyway, and a cast to
         # a bf16 network's dtype rounds sizes above 256 (683 -> 684), differently for a policy and a
         # reference of different dtypes, which would then see different conditioning.
-        return {"text_embeds": cond.pooled_prompt_embeds.to(dtype), "time_ids": extra.float()}
+        return {"text_embeds": cond.pooled_prompt_embeds.to(dtype), "time_ids": pair_cond.float()}
