@@ -123,7 +123,8 @@ def test_reference_errors_get_no_gradient_and_policy_errors_do():
 def test_dpo_logit_by_hand_and_used_by_the_loss():
     # pair 0: policy (1.0, 2.0), reference (1.5, 1.5), beta 2: -2/2 * ((1 - 2) - (1.5 - 1.5)) = 1
     # pair 1: policy (3.0, 1.0), reference (0.5, 0.5), beta 2: -1 * ((3 - 1) - 0) = -2
-    pw, pl, rw, rl = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 1.0]), torch.tensor([1.5, 0.5]), torch.tensor([1.5, 0.5])
+    pw, pl = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 1.0])
+    rw, rl = torch.tensor([1.5, 0.5]), torch.tensor([1.5, 0.5])
     assert torch.equal(dpo_logit(pw, pl, rw, rl, beta=2.0), torch.tensor([1.0, -2.0]))
     # beta scales the logit, never its sign; a reference that moved like the policy cancels it
     assert torch.equal(dpo_logit(pw, pl, rw, rl, beta=4.0), torch.tensor([2.0, -4.0]))

@@ -4,10 +4,12 @@ For each held-out preference pair, the DPO logit (losses.dpo_logit, official for
 
     dpo_logit = -beta/2 * ((err_policy(w) - err_policy(l)) - (err_ref(w) - err_ref(l)))
 
-with the errors of train.step.pair_errors (the trainer's own step), is averaged over a FIXED set of K timesteps t_k = (k + 0.5) * T / K and one noise per (pair, k) drawn
-from `pair_generator(seed, k, pair_index)`; the same noise and timestep serve winner and loser, policy
-and reference. The pair is classified correctly when the averaged logit is > 0. Accuracy = the fraction
-of such pairs (results.json: mean_dpo_logit, and mean_inside, its older name, kept). beta scales the logit but never changes its sign, so the accuracy does not depend on beta.
+with the errors of train.step.pair_errors (the trainer's own step), is averaged over a FIXED set of K
+timesteps t_k = (k + 0.5) * T / K and one noise per (pair, k) drawn from `pair_generator(seed, k, pair_index)`;
+the same noise and timestep serve winner and loser, policy and reference. The pair is classified correctly
+when the averaged logit is > 0. Accuracy = the fraction of such pairs (results.json: mean_dpo_logit, and
+mean_inside, its older name, kept). beta scales the logit but never changes its sign, so the accuracy does
+not depend on beta.
 Latents are the VAE posterior means (deterministic), times the VAE scaling factor; the VAE always runs in
 float32, whatever `dtype` the UNets use. A non-finite logit stops the evaluation naming the pair: counted
 as "wrong" it would silently lower the accuracy.

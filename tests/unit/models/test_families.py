@@ -92,7 +92,8 @@ def test_ddpm_noisy_input_and_target_by_hand(prediction):
     x0 = torch.tensor([[1.0, 2.0], [-1.0, 0.5]]).view(2, 1, 1, 2)
     noise = torch.tensor([[3.0, -1.0], [2.0, 1.0]]).view(2, 1, 1, 2)
     noisy, target = SDFamily(spec=None).noisy_and_target(sched, x0, noise, torch.tensor([0, 1]))
-    # x_t = sqrt(a) x0 + sqrt(1-a) eps: row 0 0.8*(1,2) + 0.6*(3,-1) = (2.6, 1.0); row 1 0.6*(-1,0.5) + 0.8*(2,1) = (1.0, 1.1)
+    # x_t = sqrt(a) x0 + sqrt(1-a) eps: row 0 0.8*(1,2) + 0.6*(3,-1) = (2.6, 1.0);
+    # row 1 0.6*(-1,0.5) + 0.8*(2,1) = (1.0, 1.1)
     assert torch.allclose(noisy.flatten(1), torch.tensor([[2.6, 1.0], [1.0, 1.1]]), atol=1e-6)
     # eps: the noise; v = sqrt(a) eps - sqrt(1-a) x0: row 0 (2.4-0.6, -0.8-1.2) = (1.8, -2.0); row 1 (1.2+0.8, 0.6-0.4)
     expected = noise.flatten(1) if prediction == "epsilon" else torch.tensor([[1.8, -2.0], [2.0, 0.2]])

@@ -35,7 +35,8 @@ class ModelFamily(ABC):
     """(tokenizer subfolder, text encoder subfolder, transformers class name) per text encoder, in order."""
     size_conditioned: ClassVar[bool] = False
     """The network is conditioned on image sizes and crops (SDXL time ids): with data.sdxl_time_ids=pair the
-    transforms give a pair one geometry (data.transforms.PairTransform same_geometry), and the cache key holds the mode."""
+    transforms give a pair one geometry (data.transforms.PairTransform same_geometry), and the cache key holds
+    the mode."""
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     """Default LoRA target modules of the trained network (lora.target_modules's default)."""
 
@@ -117,4 +118,4 @@ class ModelFamily(ABC):
     @abstractmethod
     def predict(self, net, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
                 pair_cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """One forward of `net` (policy or reference) on N rows; `pair_cond` is pair_conditioning's rows (or a slice)."""
+        """One forward of `net` (policy or reference) on N rows; `pair_cond`: pair_conditioning's rows (or a slice)."""

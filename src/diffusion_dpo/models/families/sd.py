@@ -23,7 +23,8 @@ class SDFamily(ModelFamily):
     @classmethod
     def encode_prompts(cls, encoders: list[tuple[Any, Any]], prompts: list[str], device) -> TextConditioning:
         """Last hidden state of the CLIP text encoder (as StableDiffusionPipeline.encode_prompt)."""
-        hidden = [encoder(clip_token_ids(tokenizer, prompts, device)).last_hidden_state for tokenizer, encoder in encoders]
+        hidden = [encoder(clip_token_ids(tokenizer, prompts, device)).last_hidden_state
+                  for tokenizer, encoder in encoders]
         return TextConditioning(torch.cat(hidden, dim=-1).float())
 
     def noisy_and_target(self, scheduler, latents, noise, timesteps):
@@ -33,7 +34,8 @@ class SDFamily(ModelFamily):
     def predict(self, net, noisy, timesteps, cond, pair_cond=None):
         dtype = next(net.parameters()).dtype  # works for DDP-wrapped networks too (no .dtype there)
         return net(noisy.to(dtype), timesteps, encoder_hidden_states=cond.prompt_embeds.to(dtype),
-                   added_cond_kwargs=self.added_cond(cond, pair_cond, dtype), timestep_cond=self.timestep_cond(noisy, dtype),
+                   added_cond_kwargs=self.added_cond(cond, pair_cond, dtype),
+                   timestep_cond=self.timestep_cond(noisy, dtype),
                    return_dict=False)[0]
 
     def added_cond(self, cond: TextConditioning, pair_cond: Optional[torch.Tensor], dtype) -> Optional[dict]:
