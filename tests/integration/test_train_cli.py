@@ -173,7 +173,7 @@ def _sdxl_batch(tmp_path, model, source, *extra):
                              "data.crop=center", "train.batch_size=2", "output.report_to=none",
                              f"output.dir={tmp_path / 'o'}", *extra])
     trainer = Trainer(cfg).setup()
-    return trainer.encode_batch(next(iter(trainer.loader)))
+    return trainer.batch_encoder(next(iter(trainer.loader)))
 
 
 def test_sdxl_time_ids_one_row_per_pair_from_the_winner(tmp_path, tiny_sdxl):
@@ -182,8 +182,8 @@ def test_sdxl_time_ids_one_row_per_pair_from_the_winner(tmp_path, tiny_sdxl):
     batch = _sdxl_batch(tmp_path, tiny_sdxl, _mixed_size_manifest(tmp_path / "m"))
     # winner 40x48 -> short side 32 -> 32x38 (int(32 * 48 / 40) = int(38.4)), centre crop left round(6 / 2) = 3
     expected = torch.tensor([40.0, 48.0, 0.0, 3.0, 32.0, 32.0])
-    assert batch.time_ids.dtype == torch.float32 and batch.time_ids.shape == (4, 6)
-    assert torch.equal(batch.time_ids, expected.expand(4, 6))
+    assert batch.pair_cond.dtype == torch.float32 and batch.pair_cond.shape == (4, 6)
+    assert torch.equal(batch.pair_cond, expected.expand(4, 6))
 
 
 def test_sdxl_time_ids_per_image_option(tmp_path, tiny_sdxl):
@@ -191,4 +191,4 @@ def test_sdxl_time_ids_per_image_option(tmp_path, tiny_sdxl):
     batch = _sdxl_batch(tmp_path, tiny_sdxl, _mixed_size_manifest(tmp_path / "m"), "data.sdxl_time_ids=image")
     # loser 48x40 (h, w) -> 38x32 (int(32 * 48 / 40) = 38 high), centre crop top round(6 / 2) = 3
     winner, loser = torch.tensor([40.0, 48.0, 0.0, 3.0, 32.0, 32.0]), torch.tensor([48.0, 40.0, 3.0, 0.0, 32.0, 32.0])
-    assert torch.equal(batch.time_ids, torch.stack([winner, winner, loser, loser]))
+    assert torch.equal(batch.pair_cond, torch.stack([winner, winner, loser, loser]))

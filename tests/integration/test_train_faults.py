@@ -9,6 +9,7 @@ from diffusion_dpo.cli import main
 from diffusion_dpo.config import load_config
 from diffusion_dpo.data.synthetic import write_manifest, write_pickapic_parquet
 from diffusion_dpo.errors import NonFiniteLossError
+from diffusion_dpo.models.families import ModelFamily
 from diffusion_dpo.train import trainer as trainer_mod
 
 
@@ -71,7 +72,7 @@ def test_ctrl_c_during_setup_is_one_line(tmp_path, tiny_sd, monkeypatch, capsys)
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_mod, "load_unet", ctrl_c)
+    monkeypatch.setattr(ModelFamily, "load_network", ctrl_c)
     assert main(_args(tiny_sd, source, tmp_path / "o")) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "error: interrupted while loading models and data; rerun the same command to start"

@@ -15,14 +15,15 @@ def _train(tmp_path, model, source, *extra: str) -> int:
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
-    """Make loading the VAE or UNet fail loudly: the data checks must come first."""
-    import diffusion_dpo.train.trainer as trainer
+    """Make loading the VAE or the trained network fail loudly (every family loads through ModelFamily):
+    the data checks must come first."""
+    from diffusion_dpo.models.families import ModelFamily
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was checked")
 
-    monkeypatch.setattr(trainer, "load_vae", refuse)
-    monkeypatch.setattr(trainer, "load_unet", refuse)
+    monkeypatch.setattr(ModelFamily, "load_vae", refuse)
+    monkeypatch.setattr(ModelFamily, "load_network", refuse)
 
 
 @pytest.mark.fault(input="`train` with fewer pairs than `train.batch_size` x processes (or every row a tie)",

@@ -217,11 +217,13 @@ def test_nonfinite_loss_stops_or_is_skipped_and_counted(tmp_path, tiny_sd, data,
 
 def test_training_from_cache_equals_on_the_fly(tmp_path, tiny_sd, data):
     """data.cache_dir: prepared once, then no VAE or text encoder in memory; same losses (mean mode, fp32 cache)."""
+    from diffusion_dpo.train.batch import CachedEncoder
+
     common = ["train.batch_size=2", "data.latent_sampling=mean", "data.crop=center"]
     cfg = _cfg(tiny_sd, data, tmp_path / "cached", *common, f"data.cache_dir={tmp_path / 'cache'}",
                "data.cache_dtype=float32", "data.random_flip=false")
     t = Trainer(cfg).setup()
-    assert t.cached and t.vae is None and t.prompt_encoder is None
+    assert isinstance(t.batch_encoder, CachedEncoder)  # reads tensors: holds no VAE, no text encoder
     t.train()
     fly_cfg = _cfg(tiny_sd, data, tmp_path / "fly2", *common, "data.random_flip=false")
     train(fly_cfg)

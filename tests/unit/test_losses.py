@@ -6,13 +6,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion_dpo.losses import DPOLoss, SFTLoss, build_loss
-from diffusion_dpo.models.diffusion import per_sample_error
+from diffusion_dpo.errors import ConfigError
+from diffusion_dpo.losses import LOSSES, DPOLoss, PairErrors, SFTLoss, build_loss, dpo_logit
+from diffusion_dpo.models.diffusion import per_sample_error, split_pairs
+
+
+def stacked(err_policy: torch.Tensor, err_ref: torch.Tensor) -> PairErrors:
+    """Errors of 2B stacked rows (winners first, as the step computes them) as the loss's named tensors."""
+    return PairErrors(*split_pairs(err_policy), *split_pairs(err_ref))
 
 
 def test_loss_is_ln2_when_policy_equals_reference():
     err = torch.rand(8)  # 4 pairs
-    out = DPOLoss(beta=5000)(err, err.clone())
+    out = DPOLoss(beta=5000)(stacked(err, err.clone()))
     assert out.loss.item() == pytest.approx(math.log(2), abs=1e-7)
     assert torch.all(out.per_pair == out.per_pair[0])
     assert out.metrics["implicit_acc"].item() == 0.0  # inside == 0 is not > 0
@@ -22,13 +28,13 @@ def test_loss_is_ln2_when_policy_equals_reference():
 def test_known_small_example():
     # one pair; policy: err_w = 1.0, err_l = 2.0; reference: 1.5, 1.5; beta = 2
     # diff_policy = -1, diff_ref = 0, inside = -0.5 * 2 * (-1 - 0) = 1, loss = -log(sigmoid(1)) = log(1 + e^-1)
-    out = DPOLoss(beta=2.0)(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.5]))
+    out = DPOLoss(beta=2.0)(stacked(torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.5])))
     assert out.loss.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
     assert out.loss.item() == pytest.approx(0.313262, abs=1e-6)
     assert out.metrics["implicit_acc"].item() == 1.0
     assert out.metrics["diff_policy"].item() == -1.0
     # two pairs: second pair has inside = -0.5 * 2 * ((3 - 1) - (0 - 0)) = -2
-    out = DPOLoss(beta=2.0)(torch.tensor([1.0, 3.0, 2.0, 1.0]), torch.tensor([1.5, 0.5, 1.5, 0.5]))
+    out = DPOLoss(beta=2.0)(stacked(torch.tensor([1.0, 3.0, 2.0, 1.0]), torch.tensor([1.5, 0.5, 1.5, 0.5])))
     expected = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
     assert out.metrics["implicit_acc"].item() == 0.5
@@ -53,7 +59,7 @@ def test_agrees_with_official_formula_on_random_tensors():
         pred, ref, target = (torch.randn(6, 4, 8, 8, generator=g) for _ in range(3))
         ref = target + 0.5 * (ref - target)
         pred = ref + 0.01 * torch.randn(6, 4, 8, 8, generator=g)
-        out = DPOLoss(beta)(per_sample_error(pred, target), per_sample_error(ref, target))
+        out = DPOLoss(beta)(stacked(per_sample_error(pred, target), per_sample_error(ref, target)))
         loss, acc = official_loss(pred, ref, target, beta)
         assert out.loss.item() == pytest.approx(loss.item(), rel=1e-6)
         assert out.metrics["implicit_acc"].item() == acc.item()
@@ -69,12 +75,12 @@ def test_lowering_policy_error_on_winners_lowers_the_loss():
     err_ref = torch.tensor([1.0, 1.0, 1.0, 1.0])
     err_policy = torch.tensor([1.0, 1.0, 1.0, 1.0], requires_grad=True)
     loss = DPOLoss(beta=10.0)
-    base = loss(err_policy, err_ref).loss
+    base = loss(stacked(err_policy, err_ref)).loss
     base.backward()
     assert torch.all(err_policy.grad[:2] > 0)  # d loss / d err_w > 0: lower winner error -> lower loss
     assert torch.all(err_policy.grad[2:] < 0)  # d loss / d err_l < 0: higher loser error -> lower loss
-    better = loss(torch.tensor([0.9, 0.9, 1.0, 1.0]), err_ref).loss
-    worse = loss(torch.tensor([1.1, 1.1, 1.0, 1.0]), err_ref).loss
+    better = loss(stacked(torch.tensor([0.9, 0.9, 1.0, 1.0]), err_ref)).loss
+    worse = loss(stacked(torch.tensor([1.1, 1.1, 1.0, 1.0]), err_ref)).loss
     assert better.item() < base.item() < worse.item()
 
 
@@ -85,14 +91,14 @@ def test_sum_reduction_is_mean_times_elements():
     assert torch.allclose(summed, mean * 4 * 8 * 8, rtol=1e-5)
     # the same loss with beta scaled down by C*H*W
     err_ref = per_sample_error(torch.randn(4, 4, 8, 8), target)
-    a = DPOLoss(beta=256.0)(mean, err_ref).loss
-    b = DPOLoss(beta=1.0)(summed, err_ref * 256).loss
+    a = DPOLoss(beta=256.0)(stacked(mean, err_ref)).loss
+    b = DPOLoss(beta=1.0)(stacked(summed, err_ref * 256)).loss
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
 
 
 def test_sft_is_mean_winner_error_and_table():
     err_w = torch.tensor([0.5, 1.5])
-    assert SFTLoss()(err_w).loss.item() == pytest.approx(1.0)
+    assert SFTLoss()(PairErrors(err_w)).loss.item() == pytest.approx(1.0)
     assert isinstance(build_loss("dpo", 3.0), DPOLoss) and build_loss("dpo", 3.0).beta == 3.0
     assert isinstance(build_loss("sft", 3.0), SFTLoss)
     with pytest.raises(ValueError, match="unknown train.method"):
@@ -104,7 +110,7 @@ def test_reference_errors_get_no_gradient_and_policy_errors_do():
     err_policy = torch.tensor([1.0, 2.0, 1.5, 0.5], requires_grad=True)
     err_ref = torch.tensor([1.5, 1.5, 1.0, 1.0], requires_grad=True)
     ref_net_weight = torch.tensor(1.0, requires_grad=True)  # a parameter upstream of the reference errors
-    out = DPOLoss(beta=2.0)(err_policy, err_ref * ref_net_weight)
+    out = DPOLoss(beta=2.0)(stacked(err_policy, err_ref * ref_net_weight))
     out.loss.backward()
     assert err_ref.grad is None and ref_net_weight.grad is None
     # d loss / d err_policy by hand: loss = mean_i -logsigmoid(inside_i), inside_i = -0.5 beta (pw_i - pl_i - rdiff_i)
@@ -112,3 +118,35 @@ def test_reference_errors_get_no_gradient_and_policy_errors_do():
     inside = -0.5 * 2.0 * ((torch.tensor([1.0, 2.0]) - torch.tensor([1.5, 0.5])) - (torch.tensor([1.5, 1.5]) - 1.0))
     g = (1 - torch.sigmoid(inside)) * 2.0 / (2 * 2)
     assert torch.allclose(err_policy.grad, torch.cat([g, -g]), atol=1e-7)
+
+
+def test_dpo_logit_by_hand_and_used_by_the_loss():
+    # pair 0: policy (1.0, 2.0), reference (1.5, 1.5), beta 2: -2/2 * ((1 - 2) - (1.5 - 1.5)) = 1
+    # pair 1: policy (3.0, 1.0), reference (0.5, 0.5), beta 2: -1 * ((3 - 1) - 0) = -2
+    pw, pl = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 1.0])
+    rw, rl = torch.tensor([1.5, 0.5]), torch.tensor([1.5, 0.5])
+    assert torch.equal(dpo_logit(pw, pl, rw, rl, beta=2.0), torch.tensor([1.0, -2.0]))
+    # beta scales the logit, never its sign; a reference that moved like the policy cancels it
+    assert torch.equal(dpo_logit(pw, pl, rw, rl, beta=4.0), torch.tensor([2.0, -4.0]))
+    assert torch.equal(dpo_logit(pw, pl, pw, pl, beta=5000.0), torch.zeros(2))
+    out = DPOLoss(beta=2.0)(PairErrors(pw, pl, rw, rl))
+    assert out.metrics["inside"].item() == pytest.approx(-0.5)  # the mean DPO logit
+    assert torch.allclose(out.per_pair, -F.logsigmoid(torch.tensor([1.0, -2.0])))
+
+
+def test_build_loss_picks_from_the_losses_table(monkeypatch):
+    class Hinge(DPOLoss):
+        """A stand-in for a later loss: registered in LOSSES, built by name."""
+
+    monkeypatch.setitem(LOSSES, "hinge", Hinge)
+    built = build_loss("hinge", 7.0)
+    assert type(built) is Hinge and built.beta == 7.0
+    with pytest.raises(ConfigError, match=r"unknown train.method 'ipo'; choose one of \['dpo', 'hinge', 'sft'\]"):
+        build_loss("ipo", 1.0)
+
+
+def test_sft_needs_neither_losers_nor_reference():
+    assert (SFTLoss.needs_losers, SFTLoss.needs_reference) == (False, False)
+    assert (DPOLoss.needs_losers, DPOLoss.needs_reference) == (True, True)
+    out = SFTLoss()(PairErrors(torch.tensor([0.25, 0.75]), policy_l=None, ref_w=None, ref_l=None))
+    assert out.loss.item() == 0.5 and torch.equal(out.per_pair, torch.tensor([0.25, 0.75]))

@@ -7,18 +7,26 @@ import pytest
 import torch
 
 from diffusion_dpo.losses import DPOLoss
-from diffusion_dpo.models.diffusion import (draw_pair_randomness, pair_generator, pair_noisy_inputs,
-                                            prediction_target)
-from diffusion_dpo.models.encode import PromptEncoder
-from diffusion_dpo.models.loading import detect_spec, load_noise_scheduler, load_text_encoders, load_unet
-from diffusion_dpo.models.lora import Reference, add_lora, reference_mode
-from diffusion_dpo.train.step import PairBatch, UNetCaller, preference_step
+from diffusion_dpo.models.diffusion import draw_pair_randomness, pair_generator, prediction_target, stack_pairs
+from diffusion_dpo.models.families import SDFamily, detect_spec, family_of
+from diffusion_dpo.models.loading import load_noise_scheduler, load_unet
+from diffusion_dpo.models.lora import add_lora
+from diffusion_dpo.models.reference import Reference, reference_mode
+from diffusion_dpo.train.batch import PairBatch
+from diffusion_dpo.train.step import preference_step
+
+
+def pair_noisy_inputs(scheduler, latents_w, latents_l, noise, timesteps):
+    """What the step does to B pairs: stack_pairs, then the SD family's DDPM noising and target (2B rows)."""
+    latents, noise2, t2 = stack_pairs(latents_w, latents_l, noise, timesteps)
+    noisy, target = SDFamily(spec=None).noisy_and_target(scheduler, latents, noise2, t2)  # DDPM maths: no spec needed
+    return noisy, t2, target
 
 
 def _batch(spec, b=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = (b, 4, 16, 16)
-    enc = PromptEncoder(spec.family, load_text_encoders(spec))
+    enc = family_of(spec).prompt_encoder()
     cond = enc(["a red circle", "a blue square", "a small dog"][:b])
     rnd = draw_pair_randomness([pair_generator(0, 0, i) for i in range(b)], shape[1:], 0, 1000, 0.0)
     time_ids = torch.tensor([[32, 32, 0, 0, 32, 32]] * (2 * b), dtype=torch.float) if spec.family == "sdxl" else None
@@ -66,17 +74,17 @@ def test_v_prediction_model_error_is_measured_against_the_velocity(tiny_sd_v):
     sched = load_noise_scheduler(spec)
     assert sched.config.prediction_type == "v_prediction"
     unet = load_unet(spec).eval()
-    call = UNetCaller(spec.family)
+    family = family_of(spec)
     batch = _batch(spec)
     with torch.no_grad():
-        out = preference_step(unet, Reference(load_unet(spec).eval(), lora=False), DPOLoss(5000), sched, batch, call)
+        out = preference_step(unet, Reference(load_unet(spec).eval(), lora=False), DPOLoss(5000), family, sched, batch)
         # independently: noisy input and velocity from alphas_cumprod, one noise and timestep per pair
         t = batch.timesteps
         a = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
         errors = {}
         for side, x0 in (("w", batch.latents_w), ("l", batch.latents_l)):
-            pred = call(unet, a * x0 + s * batch.noise, t, batch.cond, None).float()
+            pred = family.predict(unet, a * x0 + s * batch.noise, t, batch.cond, None).float()
             errors[side] = {"v": (pred - (a * batch.noise - s * x0)).pow(2).mean(dim=(1, 2, 3)),
                             "eps": (pred - batch.noise).pow(2).mean(dim=(1, 2, 3))}
     for side in ("w", "l"):
@@ -103,8 +111,7 @@ def test_policy_and_reference_see_identical_inputs_and_start_at_ln2(fixture, req
     add_lora(unet, rank=4, alpha=4, dropout=0.0, target_modules=["to_q", "to_v"])
     seen = []
     hook = unet.register_forward_pre_hook(lambda m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
-    call = UNetCaller(spec.family, 8.0, spec.time_cond_proj_dim)
-    out = preference_step(unet, Reference(unet, lora=True), DPOLoss(5000), sched, _batch(spec), call)
+    out = preference_step(unet, Reference(unet, lora=True), DPOLoss(5000), family_of(spec, 8.0), sched, _batch(spec))
     hook.remove()
     assert len(seen) == 2  # reference, then policy
     (args_r, kw_r), (args_p, kw_p) = seen

@@ -30,6 +30,7 @@ from diffusion_dpo.cache.store import (EMPTY_PROMPT, FORMAT_VERSION, MANIFEST, S
                                        write_safetensors_atomic)
 from diffusion_dpo.config import RunConfig
 from diffusion_dpo.errors import ConfigError
+from diffusion_dpo.models.families import family_of
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -68,7 +69,7 @@ def key_inputs(cfg: RunConfig, spec, data_fingerprint: str, storage_dtype: str) 
         "shared_transforms": d.shared_transforms if (random_crop or d.random_flip) else None,
         "seed": cfg.train.seed if random_crop else None,
     }
-    if spec.family == "sdxl":  # 'pair' resizes the loser to the winner's size (other families: no time ids)
+    if family_of(spec).size_conditioned:  # 'pair' resizes the loser to the winner's size (others: no time ids)
         transforms["sdxl_time_ids"] = d.sdxl_time_ids
     return {"format_version": FORMAT_VERSION, "data": data_fingerprint, "model": model,
             "encoder_dtype": m.frozen_dtype, "storage_dtype": storage_dtype, "transforms": transforms}
@@ -120,14 +121,13 @@ class Encoders:
 
 
 def load_encoders(cfg: RunConfig, spec, device) -> Encoders:
-    from diffusion_dpo.models.encode import PromptEncoder
-    from diffusion_dpo.models.loading import DTYPES, load_text_encoders, load_vae
+    """The frozen VAE and the family's prompt encoder (models/families/), as the trainer loads them."""
+    from diffusion_dpo.runtime import torch_dtype
 
-    dtype = DTYPES[cfg.model.frozen_dtype]
-    vae = load_vae(spec, dtype, cfg.model.vae).to(device)
-    prompt_encoder = PromptEncoder(spec.family, load_text_encoders(spec, dtype), device)
-    prompt_encoder.to(device)
-    return Encoders(vae, prompt_encoder)
+    family = family_of(spec)
+    dtype = torch_dtype(cfg.model.frozen_dtype, "model.frozen_dtype")
+    vae = family.load_vae(dtype, cfg.model.vae).to(device)
+    return Encoders(vae, family.prompt_encoder(dtype, device))
 
 
 def encode_shard(items: _PairItems, enc: Encoders, batch_size: int, num_workers: int, storage: torch.dtype,
@@ -182,7 +182,7 @@ class Distribution:
 def locate_cache(cfg: RunConfig, storage_dtype: str = "float16", cache_dir: Optional[str] = None):
     """(folder, key inputs, spec, source) of the cache that `cfg` describes; touches no image."""
     from diffusion_dpo.data.sources import open_source
-    from diffusion_dpo.models.loading import detect_spec
+    from diffusion_dpo.models.families import detect_spec
 
     if storage_dtype not in STORAGE_DTYPES:
         raise ConfigError(f"cache storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
@@ -218,7 +218,7 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: in
     settings = {"resolution": d.resolution, "crop": d.crop, "random_flip": d.random_flip,
                 "shared_transforms": d.shared_transforms, "seed": cfg.train.seed, "storage_dtype": storage_dtype,
                 "encoder_dtype": cfg.model.frozen_dtype}
-    if spec.family == "sdxl":
+    if family_of(spec).size_conditioned:
         settings["sdxl_time_ids"] = d.sdxl_time_ids
     if dist.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
@@ -250,7 +250,7 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: in
     done = completed_shards(folder, key)
     todo = [k for k in range(num_shards) if k % dist.world_size == dist.rank and k not in done]
     # flips are stored as mirrored variants (_PairItems), so the transform itself never flips
-    transform = dataclasses.replace(PairTransform.from_config(d, spec.family), random_flip=False)
+    transform = dataclasses.replace(PairTransform.from_config(d, family_of(spec).size_conditioned), random_flip=False)
     total = sum(min(shard_size, len(source) - k * shard_size) for k in todo)
     bar = tqdm(total=total, desc=f"prepare [{dist.rank}]" if dist.world_size > 1 else "prepare", unit="pair",
                disable=not progress, dynamic_ncols=True)

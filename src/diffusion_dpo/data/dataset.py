@@ -1,6 +1,7 @@
 """Decode + transform pairs for training on the fly, and collate them into the raw batch.
 
-    dataset = PairDataset(open_source(cfg.data), PairTransform.from_config(cfg.data, spec.family), seed=cfg.train.seed)
+    transform = PairTransform.from_config(cfg.data, family.size_conditioned)  # family: models.families.family_of(spec)
+    dataset = PairDataset(open_source(cfg.data), transform, seed=cfg.train.seed)
     loader = DataLoader(dataset, batch_size=4, collate_fn=collate_pairs)
 
 A corrupt or missing image skips its pair (PairDataset returns None, collate_pairs drops it and counts it

@@ -336,7 +336,7 @@ def open_source(cfg: DataConfig) -> PairSource:
 
 
 def check_fills_batch(num_pairs: int, batch_size: int, num_processes: int, stats: dict[str, int] | None = None) -> None:
-    """One global micro-batch takes train.batch_size pairs per process (train.sampler drops an incomplete one), so
+    """One global micro-batch takes train.batch_size pairs per process (train.pair_order drops an incomplete one), so
     fewer pairs than that can never train. `stats`, a source's counts, says where pairs went (ties, max_pairs)."""
     need = batch_size * num_processes
     if num_pairs >= need:

@@ -41,9 +41,10 @@ class PairTransform:
     same_geometry: bool = False
 
     @classmethod
-    def from_config(cls, cfg: DataConfig, family: str) -> PairTransform:
-        """The transform a run of model family `family` uses ('sd', 'sdxl', 'lcm')."""
-        same_geometry = family == "sdxl" and cfg.sdxl_time_ids == "pair"
+    def from_config(cls, cfg: DataConfig, size_conditioned: bool = False) -> PairTransform:
+        """The transform a run uses; `size_conditioned`: the model family's (ModelFamily.size_conditioned,
+        SDXL), whose pairs then get one geometry when data.sdxl_time_ids=pair."""
+        same_geometry = size_conditioned and cfg.sdxl_time_ids == "pair"
         return cls(cfg.resolution, cfg.crop, cfg.random_flip, cfg.shared_transforms, same_geometry)
 
     def __post_init__(self) -> None:

@@ -1,13 +1,15 @@
 """Implicit-reward accuracy (Diffusion-DPO, Table 2): a tuned model and its reference as a classifier.
 
-For each held-out preference pair, the DPO logit (losses/dpo.py, official form, errors are means over C,H,W)
+For each held-out preference pair, the DPO logit (losses.dpo_logit, official form, errors are means over C,H,W)
 
-    inside = -0.5 * beta * ((err_policy(w) - err_policy(l)) - (err_ref(w) - err_ref(l)))
+    dpo_logit = -beta/2 * ((err_policy(w) - err_policy(l)) - (err_ref(w) - err_ref(l)))
 
-is averaged over a FIXED set of K timesteps t_k = (k + 0.5) * T / K and one noise per (pair, k) drawn
-from `pair_generator(seed, k, pair_index)`; the same noise and timestep serve winner and loser, policy
-and reference. The pair is classified correctly when the averaged inside is > 0. Accuracy = the fraction
-of such pairs. beta scales inside but never changes its sign, so the accuracy does not depend on beta.
+with the errors of train.step.pair_errors (the trainer's own step), is averaged over a FIXED set of K
+timesteps t_k = (k + 0.5) * T / K and one noise per (pair, k) drawn from `pair_generator(seed, k, pair_index)`;
+the same noise and timestep serve winner and loser, policy and reference. The pair is classified correctly
+when the averaged logit is > 0. Accuracy = the fraction of such pairs (results.json: mean_dpo_logit, and
+mean_inside, its older name, kept). beta scales the logit but never changes its sign, so the accuracy does
+not depend on beta.
 Latents are the VAE posterior means (deterministic), times the VAE scaling factor; the VAE always runs in
 float32, whatever `dtype` the UNets use. A non-finite logit stops the evaluation naming the pair: counted
 as "wrong" it would silently lower the accuracy.
@@ -34,7 +36,7 @@ def _load_policy(base_spec: Any, lora: str | None, unet: str | None, dtype: torc
     from diffusers import UNet2DConditionModel
 
     from diffusion_dpo.models.loading import freeze, load_unet
-    from diffusion_dpo.models.lora import Reference
+    from diffusion_dpo.models.reference import Reference
 
     if bool(lora) == bool(unet):
         raise ConfigError("implicit accuracy needs exactly one of a LoRA folder or a tuned UNet folder")
@@ -60,7 +62,7 @@ def _load_policy(base_spec: Any, lora: str | None, unet: str | None, dtype: torc
 
 
 def check_finite_logits(diff: torch.Tensor, pairs: Sequence[int], source: Any, timestep: int, dtype: str) -> None:
-    """Raise NonFiniteLossError naming the first pair whose logit term `diff` (one per pair of `pairs`) is NaN
+    """Raise NonFiniteLossError naming the first pair whose DPO logit `diff` (one per pair of `pairs`) is NaN
     or inf. `source[i]` is the pair's PairRecord (its key and prompt go into the message)."""
     bad = (~torch.isfinite(diff)).nonzero().flatten().tolist()
     if not bad:
@@ -89,32 +91,36 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
     from diffusion_dpo.data.dataset import PairDataset, collate_pairs
     from diffusion_dpo.data.sources import open_source
     from diffusion_dpo.data.transforms import PairTransform
-    from diffusion_dpo.models.diffusion import pair_generator, pair_noisy_inputs, per_sample_error
-    from diffusion_dpo.models.encode import PromptEncoder, encode_images, pair_time_ids
-    from diffusion_dpo.models.loading import detect_spec, load_noise_scheduler, load_text_encoders, load_vae
-    from diffusion_dpo.train.step import UNetCaller
+    from diffusion_dpo.losses import dpo_logit
+    from diffusion_dpo.models.diffusion import pair_generator
+    from diffusion_dpo.models.encode import encode_images
+    from diffusion_dpo.models.families import detect_spec, family_of
+    from diffusion_dpo.runtime import torch_dtype as parse_dtype
+    from diffusion_dpo.train.batch import PairBatch
+    from diffusion_dpo.train.step import pair_errors
 
     if num_timesteps < 1:
         raise ConfigError(f"--implicit-timesteps must be >= 1, got {num_timesteps}")
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = parse_dtype(dtype, "--dtype")
     spec = detect_spec(base)
-    scheduler = load_noise_scheduler(spec)
+    family = family_of(spec)
+    scheduler = family.load_noise_scheduler()
     # float32 whatever `dtype` is: SDXL's VAE overflows in float16 and its NaN latents would make every
     # logit of the pair NaN. Each image is encoded once, so this costs little next to the 4K UNet passes.
-    autoencoder = load_vae(spec, torch.float32, vae).to(device)
-    encoder = PromptEncoder(spec.family, load_text_encoders(spec, torch_dtype)).to(device)
+    autoencoder = family.load_vae(torch.float32, vae).to(device)
+    encoder = family.prompt_encoder(torch_dtype, device)
     policy, reference = _load_policy(spec, lora, unet, torch_dtype)
     policy.to(device)
     reference.unet.to(device)
-    call = UNetCaller(spec.family, time_cond_proj_dim=spec.time_cond_proj_dim)
     res = resolution or policy.config.sample_size * spec.vae_downsample
     data_cfg = DataConfig(source=str(pairs), resolution=res, max_pairs=max_pairs, on_corrupt="error")
     source = open_source(data_cfg)
     # center crop, no flip; SDXL pairs get one geometry and one time-id row, as training's default
-    dataset = PairDataset(source, PairTransform.from_config(data_cfg, spec.family), seed=seed, on_corrupt="error")
+    transform = PairTransform.from_config(data_cfg, family.size_conditioned)
+    dataset = PairDataset(source, transform, seed=seed, on_corrupt="error")
     timesteps = fixed_timesteps(spec.num_train_timesteps, num_timesteps)
 
-    diffs: list[torch.Tensor] = []  # per pair: (diff_policy - diff_ref) averaged over the K draws
+    logits: list[torch.Tensor] = []  # per pair: the DPO logit averaged over the K draws
     for start in range(0, len(dataset), batch_size):
         idx = list(range(start, min(start + batch_size, len(dataset))))
         batch = collate_pairs([dataset[i] for i in idx])
@@ -123,28 +129,24 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
         mean_w, _ = encode_images(autoencoder, pixels[:, 0])
         mean_l, _ = encode_images(autoencoder, pixels[:, 1])
         lat_w, lat_l = mean_w * spec.vae_scaling_factor, mean_l * spec.vae_scaling_factor
-        cond2 = encoder(batch["prompts"]).to(device).repeat_pairs()  # (2B, ...): same text for w and l
-        time_ids = None
-        if spec.family == "sdxl":  # (2B, 6) float32: winner rows then loser rows
-            time_ids = pair_time_ids(batch["original_size"], batch["crop_top_left"], res, data_cfg.sdxl_time_ids,
-                                     batch["indices"]).to(device)
+        cond = encoder(batch["prompts"])  # (B, ...): one text conditioning per pair
+        pair_cond = family.pair_conditioning(batch, res, data_cfg.sdxl_time_ids)  # SDXL: (2B, 6), one row per pair
+        pair_cond = None if pair_cond is None else pair_cond.to(device)
         total = torch.zeros(b)
         for k, t in enumerate(timesteps.tolist()):
             noise = torch.stack([torch.randn(lat_w.shape[1:], generator=pair_generator(seed, k, i)) for i in idx])
             t_b = torch.full((b,), t, dtype=torch.long)
-            noisy, t2, target = pair_noisy_inputs(scheduler, lat_w.cpu(), lat_l.cpu(), noise, t_b)
-            noisy, t2, target = noisy.to(device), t2.to(device), target.to(device)
-            ref = per_sample_error(reference(lambda net: call(net, noisy, t2, cond2, time_ids), device), target)
-            pol = per_sample_error(call(policy, noisy, t2, cond2, time_ids), target)
-            step = ((pol[:b] - pol[b:]) - (ref[:b] - ref[b:])).float().cpu()
+            pairs_k = PairBatch(lat_w.cpu(), lat_l.cpu(), cond, noise, t_b, pair_cond)
+            e = pair_errors(policy, reference, family, scheduler, pairs_k, "mean", device=device)
+            step = dpo_logit(e.policy_w, e.policy_l, e.ref_w, e.ref_l, beta).float().cpu()  # (B,)
             check_finite_logits(step, idx, source, t, dtype)
             total += step
-        diffs.append(total / num_timesteps)
-    diff = torch.cat(diffs)
-    inside = -0.5 * beta * diff  # (P,)
-    return {"accuracy": float((inside > 0).float().mean()), "pairs": int(diff.numel()),
-            "correct": int((inside > 0).sum()), "ties": int((inside == 0).sum()),
-            "mean_inside": float(inside.mean()), "beta": beta, "num_timesteps": num_timesteps,
+        logits.append(total / num_timesteps)
+    logit = torch.cat(logits)  # (P,): the DPO logit averaged over the K timesteps
+    return {"accuracy": float((logit > 0).float().mean()), "pairs": int(logit.numel()),
+            "correct": int((logit > 0).sum()), "ties": int((logit == 0).sum()),
+            "mean_dpo_logit": float(logit.mean()), "mean_inside": float(logit.mean()), "beta": beta,
+            "num_timesteps": num_timesteps,
             "timesteps": timesteps.tolist(), "noise_seed": seed, "resolution": res,
             "latents": "VAE posterior mean x scaling factor", "error": "mean over C,H,W",
             "base": base, "lora": lora, "unet": unet, "vae": vae, "vae_dtype": "float32", "unet_dtype": dtype,

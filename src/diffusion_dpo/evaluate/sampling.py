@@ -121,12 +121,10 @@ def tuned_model(name: str, base: str, folder: str) -> SampledModel:
 
 
 def pipeline_family(pipe: Any) -> str:
-    name = type(pipe).__name__
-    if "XL" in name:
-        return "sdxl"
-    if "LatentConsistency" in name or pipe.unet.config.time_cond_proj_dim is not None:
-        return "lcm"
-    return "sd"
+    """The name of a loaded pipeline's model family (models.families: the first in FAMILIES that claims it)."""
+    from diffusion_dpo.models.families import family_of_pipeline
+
+    return family_of_pipeline(pipe).name
 
 
 def load_sampling_pipeline(spec: SampledModel, device: str = "cpu", dtype: str = "float32") -> Any:

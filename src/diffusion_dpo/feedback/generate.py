@@ -121,11 +121,10 @@ def _latents_path(out: Path, k: int) -> Path:
 def _prompt_encoder(pipe: Any, family: str) -> Any:
     """PromptEncoder (as `prepare` and the trainer use it) over the pipeline's own tokenizer(s) and text encoder(s)."""
     from diffusion_dpo.models.encode import PromptEncoder
+    from diffusion_dpo.models.families import family_named
 
-    encoders = [(pipe.tokenizer, pipe.text_encoder)]
-    if family == "sdxl":
-        encoders.append((pipe.tokenizer_2, pipe.text_encoder_2))
-    return PromptEncoder(family, encoders, pipe.device)
+    kind = family_named(family)
+    return PromptEncoder(kind, kind.pipeline_text_encoders(pipe), pipe.device)
 
 
 def generate_chunk(pipe: Any, prompts: Any, indices: range, judge: Any, out: Path, settings: Any, k_images: int,
@@ -314,7 +313,7 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
     from tqdm.auto import tqdm
 
     from diffusion_dpo.evaluate.sampling import SampledModel, load_sampling_pipeline, resolve_settings, set_scheduler
-    from diffusion_dpo.models.loading import detect_spec
+    from diffusion_dpo.models.families import detect_spec
     from diffusion_dpo.runtime import ProcessInfo, write_text_atomic
 
     if images_per_prompt < 2:

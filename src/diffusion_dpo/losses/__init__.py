@@ -1,17 +1,21 @@
-"""Preference losses, chosen by name (train.method) from a closed table."""
+"""Preference losses, chosen by name (train.method) from a closed table.
 
-from diffusion_dpo.losses.dpo import DPOLoss, LossOutput
+Each loss is one module: a PreferenceLoss taking named per-sample errors (PairErrors) and returning a
+LossOutput; docs/losses.md has the table "name -> paper -> formula" (and "How to add a loss")."""
+
+from diffusion_dpo.errors import ConfigError
+from diffusion_dpo.losses.base import LossOutput, PairErrors, PreferenceLoss
+from diffusion_dpo.losses.dpo import DPOLoss, dpo_logit
 from diffusion_dpo.losses.sft import SFTLoss
 
-LOSSES = {"dpo": DPOLoss, "sft": SFTLoss}
+LOSSES: dict[str, type[PreferenceLoss]] = {"dpo": DPOLoss, "sft": SFTLoss}
 
 
-def build_loss(method: str, beta: float):
-    if method == "dpo":
-        return DPOLoss(beta)
-    if method == "sft":
-        return SFTLoss()
-    raise ValueError(f"unknown train.method {method!r}; choose one of {sorted(LOSSES)}")
+def build_loss(method: str, beta: float) -> PreferenceLoss:
+    """The loss train.method names, built from the run's loss settings."""
+    if method not in LOSSES:
+        raise ConfigError(f"unknown train.method {method!r}; choose one of {sorted(LOSSES)}")
+    return LOSSES[method].from_settings(beta=beta)
 
 
-__all__ = ["DPOLoss", "SFTLoss", "LossOutput", "LOSSES", "build_loss"]
+__all__ = ["DPOLoss", "SFTLoss", "LossOutput", "PairErrors", "PreferenceLoss", "LOSSES", "build_loss", "dpo_logit"]

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import torch
-
-from diffusion_dpo.losses.dpo import LossOutput
+from diffusion_dpo.losses.base import LossOutput, PairErrors, PreferenceLoss
 
 
-class SFTLoss(torch.nn.Module):
+class SFTLoss(PreferenceLoss):
     needs_reference = False
     needs_losers = False
 
-    def forward(self, err_policy: torch.Tensor, err_ref: torch.Tensor | None = None) -> LossOutput:
-        """err_policy: (B,) errors of the winners."""
-        return LossOutput(err_policy.mean(), err_policy, {"err_policy_w": err_policy.detach().mean()})
+    def forward(self, errors: PairErrors) -> LossOutput:
+        """errors.policy_w: (B,) errors of the winners; the rest is not used."""
+        err = errors.policy_w
+        return LossOutput(err.mean(), err, {"err_policy_w": err.detach().mean()})

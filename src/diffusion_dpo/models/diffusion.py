@@ -11,16 +11,12 @@ from __future__ import annotations
 import torch
 
 
-def pair_noisy_inputs(scheduler, latents_w: torch.Tensor, latents_l: torch.Tensor, noise: torch.Tensor,
-                      timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """latents_w, latents_l, noise: (B, C, h, w); timesteps: (B,).
-
-    Returns noisy (2B, C, h, w), timesteps (2B,), target (2B, C, h, w): winner rows first."""
+def stack_pairs(latents_w: torch.Tensor, latents_l: torch.Tensor, noise: torch.Tensor,
+                timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """latents_w, latents_l, noise: (B, C, h, w); timesteps: (B,) -> latents, noise (2B, C, h, w), timesteps
+    (2B,): winner rows first, the pair's one noise and one timestep repeated for its loser (split_pairs undoes it)."""
     latents = torch.cat([latents_w, latents_l], dim=0)  # (2B, C, h, w)
-    noise2 = noise.repeat(2, 1, 1, 1)  # the same noise for winner and loser of a pair
-    t2 = timesteps.repeat(2)
-    noisy = scheduler.add_noise(latents, noise2, t2)
-    return noisy, t2, prediction_target(scheduler, latents, noise2, t2)
+    return latents, noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
 
 
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

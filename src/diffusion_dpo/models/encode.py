@@ -40,12 +40,11 @@ class TextConditioning:
 
 
 class PromptEncoder:
-    """SD/LCM: last hidden state of the CLIP text encoder. SDXL: penultimate hidden states of both
-    encoders concatenated on the feature axis, pooled = text_encoder_2's projected output
-    (as StableDiffusionXLPipeline.encode_prompt computes them)."""
+    """Prompts -> TextConditioning with a family's frozen text encoders (its encode_prompts rule: SD the last
+    hidden state, SDXL both encoders' penultimate states and a pooled projection; models/families/)."""
 
-    def __init__(self, family: str, encoders: list, device: torch.device | str = "cpu"):
-        self.family = family
+    def __init__(self, family, encoders: list, device: torch.device | str = "cpu"):
+        self.family = family  # a models.families.ModelFamily
         self.encoders = encoders  # [(tokenizer, text_encoder)]
         self.device = torch.device(device)
 
@@ -57,19 +56,7 @@ class PromptEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> TextConditioning:
-        hidden, pooled = [], None
-        for tokenizer, encoder in self.encoders:
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(self.device)
-            if self.family == "sdxl":
-                out = encoder(ids, output_hidden_states=True)
-                hidden.append(out.hidden_states[-2])
-                if "text_embeds" in out:
-                    pooled = out.text_embeds
-            else:
-                hidden.append(encoder(ids).last_hidden_state)
-        embeds = torch.cat(hidden, dim=-1)
-        return TextConditioning(embeds.float(), None if pooled is None else pooled.float())
+        return self.family.encode_prompts(self.encoders, prompts, self.device)
 
 
 @torch.no_grad()

@@ -1,17 +1,13 @@
-"""LoRA on the UNet (peft through diffusers' adapter API), the reference policy, and LoRA export.
+"""LoRA on the UNet (peft through diffusers' adapter API) and LoRA export / loading.
 
-Reference model (Wallace et al. 2024): always the starting weights.
-- LoRA: the same network with the adapter switched off (`reference_mode`), no copy.
-- Full fine-tuning: a frozen copy, in a chosen dtype, optionally parked on the CPU between uses.
+The reference policy (adapters off, or a frozen copy) is models/reference.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -32,46 +28,6 @@ def add_lora(unet, rank: int, alpha: Optional[float], dropout: float, target_mod
             p.data = p.data.float()
 
 
-@contextlib.contextmanager
-def reference_mode(unet) -> Iterator[None]:
-    """Inside the block the LoRA UNet computes the reference (starting) policy: adapters disabled."""
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
-
-
-class Reference:
-    """Computes the reference prediction for noisy inputs, without gradients."""
-
-    def __init__(self, unet, lora: bool, dtype: Optional[torch.dtype] = None, offload: bool = False):
-        self.lora = lora
-        self.offload = offload
-        if lora:
-            self.unet = unet  # the policy network itself, adapters off
-        else:
-            self.unet = copy.deepcopy(unet).requires_grad_(False).eval()
-            if dtype is not None:
-                self.unet.to(dtype)
-            if offload:
-                self.unet.to("cpu")
-
-    @torch.no_grad()
-    def __call__(self, call_unet, device) -> torch.Tensor:
-        """`call_unet(unet)` runs one forward with the given network and returns the prediction."""
-        if self.lora:
-            with reference_mode(self.unet):
-                return call_unet(self.unet)
-        if self.offload:
-            self.unet.to(device)
-            try:
-                return call_unet(self.unet)
-            finally:
-                self.unet.to("cpu")
-        return call_unet(self.unet)
-
-
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     """The UNet's LoRA weights with peft's key names ('….to_q.lora_A.weight'; save_lora_weights adds 'unet.').
 
@@ -84,15 +40,16 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(unet)
 
 
-def save_lora(unet, output_dir: str | Path, family: str, export_kohya: bool = False) -> list[Path]:
+def save_lora(unet, output_dir: str | Path, family: Any, export_kohya: bool = False) -> list[Path]:
     """Write pytorch_lora_weights.safetensors (loads with pipe.load_lora_weights(output_dir)) and,
-    optionally, a kohya/A1111/ComfyUI-format copy (lora_unet_* keys with alpha)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    optionally, a kohya/A1111/ComfyUI-format copy (lora_unet_* keys with alpha). `family`: the
+    models.families.ModelFamily whose pipeline class writes the file."""
+    import diffusers
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
-    pipe_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    pipe_cls = getattr(diffusers, family.pipeline_class)
     pipe_cls.save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True)
     written = [output_dir / "pytorch_lora_weights.safetensors"]
     if export_kohya:

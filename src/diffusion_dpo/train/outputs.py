@@ -7,18 +7,17 @@ import json
 from pathlib import Path
 
 from diffusion_dpo.config import RunConfig
-from diffusion_dpo.models.loading import ModelSpec
+from diffusion_dpo.models.families import ModelFamily
 from diffusion_dpo.train.run_dir import describe_changes, forced_resumes
 
-_PIPELINE = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "lcm": "LatentConsistencyModelPipeline"}
 
-
-def write_final_outputs(out: Path, unet, cfg: RunConfig, spec: ModelSpec, summary: dict) -> list[Path]:
+def write_final_outputs(out: Path, unet, cfg: RunConfig, family: ModelFamily, summary: dict) -> list[Path]:
+    spec = family.spec
     written: list[Path] = []
     if cfg.train.finetune == "lora":
         from diffusion_dpo.models.lora import save_lora
 
-        written += save_lora(unet, out, spec.family, export_kohya=cfg.lora.export_kohya)
+        written += save_lora(unet, out, family, export_kohya=cfg.lora.export_kohya)
     else:
         unet.save_pretrained(out / "unet", safe_serialization=True)
         written.append(out / "unet")
@@ -32,14 +31,14 @@ def write_final_outputs(out: Path, unet, cfg: RunConfig, spec: ModelSpec, summar
     if forced:  # a run resumed with train.resume=force across changed settings says so wherever it is described
         summary = {**summary, "forced_resumes": forced}
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "README.md").write_text(model_card(cfg, spec, summary))
+    (out / "README.md").write_text(model_card(cfg, family, summary))
     written.append(out / "README.md")
     return written
 
 
-def model_card(cfg: RunConfig, spec: ModelSpec, summary: dict) -> str:
-    t = cfg.train
-    pipe = _PIPELINE[spec.family]
+def model_card(cfg: RunConfig, family: ModelFamily, summary: dict) -> str:
+    t, spec = cfg.train, family.spec
+    pipe = family.pipeline_class
     if t.finetune == "lora":
         usage = (f"pipe = {pipe}.from_pretrained(\"{spec.pretrained}\")\n"
                  f"pipe.load_lora_weights(\"{cfg.output.dir}\")")

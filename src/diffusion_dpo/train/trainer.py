@@ -18,16 +18,16 @@ import torch
 from diffusion_dpo.config import RunConfig, to_dict
 from diffusion_dpo.errors import DataError, NonFiniteLossError, TrainingInterrupted
 from diffusion_dpo.losses import build_loss
-from diffusion_dpo.models.diffusion import draw_pair_randomness, pair_generator
-from diffusion_dpo.models.encode import PromptEncoder, TextConditioning, encode_images, pair_time_ids, sample_latents
-from diffusion_dpo.models.loading import (DTYPES, detect_spec, load_noise_scheduler, load_text_encoders, load_unet,
-                                          load_vae, spec_dict)
+from diffusion_dpo.models.families import detect_spec, family_of
+from diffusion_dpo.models.loading import spec_dict
+from diffusion_dpo.runtime import torch_dtype
 from diffusion_dpo.train import checkpoint as ckpt
+from diffusion_dpo.train.batch import EpochItems, open_pairs
 from diffusion_dpo.train.interrupt import StopSignals
 from diffusion_dpo.train.optim import apply_gradients, build_lr_scheduler, build_optimizer
+from diffusion_dpo.train.pair_order import PairOrder
 from diffusion_dpo.train.run_dir import RunDir
-from diffusion_dpo.train.sampler import PairBatchSampler
-from diffusion_dpo.train.step import PairBatch, UNetCaller, preference_step
+from diffusion_dpo.train.step import preference_step
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -35,25 +35,6 @@ log = logging.getLogger("diffusion_dpo")
 COUNTS = ("trained_pairs", "skipped_pairs", "skipped_steps", "overflow_steps")
 METRIC_KEYS = ("loss", "implicit_acc", "err_policy_w", "err_policy_l", "err_ref_w", "err_ref_l", "diff_policy",
                "diff_ref", "inside")
-
-
-class _EpochItems(torch.utils.data.Dataset):
-    """Adapts a dataset indexed by int to items addressed as (epoch, index), so random transforms
-    are seeded per epoch and per pair."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        self.dataset.set_epoch(epoch)
-        item = self.dataset[index]
-        if item is not None:
-            item["epoch"] = epoch
-        return item
 
 
 class Trainer:
@@ -86,32 +67,26 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(cfg.train.seed)  # model init (LoRA A matrices) identical on every process
 
-        # 2. model family and frozen parts
+        # 2. model family: everything family-specific is asked of this object
         m = cfg.model
         self.spec = detect_spec(m.pretrained, m.revision, m.variant, m.family, m.prediction_type)
-        frozen_dtype = DTYPES[m.frozen_dtype]
-        self.noise_scheduler = load_noise_scheduler(self.spec)
+        self.family = family_of(self.spec, m.lcm_guidance_scale)
+        frozen_dtype = torch_dtype(m.frozen_dtype, "model.frozen_dtype")
+        self.noise_scheduler = self.family.load_noise_scheduler()
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
-        self.call = UNetCaller(self.spec.family, m.lcm_guidance_scale, self.spec.time_cond_proj_dim)
 
-        # 3. data: a prepared cache (no VAE, no text encoder in memory) or images encoded on the fly
-        self.dataset, self.cached = self._build_dataset()
+        # 3. data and the one encoder that turns its raw batches into PairBatches: a prepared cache (no VAE,
+        # no text encoder in memory) or images encoded on the fly
+        pairs = open_pairs(cfg, self.family, acc)
+        self.dataset = pairs.dataset
         from diffusion_dpo.data.sources import check_fills_batch  # before the models load: fail fast
 
-        check_fills_batch(len(self.dataset), cfg.train.batch_size, acc.num_processes,
-                          None if self.cached else self.dataset.source.stats)
-        if self.cached:
-            self.vae = self.prompt_encoder = None
-            self.empty_cond = self.dataset.empty_conditioning()
-        else:
-            self.vae = load_vae(self.spec, frozen_dtype, m.vae).to(self.device)
-            self.prompt_encoder = PromptEncoder(self.spec.family, load_text_encoders(self.spec, frozen_dtype), self.device)
-            self.prompt_encoder.to(self.device)
-            self.empty_cond = self.prompt_encoder([""])
+        check_fills_batch(len(self.dataset), cfg.train.batch_size, acc.num_processes, pairs.source_stats)
+        self.batch_encoder = pairs.encoder(cfg, self.family, self.device)
 
         # 4. trained network and reference policy
         self.loss_fn = build_loss(cfg.train.method, cfg.train.beta)
-        self.unet = load_unet(self.spec, torch.float32)
+        self.unet = self.family.load_network(torch.float32)
         lora = cfg.train.finetune == "lora"
         if lora:
             from diffusion_dpo.models.lora import add_lora
@@ -129,9 +104,9 @@ class Trainer:
             lean_autograd.apply(self.unet)
         self.reference = None
         if self.loss_fn.needs_reference:
-            from diffusion_dpo.models.lora import Reference
+            from diffusion_dpo.models.reference import Reference
 
-            ref_dtype = DTYPES[m.reference_dtype or m.frozen_dtype]
+            ref_dtype = torch_dtype(m.reference_dtype or m.frozen_dtype, "model.reference_dtype")
             self.reference = Reference(self.unet, lora=lora, dtype=ref_dtype, offload=m.reference_on_cpu)
         self.unet.train()
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
@@ -162,88 +137,19 @@ class Trainer:
                 log.info("resumed from %s (step %d)", state.path, self.step)
 
         # 7. order of pairs, positioned after the last completed optimizer step
-        self.sampler = PairBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed, acc.process_index,
+        self.pair_order = PairOrder(len(self.dataset), cfg.train.batch_size, cfg.train.seed, acc.process_index,
                                         acc.num_processes, start_micro_batch=self.step * cfg.train.gradient_accumulation)
-        collate = self._collate_fn()
-        self.loader = torch.utils.data.DataLoader(_EpochItems(self.dataset), batch_sampler=self.sampler,
-                                                  collate_fn=collate, num_workers=cfg.data.num_workers)
+        self.loader = torch.utils.data.DataLoader(EpochItems(self.dataset), batch_sampler=self.pair_order,
+                                                  collate_fn=pairs.collate, num_workers=cfg.data.num_workers)
         return self
 
-    def _build_dataset(self):
-        d = self.cfg.data
-        if d.format == "cache" or (d.format == "auto" and Path(d.source, "cache_manifest.json").is_file()):
-            from diffusion_dpo.cache.store import CachedPairDataset
-
-            return CachedPairDataset(d.source, self.spec, d.latent_sampling, seed=self.cfg.train.seed,
-                                     resolution=d.resolution), True
-        if d.cache_dir:  # prepared on the fly once (or found complete) and reused by every later run
-            from diffusion_dpo.cache.prepare import ensure_cache
-            from diffusion_dpo.cache.store import CachedPairDataset
-
-            folder = ensure_cache(self.cfg, self.accelerator, storage_dtype=d.cache_dtype)
-            return CachedPairDataset(folder, self.spec, d.latent_sampling, seed=self.cfg.train.seed,
-                                     resolution=d.resolution), True
-        from diffusion_dpo.data.dataset import PairDataset
-        from diffusion_dpo.data.sources import open_source
-        from diffusion_dpo.data.transforms import PairTransform
-
-        source = open_source(d)  # logs what it read, ties dropped and missing files
-        transform = PairTransform.from_config(d, self.spec.family)
-        return PairDataset(source, transform, seed=self.cfg.train.seed, on_corrupt=d.on_corrupt), False
-
-    def _collate_fn(self):
-        if self.cached:
-            from diffusion_dpo.cache.store import collate_cached as collate
-        else:
-            from diffusion_dpo.data.dataset import collate_pairs as collate
-
-        def collate_with_epochs(items):
-            batch = collate(items)
-            batch["epochs"] = torch.tensor([it["epoch"] for it in items if it is not None], dtype=torch.long)
-            return batch
-
-        return collate_with_epochs
-
-    # ------------------------------------------------------------------------------------------
-    def encode_batch(self, raw: dict[str, Any]) -> Optional[PairBatch]:
-        """Raw (pixels + prompts) or cached batch -> PairBatch with this pair's own randomness."""
-        cfg, spec = self.cfg, self.spec
-        b = len(raw["indices"])
-        if b == 0:
-            return None
-        res = cfg.data.resolution
-        latent_shape = (spec.latent_channels, res // spec.vae_downsample, res // spec.vae_downsample)
-        lo, hi = cfg.train.timestep_range
-        hi = min(hi, spec.num_train_timesteps)
-        gens = [pair_generator(cfg.train.seed, int(e), int(i)) for e, i in zip(raw["epochs"], raw["indices"])]
-        rnd = draw_pair_randomness(gens, latent_shape, lo, hi, cfg.data.caption_dropout)
-        if self.cached:
-            mean, std = raw["latent_mean"].to(self.device), raw["latent_std"].to(self.device)
-            cond = TextConditioning(raw["prompt_embeds"], raw.get("pooled_prompt_embeds")).to(self.device)
-        else:
-            pixels = raw["pixel_values"].to(self.device)  # (B, 2, 3, R, R)
-            mean, std = encode_images(self.vae, pixels.flatten(0, 1))  # (2B, C, h, w), rows w0,l0,w1,l1,...
-            mean, std = mean.unflatten(0, (b, 2)), std.unflatten(0, (b, 2))
-            cond = self.prompt_encoder(list(raw["prompts"]))
-        mode = cfg.data.latent_sampling
-        sf = spec.vae_scaling_factor
-        lat_w = sample_latents(mean[:, 0], std[:, 0], sf, rnd["latent_eps_w"].to(self.device), mode)
-        lat_l = sample_latents(mean[:, 1], std[:, 1], sf, rnd["latent_eps_l"].to(self.device), mode)
-        if cfg.data.caption_dropout > 0:
-            cond = cond.select(rnd["drop_caption"], self.empty_cond.to(self.device))
-        time_ids = None
-        if spec.family == "sdxl":  # (2B, 6) float32; one row per pair unless data.sdxl_time_ids=image
-            time_ids = pair_time_ids(raw["original_size"], raw["crop_top_left"], res, cfg.data.sdxl_time_ids,
-                                     raw["indices"]).to(self.device)
-        return PairBatch(lat_w, lat_l, cond, rnd["noise"].to(self.device), rnd["timesteps"].to(self.device), time_ids)
-
     def micro_step(self, raw: dict[str, Any]):
-        batch = self.encode_batch(raw)
+        batch = self.batch_encoder(raw)
         if batch is None:  # every pair of this micro-batch was corrupt: keep processes in step with a zero loss
             zero = sum(p.sum() for p in self.params) * 0.0
             return zero, {}, 0
         with self.accelerator.autocast():
-            out = preference_step(self.unet, self.reference, self.loss_fn, self.noise_scheduler, batch, self.call,
+            out = preference_step(self.unet, self.reference, self.loss_fn, self.family, self.noise_scheduler, batch,
                                   self.cfg.train.error_reduction)
         metrics = {"loss": out.loss.detach(), **out.metrics}
         return out.loss, metrics, batch.size
@@ -367,7 +273,7 @@ class Trainer:
         """A run that trained no pair must fail, not report success; so must a whole pass over the data (every
         pair corrupt, say), unless fp16 overflows say the loss scale is still settling."""
         c = self.counts
-        epoch_done = self.step * self.cfg.train.gradient_accumulation >= self.sampler.per_epoch
+        epoch_done = self.step * self.cfg.train.gradient_accumulation >= self.pair_order.per_epoch
         if c["trained_pairs"] > 0 or not (run_done or (epoch_done and c["overflow_steps"] == 0)):
             return
         message = (f"no pair was trained in {self.step} steps over {len(self.dataset)} pairs of "
@@ -394,7 +300,7 @@ class Trainer:
                 if key in last[0]:
                     summary[f"{key}_last10"] = sum(r[key] for r in last) / len(last)
         if self.is_main:
-            write_final_outputs(self.out, self.accelerator.unwrap_model(self.unet), self.cfg, self.spec, summary)
+            write_final_outputs(self.out, self.accelerator.unwrap_model(self.unet), self.cfg, self.family, summary)
         return summary
 
 

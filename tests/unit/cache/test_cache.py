@@ -142,7 +142,7 @@ def test_corrupt_pairs_are_counted_and_skipped_or_an_error(tiny_sd, parquet, tmp
 
 
 def test_dataset_items_and_collate(tiny_sd, tiny_sdxl, parquet, tmp_path):
-    from diffusion_dpo.models.loading import detect_spec
+    from diffusion_dpo.models.families import detect_spec
 
     for model, family in ((tiny_sd, "sd"), (tiny_sdxl, "sdxl")):
         folder = prep.prepare_cache(_cfg(model, parquet, tmp_path / family), shard_size=4, progress=False)
@@ -164,7 +164,7 @@ def test_dataset_items_and_collate(tiny_sd, tiny_sdxl, parquet, tmp_path):
 
 
 def test_cache_refuses_another_model_or_resolution(tiny_sd, tiny_sdxl, parquet, tmp_path):
-    from diffusion_dpo.models.loading import detect_spec
+    from diffusion_dpo.models.families import detect_spec
 
     folder = prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path), progress=False)
     with pytest.raises(DataError, match="model.pretrained.*model.family"):
@@ -182,7 +182,8 @@ def test_flip_variants_match_on_the_fly_flips(tiny_sd, clean_parquet, tmp_path):
     from diffusion_dpo.data.sources import open_source
     from diffusion_dpo.data.transforms import PairTransform
     from diffusion_dpo.models.encode import encode_images
-    from diffusion_dpo.models.loading import detect_spec, load_vae
+    from diffusion_dpo.models.families import detect_spec
+    from diffusion_dpo.models.loading import load_vae
 
     cfg = _cfg(tiny_sd, clean_parquet, tmp_path, "data.random_flip=true", "train.seed=3")
     folder = prep.prepare_cache(cfg, storage_dtype="float32", progress=False)
@@ -261,14 +262,15 @@ def test_sdxl_cache_gives_each_pair_the_on_the_fly_geometry_and_time_ids(tiny_sd
     from diffusion_dpo.data.sources import open_source
     from diffusion_dpo.data.transforms import PairTransform
     from diffusion_dpo.models.encode import encode_images, pair_time_ids
-    from diffusion_dpo.models.loading import detect_spec, load_vae
+    from diffusion_dpo.models.families import detect_spec
+    from diffusion_dpo.models.loading import load_vae
 
     source = _mixed_size_manifest(tmp_path / "data")
     cfg = _cfg(tiny_sdxl, source, tmp_path / "cache", "data.crop=random", "data.random_flip=true", "train.seed=3")
     folder = prep.prepare_cache(cfg, storage_dtype="float32", progress=False)
     spec = detect_spec(str(tiny_sdxl))
     cached = CachedPairDataset(folder, spec, "mean", seed=3)
-    fly = PairDataset(open_source(cfg.data), PairTransform.from_config(cfg.data, "sdxl"), seed=3)
+    fly = PairDataset(open_source(cfg.data), PairTransform.from_config(cfg.data, size_conditioned=True), seed=3)
     vae = load_vae(spec)
     fly_items = [fly[i] for i in range(len(fly))]  # epoch 0: the crops the cache drew
     for i, raw in enumerate(fly_items):

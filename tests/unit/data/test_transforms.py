@@ -163,7 +163,7 @@ def test_same_geometry_shares_the_random_crop_and_leaves_flips_to_shared():
 
 def test_from_config():
     cfg = DataConfig(resolution=64, crop="random", random_flip=True, shared_transforms=True)
-    assert PairTransform.from_config(cfg, "sd") == PairTransform(64, "random", True, True)
-    assert PairTransform.from_config(cfg, "sdxl") == PairTransform(64, "random", True, True, same_geometry=True)
+    assert PairTransform.from_config(cfg, size_conditioned=False) == PairTransform(64, "random", True, True)
+    assert PairTransform.from_config(cfg, size_conditioned=True) == PairTransform(64, "random", True, True, same_geometry=True)
     per_image = DataConfig(resolution=64, sdxl_time_ids="image")
-    assert PairTransform.from_config(per_image, "sdxl") == PairTransform(64)
+    assert PairTransform.from_config(per_image, size_conditioned=True) == PairTransform(64)

@@ -184,8 +184,9 @@ def _fit_unet_to_winners(tiny_sd, manifest, out, steps: int = 30):
     from diffusion_dpo.data.dataset import PairDataset, collate_pairs
     from diffusion_dpo.data.sources import open_source
     from diffusion_dpo.data.transforms import PairTransform
-    from diffusion_dpo.models.encode import PromptEncoder, encode_images
-    from diffusion_dpo.models.loading import detect_spec, load_text_encoders, load_vae
+    from diffusion_dpo.models.encode import encode_images
+    from diffusion_dpo.models.families import detect_spec, family_of
+    from diffusion_dpo.models.loading import load_vae
 
     spec = detect_spec(str(tiny_sd))
     dataset = PairDataset(open_source(DataConfig(source=str(manifest), resolution=32)), PairTransform(32), seed=0)
@@ -193,7 +194,7 @@ def _fit_unet_to_winners(tiny_sd, manifest, out, steps: int = 30):
     vae = load_vae(spec)
     with torch.no_grad():
         lat_w, lat_l = (encode_images(vae, batch["pixel_values"][:, j])[0] * spec.vae_scaling_factor for j in (0, 1))
-    cond = PromptEncoder(spec.family, load_text_encoders(spec))(batch["prompts"]).prompt_embeds
+    cond = family_of(spec).prompt_encoder()(batch["prompts"]).prompt_embeds
     scheduler = DDPMScheduler.from_pretrained(tiny_sd / "scheduler")
     unet = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
     opt = torch.optim.Adam(unet.parameters(), lr=2e-3)

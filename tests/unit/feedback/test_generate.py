@@ -123,7 +123,7 @@ def test_write_cache_stores_the_sampled_latents_and_trains_without_a_vae(tiny_sd
 
     from diffusion_dpo.cache.store import CachedPairDataset, collate_cached
     from diffusion_dpo.config import load_config
-    from diffusion_dpo.models.loading import detect_spec
+    from diffusion_dpo.models.families import detect_spec
     from diffusion_dpo.train import trainer
 
     # a copy of the tiny model with a VAE scaling factor != 1, so that a missing or doubled division shows
@@ -170,10 +170,9 @@ def test_write_cache_stores_the_sampled_latents_and_trains_without_a_vae(tiny_sd
     assert manifest["complete"] and manifest["num_pairs"] == len(pairs)
     assert manifest["settings"]["random_flip"] is False and manifest["model"]["vae_scaling_factor"] == 0.5
     # the cached text conditioning is what `prepare` (PromptEncoder over the model's text encoder) computes
-    from diffusion_dpo.models.encode import PromptEncoder
-    from diffusion_dpo.models.loading import load_text_encoders
+    from diffusion_dpo.models.families import ModelFamily, family_of
 
-    encoder = PromptEncoder(spec.family, load_text_encoders(spec))
+    encoder = family_of(spec).prompt_encoder()
     assert torch.allclose(ds[0]["prompt_embeds"], encoder([pairs[0]["prompt"]]).prompt_embeds[0], atol=1e-5)
     assert torch.allclose(ds.empty_conditioning().prompt_embeds, encoder([""]).prompt_embeds, atol=1e-5)
 
@@ -181,8 +180,8 @@ def test_write_cache_stores_the_sampled_latents_and_trains_without_a_vae(tiny_sd
     def refuse(*args, **kwargs):
         raise AssertionError("training from a cache must not load a VAE or a text encoder")
 
-    monkeypatch.setattr(trainer, "load_vae", refuse)
-    monkeypatch.setattr(trainer, "load_text_encoders", refuse)
+    monkeypatch.setattr(ModelFamily, "load_vae", refuse)
+    monkeypatch.setattr(ModelFamily, "load_text_encoders", refuse)
     cfg = load_config(None, [f"model.pretrained={model}", f"data.source={out / 'cache'}", "data.resolution=32",
                              "train.finetune=lora", "lora.rank=4", "train.max_steps=2", "train.batch_size=2",
                              "train.checkpoint_every=0", "output.report_to=none", f"output.dir={tmp_path / 'run'}"])
@@ -198,7 +197,7 @@ def test_write_cache_sdxl_and_lcm(fixture, request, tmp_path):
     from PIL import Image
 
     from diffusion_dpo.cache.store import CachedPairDataset
-    from diffusion_dpo.models.loading import detect_spec
+    from diffusion_dpo.models.families import detect_spec
 
     model = request.getfixturevalue(fixture)
     out = tmp_path / "gen"

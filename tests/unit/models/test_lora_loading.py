@@ -68,10 +68,11 @@ def test_saved_lora_loads_into_stock_diffusers_completely(tiny_sd, tmp_path, tar
     attention keys in diffusers' lora.down/up names and convolution keys in peft's lora_A/B names lost the
     attention half, silently, whenever a convolution key sorted first: the demo's UNet, which starts with a
     DownBlock2D.)"""
+    from diffusion_dpo.models.families import SDFamily
     from diffusion_dpo.models.lora import save_lora
 
     unet, base, trained = _lora_unet(first_block, targets)
-    save_lora(unet, tmp_path / "out", "sd")
+    save_lora(unet, tmp_path / "out", SDFamily)
     _check_loaded(tiny_sd, tmp_path / "out", unet, base, trained)
 
 
@@ -135,7 +136,7 @@ def test_implicit_reward_policy_loads_every_adapter_of_an_old_mixed_file(tiny_sd
     from peft.utils import get_peft_model_state_dict
 
     from diffusion_dpo.evaluate.implicit import _load_policy
-    from diffusion_dpo.models.loading import detect_spec
+    from diffusion_dpo.models.families import detect_spec
 
     unet, base, trained = _lora_unet("DownBlock2D", ATTN + ["conv1", "conv2"])
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
@@ -157,6 +158,7 @@ def test_sdxl_lora_with_convolution_targets_loads_completely(tiny_sdxl, tmp_path
 
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
+    from diffusion_dpo.models.families import SDXLFamily
     from diffusion_dpo.models.lora import add_lora, save_lora
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
@@ -174,7 +176,7 @@ def test_sdxl_lora_with_convolution_targets_loads_completely(tiny_sdxl, tmp_path
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     trained = {n.replace(".default", ""): p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
-    save_lora(unet, tmp_path / "out", "sdxl")
+    save_lora(unet, tmp_path / "out", SDXLFamily)
     pipe.unet = base
     load_lora_into_pipeline(pipe, tmp_path / "out")
     loaded = {n.replace(".default_0", ""): p.detach() for n, p in pipe.unet.named_parameters() if "lora_" in n}

@@ -6,7 +6,7 @@ import torch
 from diffusion_dpo.config import TrainConfig
 from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.train.optim import build_lr_scheduler, build_optimizer
-from diffusion_dpo.train.sampler import PairBatchSampler
+from diffusion_dpo.train.pair_order import PairOrder
 
 
 def _params():
@@ -41,16 +41,16 @@ def test_warmup_then_constant():
 
 
 def test_sampler_shards_and_resumes_without_replay():
-    single = PairBatchSampler(10, batch_size=2, seed=3)
-    r0 = PairBatchSampler(10, batch_size=1, seed=3, rank=0, world_size=2)
-    r1 = PairBatchSampler(10, batch_size=1, seed=3, rank=1, world_size=2)
+    single = PairOrder(10, batch_size=2, seed=3)
+    r0 = PairOrder(10, batch_size=1, seed=3, rank=0, world_size=2)
+    r1 = PairOrder(10, batch_size=1, seed=3, rank=1, world_size=2)
     it, i0, i1 = iter(single), iter(r0), iter(r1)
     first = [next(it) for _ in range(12)]  # crosses an epoch boundary (5 micro-batches per epoch)
     for batch in first:
         assert batch == next(i0) + next(i1)
     assert {e for b in first for e, _ in b} == {0, 1, 2}
     assert sorted(i for b in first[:5] for _, i in b) == list(range(10))  # epoch 0 covers every pair once
-    resumed = iter(PairBatchSampler(10, batch_size=2, seed=3, start_micro_batch=7))
+    resumed = iter(PairOrder(10, batch_size=2, seed=3, start_micro_batch=7))
     assert [next(resumed) for _ in range(5)] == first[7:12]
     with pytest.raises(ValueError, match="cannot fill one global micro-batch"):
-        PairBatchSampler(3, batch_size=2, seed=0, world_size=2)
+        PairOrder(3, batch_size=2, seed=0, world_size=2)

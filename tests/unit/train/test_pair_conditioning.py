@@ -37,7 +37,7 @@ def test_caption_dropout_drops_winner_and_loser_together(fixture, request, tmp_p
     _record_unet_inputs(t.accelerator.unwrap_model(t.unet), calls)
     t.micro_step(next(iter(t.loader)))
     assert len(calls) == 2  # reference (adapters off) and policy
-    empty = t.empty_cond
+    empty = t.batch_encoder.empty_cond
     for call in calls:
         rows = {"encoder_hidden_states": (call["encoder_hidden_states"], empty.prompt_embeds[0])}
         if fixture == "tiny_sdxl":

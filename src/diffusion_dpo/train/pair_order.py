@@ -13,7 +13,9 @@ from typing import Iterator
 import torch
 
 
-class PairBatchSampler:
+class PairOrder:
+    """The batch_sampler of the training DataLoader: which pairs each process gets in each micro-batch."""
+
     def __init__(self, num_pairs: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  shuffle: bool = True, start_micro_batch: int = 0):
         self.num_pairs = num_pairs

@@ -1,0 +1,47 @@
+"""What every preference loss takes and returns: named per-sample errors in, a scalar loss and metrics out.
+
+A loss never knows how the batch was stacked (models.diffusion.split_pairs is the step's business), as
+torchtune's DPO loss takes policy/reference x chosen/rejected log-probabilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+
+@dataclass
+class PairErrors:
+    """Per-sample denoising errors ||pred - target||^2 of B pairs, each (B,). w = preferred, l = rejected.
+
+    Losers and the reference are None when the loss says it does not need them (needs_losers,
+    needs_reference); the step then skips those forward passes."""
+
+    policy_w: torch.Tensor
+    policy_l: Optional[torch.Tensor] = None
+    ref_w: Optional[torch.Tensor] = None
+    ref_l: Optional[torch.Tensor] = None
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, what is back-propagated
+    per_pair: torch.Tensor  # (B,)
+    metrics: dict[str, torch.Tensor]  # scalars, detached
+
+
+class PreferenceLoss(torch.nn.Module):
+    """Base of the losses in losses.LOSSES: forward(PairErrors) -> LossOutput."""
+
+    needs_reference: ClassVar[bool] = True
+    needs_losers: ClassVar[bool] = True
+
+    @classmethod
+    def from_settings(cls, beta: float) -> "PreferenceLoss":
+        """Build from the run's loss settings (train.beta; later losses add theirs here)."""
+        return cls()
+
+    def forward(self, errors: PairErrors) -> LossOutput:
+        raise NotImplementedError

@@ -1,0 +1,73 @@
+"""Model families: one module per family behind one interface (base.ModelFamily).
+
+FAMILIES is closed and ordered: detection asks each family in turn whether a pipeline's configs are
+its own, so a more specific family (SDXL, LCM) comes before the one it specialises (SD). Adding a family
+is one new module plus one entry here (docs/architecture.md, "How to add a model family").
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from diffusion_dpo.errors import ModelLoadError
+from diffusion_dpo.models.families.base import ModelFamily
+from diffusion_dpo.models.families.lcm import LCMFamily
+from diffusion_dpo.models.families.sd import SDFamily
+from diffusion_dpo.models.families.sdxl import SDXLFamily
+from diffusion_dpo.models.loading import ModelSpec, PipelineConfigs
+
+FAMILIES: tuple[type[ModelFamily], ...] = (SDXLFamily, LCMFamily, SDFamily)
+"""Detection order: the first family whose matches(configs) is true."""
+BY_NAME: dict[str, type[ModelFamily]] = {f.name: f for f in FAMILIES}
+
+
+def detect_spec(pretrained: str, revision: Optional[str] = None, variant: Optional[str] = None,
+                family: str = "auto", prediction_type: Optional[str] = None) -> ModelSpec:
+    """Read a pipeline's configs and describe it (model.family=auto detects the family, a name forces it)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    configs = PipelineConfigs(pretrained, revision)
+    unet_cfg = configs.unet()
+    if family == "auto":
+        found = next((f for f in FAMILIES if f.matches(configs)), None)
+        if found is None:
+            raise ModelLoadError(f"'{pretrained}' is a {configs.pipeline_class or 'unknown pipeline'}; supported "
+                                 "families are Stable Diffusion 1.x/2.x, SDXL and latent consistency UNets (set "
+                                 "model.family to force one)")
+        family = found.name
+    elif family not in BY_NAME:
+        raise ModelLoadError(f"model.family {family!r} is not a known family; choose auto or one of {sorted(BY_NAME)}")
+    sched_cfg = configs.part("scheduler", DDPMScheduler)
+    vae_cfg = configs.part("vae", AutoencoderKL)
+    pred = prediction_type or sched_cfg.get("prediction_type", "epsilon")
+    if pred not in ("epsilon", "v_prediction"):
+        raise ModelLoadError(f"prediction_type '{pred}' of '{pretrained}' is not supported (epsilon or v_prediction)")
+    return ModelSpec(
+        pretrained=str(pretrained), family=family, prediction_type=pred, pipeline_class=configs.pipeline_class,
+        revision=revision, variant=variant,
+        vae_scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
+        latent_channels=int(vae_cfg.get("latent_channels", 4)),
+        vae_downsample=2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
+        time_cond_proj_dim=unet_cfg.get("time_cond_proj_dim"),
+        num_train_timesteps=int(sched_cfg.get("num_train_timesteps", 1000)),
+    )
+
+
+def family_of(spec: ModelSpec, guidance_scale: float = 8.0) -> ModelFamily:
+    """The family object of a described pipeline (guidance_scale: model.lcm_guidance_scale)."""
+    return BY_NAME[spec.family](spec, guidance_scale)
+
+
+def family_of_pipeline(pipe: Any) -> type[ModelFamily]:
+    """The family of a loaded diffusers pipeline (sampling); SD when no family claims it."""
+    configs = PipelineConfigs.of_pipeline(pipe)
+    return next((f for f in FAMILIES if f.matches(configs)), SDFamily)
+
+
+def family_named(name: str) -> type[ModelFamily]:
+    """The family class called `name` (a recorded model_spec's or a cache manifest's family)."""
+    return BY_NAME[name]
+
+
+__all__ = ["FAMILIES", "ModelFamily", "SDFamily", "SDXLFamily", "LCMFamily", "detect_spec", "family_of", "family_named",
+           "family_of_pipeline"]

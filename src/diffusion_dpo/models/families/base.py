@@ -1,0 +1,121 @@
+"""The interface every model family implements: what the trainer, the cache, evaluation and sampling ask.
+
+A family is one kind of pipeline (SD 1.x/2.x, SDXL, latent consistency; later SD3, Flux). One object per
+run, built from the pipeline's ModelSpec by `models.families.family_of(spec)`. The callers never branch on
+family names: they ask the object.
+
+    detection      matches(configs)                            (class method; the FAMILIES table is ordered)
+    loading        load_text_encoders, load_network, load_vae, load_noise_scheduler
+    prompts        encode_prompts(encoders, prompts)          -> TextConditioning (what the cache stores)
+    pairs          pair_conditioning(batch, resolution, mode) -> pair_cond per-row conditioning (SDXL time ids)
+    randomness     draw_randomness(generators, ...)            per-pair seeded noise / timestep / coins
+    diffusion      noisy_and_target(scheduler, latents, noise, t) -> (noisy input, training target)
+    network        predict(net, noisy, t, cond, pair_cond)        -> the network's prediction
+    outputs        pipeline_class, lora_targets, pipeline_text_encoders(pipe)
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from diffusion_dpo.models.diffusion import draw_pair_randomness
+from diffusion_dpo.models.encode import PromptEncoder, TextConditioning
+from diffusion_dpo.models.loading import ModelSpec, PipelineConfigs, freeze, load_noise_scheduler, load_pretrained, \
+    load_unet, load_vae
+
+
+class ModelFamily(ABC):
+    name: ClassVar[str]
+    pipeline_class: ClassVar[str]
+    """diffusers pipeline class name for sampling, saving LoRAs and the model card's usage lines."""
+    text_encoder_parts: ClassVar[tuple[tuple[str, str, str], ...]] = (("tokenizer", "text_encoder", "CLIPTextModel"),)
+    """(tokenizer subfolder, text encoder subfolder, transformers class name) per text encoder, in order."""
+    size_conditioned: ClassVar[bool] = False
+    """The network is conditioned on image sizes and crops (SDXL time ids): with data.sdxl_time_ids=pair the
+    transforms give a pair one geometry (data.transforms.PairTransform same_geometry), and the cache key holds
+    the mode."""
+    lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    """Default LoRA target modules of the trained network (lora.target_modules's default)."""
+
+    def __init__(self, spec: ModelSpec, guidance_scale: float = 8.0):
+        self.spec = spec
+        self.guidance_scale = guidance_scale  # embedded guidance of guidance-distilled networks (LCM)
+
+    # ------------------------------------------------------------------ detection
+    @classmethod
+    @abstractmethod
+    def matches(cls, configs: PipelineConfigs) -> bool:
+        """Whether the pipeline whose configs these are is of this family (asked in FAMILIES order)."""
+
+    # ------------------------------------------------------------------ loading
+    def load_text_encoders(self, dtype: torch.dtype = torch.float32) -> list[tuple[Any, Any]]:
+        """[(tokenizer, frozen text encoder)] in the order of text_encoder_parts."""
+        import transformers
+
+        from diffusion_dpo.errors import ModelLoadError
+
+        spec, out = self.spec, []
+        for tok_name, enc_name, enc_cls in self.text_encoder_parts:
+            tokenizer = load_pretrained(transformers.CLIPTokenizer, spec.pretrained, tok_name, tok_name, spec.revision)
+            if len(tokenizer) < 10:
+                # CLIPTokenizer.from_pretrained on a folder without vocab files silently builds a 2-token tokenizer
+                raise ModelLoadError(f"'{spec.pretrained}/{tok_name}' has no usable tokenizer files (vocab.json + "
+                                     "merges.txt or tokenizer.json): re-save the pipeline with save_pretrained")
+            encoder = load_pretrained(getattr(transformers, enc_cls), spec.pretrained, enc_name, enc_name,
+                                      spec.revision, spec.variant, dtype=dtype)
+            out.append((tokenizer, freeze(encoder)))
+        return out
+
+    def prompt_encoder(self, dtype: torch.dtype = torch.float32, device="cpu") -> PromptEncoder:
+        """This family's frozen text encoders, loaded, on `device`, behind one callable."""
+        return PromptEncoder(self, self.load_text_encoders(dtype), device).to(device)
+
+    @classmethod
+    def pipeline_text_encoders(cls, pipe: Any) -> list[tuple[Any, Any]]:
+        """The same [(tokenizer, text encoder)] taken from a loaded diffusers pipeline's own parts."""
+        return [(getattr(pipe, tok), getattr(pipe, enc)) for tok, enc, _ in cls.text_encoder_parts]
+
+    def load_network(self, dtype: torch.dtype = torch.float32):
+        """The trained network (a UNet here; a transformer for flow-matching families)."""
+        return load_unet(self.spec, dtype)
+
+    def load_vae(self, dtype: torch.dtype = torch.float32, vae_path: Optional[str] = None):
+        return load_vae(self.spec, dtype, vae_path)
+
+    def load_noise_scheduler(self):
+        return load_noise_scheduler(self.spec)
+
+    # ------------------------------------------------------------------ prompts
+    @classmethod
+    @abstractmethod
+    def encode_prompts(cls, encoders: list[tuple[Any, Any]], prompts: list[str], device) -> TextConditioning:
+        """prompts (B) -> text conditioning (float32), what the cache stores and the network receives."""
+
+    # ------------------------------------------------------------------ batches of pairs
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, h, w) of one image's latent at `resolution` pixels."""
+        f = self.spec.vae_downsample
+        return self.spec.latent_channels, resolution // f, resolution // f
+
+    def pair_conditioning(self, batch: dict[str, Any], resolution: int, mode: str) -> Optional[torch.Tensor]:
+        """Extra conditioning rows (2B, ...) of a batch of pairs, winner rows then loser rows, built from the
+        batch's `original_size` / `crop_top_left` / `indices`; None when the family needs none."""
+        return None
+
+    def draw_randomness(self, generators: list[torch.Generator], latent_shape: tuple[int, ...], t_low: int,
+                        t_high: int, caption_dropout: float) -> dict[str, torch.Tensor]:
+        """Per-pair draws from the pairs' own generators (models.diffusion.draw_pair_randomness)."""
+        return draw_pair_randomness(generators, latent_shape, t_low, t_high, caption_dropout)
+
+    @abstractmethod
+    def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor,
+                         timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latents, noise (N, C, h, w), timesteps (N,) -> noisy network input and training target, both (N, C, h, w)."""
+
+    @abstractmethod
+    def predict(self, net, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
+                pair_cond: Optional[torch.Tensor]) -> torch.Tensor:
+        """One forward of `net` (policy or reference) on N rows; `pair_cond`: pair_conditioning's rows (or a slice)."""

@@ -1,0 +1,17 @@
+"""Latent consistency models (a UNet with a guidance-scale embedding, `time_cond_proj_dim`): SD otherwise.
+
+The guidance embedding itself is SDFamily.timestep_cond (any UNet with time_cond_proj_dim gets it)."""
+
+from __future__ import annotations
+
+from diffusion_dpo.models.families.sd import SDFamily
+from diffusion_dpo.models.loading import PipelineConfigs
+
+
+class LCMFamily(SDFamily):
+    name = "lcm"
+    pipeline_class = "LatentConsistencyModelPipeline"
+
+    @classmethod
+    def matches(cls, configs: PipelineConfigs) -> bool:
+        return configs.unet().get("time_cond_proj_dim") is not None

@@ -1,0 +1,53 @@
+"""The reference policy of preference training (Wallace et al. 2024): always the starting weights.
+
+- LoRA: the same network with the adapter switched off (`reference_mode`), no copy.
+- Full fine-tuning: a frozen copy, in a chosen dtype, optionally parked on the CPU between uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Optional
+
+import torch
+
+
+@contextlib.contextmanager
+def reference_mode(unet) -> Iterator[None]:
+    """Inside the block the LoRA UNet computes the reference (starting) policy: adapters disabled."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+class Reference:
+    """Computes the reference prediction for noisy inputs, without gradients."""
+
+    def __init__(self, unet, lora: bool, dtype: Optional[torch.dtype] = None, offload: bool = False):
+        self.lora = lora
+        self.offload = offload
+        if lora:
+            self.unet = unet  # the policy network itself, adapters off
+        else:
+            self.unet = copy.deepcopy(unet).requires_grad_(False).eval()
+            if dtype is not None:
+                self.unet.to(dtype)
+            if offload:
+                self.unet.to("cpu")
+
+    @torch.no_grad()
+    def __call__(self, call_unet, device) -> torch.Tensor:
+        """`call_unet(unet)` runs one forward with the given network and returns the prediction."""
+        if self.lora:
+            with reference_mode(self.unet):
+                return call_unet(self.unet)
+        if self.offload:
+            self.unet.to(device)
+            try:
+                return call_unet(self.unet)
+            finally:
+                self.unet.to("cpu")
+        return call_unet(self.unet)

@@ -1,0 +1,178 @@
+"""One batch contract behind one encoder: whatever the data source, the step receives a PairBatch.
+
+    pairs = open_pairs(cfg, family, accelerator)    # PixelPairs (images + prompts) or CachedPairs (a prepared cache)
+    encoder = pairs.encoder(cfg, family, device)     # PixelEncoder (VAE + text encoders) or CachedEncoder (no model)
+    batch = encoder(raw)                             # -> PairBatch, with each pair's own seeded randomness
+
+Both encoders share everything after "latent distribution + text conditioning" (PairEncoder.__call__), so a
+cache prepared in float32 and read with data.latent_sampling=mean gives the batches encoding on the fly gives.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from diffusion_dpo.config import RunConfig
+from diffusion_dpo.models.diffusion import pair_generator
+from diffusion_dpo.models.encode import TextConditioning, encode_images, sample_latents
+from diffusion_dpo.runtime import torch_dtype
+
+
+@dataclass
+class PairBatch:
+    """B encoded preference pairs. Winner first everywhere a pair is stacked."""
+
+    latents_w: torch.Tensor  # (B, C, h, w), already times the VAE scaling factor
+    latents_l: torch.Tensor  # (B, C, h, w)
+    cond: TextConditioning  # (B, L, D) [+ pooled (B, D2)]: one text conditioning per pair
+    noise: torch.Tensor  # (B, C, h, w): one noise per pair
+    timesteps: torch.Tensor  # (B,): one timestep per pair
+    pair_cond: Optional[torch.Tensor] = None  # family.pair_conditioning rows (2B, ...): SDXL time ids (2B, 6) float32
+
+    @property
+    def size(self) -> int:
+        return self.latents_w.shape[0]
+
+
+class PairEncoder(ABC):
+    """Raw batch -> PairBatch. Subclasses say where the latent distributions and the text come from."""
+
+    def __init__(self, cfg: RunConfig, family, device, empty_cond: TextConditioning):
+        self.cfg, self.family, self.device = cfg, family, device
+        self.empty_cond = empty_cond  # text conditioning of "" (batch of 1), for caption dropout
+
+    @abstractmethod
+    def distributions_and_text(self, raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, TextConditioning]:
+        """Latent distribution (mean, std), each (B, 2, C, h, w) unscaled, [:, 0] winner; text conditioning (B, ...)."""
+
+    def __call__(self, raw: dict[str, Any]) -> Optional[PairBatch]:
+        """None when every pair of the raw batch was dropped as corrupt."""
+        cfg, spec = self.cfg, self.family.spec
+        if len(raw["indices"]) == 0:
+            return None
+        res = cfg.data.resolution
+        lo, hi = cfg.train.timestep_range
+        hi = min(hi, spec.num_train_timesteps)
+        gens = [pair_generator(cfg.train.seed, int(e), int(i)) for e, i in zip(raw["epochs"], raw["indices"])]
+        rnd = self.family.draw_randomness(gens, self.family.latent_shape(res), lo, hi, cfg.data.caption_dropout)
+        mean, std, cond = self.distributions_and_text(raw)
+        mode = cfg.data.latent_sampling
+        sf = spec.vae_scaling_factor
+        lat_w = sample_latents(mean[:, 0], std[:, 0], sf, rnd["latent_eps_w"].to(self.device), mode)
+        lat_l = sample_latents(mean[:, 1], std[:, 1], sf, rnd["latent_eps_l"].to(self.device), mode)
+        if cfg.data.caption_dropout > 0:
+            cond = cond.select(rnd["drop_caption"], self.empty_cond.to(self.device))
+        pair_cond = self.family.pair_conditioning(raw, res, cfg.data.sdxl_time_ids)
+        return PairBatch(lat_w, lat_l, cond, rnd["noise"].to(self.device), rnd["timesteps"].to(self.device),
+                         None if pair_cond is None else pair_cond.to(self.device))
+
+
+class PixelEncoder(PairEncoder):
+    """Images and prompts encoded on the fly by the frozen VAE and the family's text encoders."""
+
+    def __init__(self, cfg: RunConfig, family, device):
+        frozen = torch_dtype(cfg.model.frozen_dtype, "model.frozen_dtype")
+        self.vae = family.load_vae(frozen, cfg.model.vae).to(device)
+        self.prompt_encoder = family.prompt_encoder(frozen, device)
+        super().__init__(cfg, family, device, self.prompt_encoder([""]))
+
+    def distributions_and_text(self, raw):
+        pixels = raw["pixel_values"].to(self.device)  # (B, 2, 3, R, R)
+        b = pixels.shape[0]
+        mean, std = encode_images(self.vae, pixels.flatten(0, 1))  # (2B, C, h, w), rows w0,l0,w1,l1,...
+        return mean.unflatten(0, (b, 2)), std.unflatten(0, (b, 2)), self.prompt_encoder(list(raw["prompts"]))
+
+
+class CachedEncoder(PairEncoder):
+    """Latent distributions and text conditioning read from a prepared cache: no model in memory."""
+
+    def __init__(self, cfg: RunConfig, family, device, dataset):
+        super().__init__(cfg, family, device, dataset.empty_conditioning())
+
+    def distributions_and_text(self, raw):
+        cond = TextConditioning(raw["prompt_embeds"], raw.get("pooled_prompt_embeds")).to(self.device)
+        return raw["latent_mean"].to(self.device), raw["latent_std"].to(self.device), cond
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """Adapts a dataset indexed by int to items addressed as (epoch, index), so random transforms
+    are seeded per epoch and per pair."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        item = self.dataset[index]
+        if item is not None:
+            item["epoch"] = epoch
+        return item
+
+
+def with_epochs(collate: Callable[[list], dict]) -> Callable[[list], dict]:
+    """`collate`, plus the batch's `epochs` (int64 (B,)) for the per-pair generators."""
+
+    def collate_with_epochs(items):
+        batch = collate(items)
+        batch["epochs"] = torch.tensor([it["epoch"] for it in items if it is not None], dtype=torch.long)
+        return batch
+
+    return collate_with_epochs
+
+
+@dataclass
+class PixelPairs:
+    """Pairs decoded and transformed from a data source (data.format = a source format)."""
+
+    dataset: Any  # data.dataset.PairDataset
+    collate: Callable[[list], dict]
+    source_stats: Optional[dict]  # the source's counts, for check_fills_batch's message
+
+    def encoder(self, cfg: RunConfig, family, device) -> PairEncoder:
+        return PixelEncoder(cfg, family, device)
+
+
+@dataclass
+class CachedPairs:
+    """Pairs of a prepared cache (data.format=cache, or data.cache_dir)."""
+
+    dataset: Any  # cache.store.CachedPairDataset
+    collate: Callable[[list], dict]
+    source_stats: Optional[dict] = None
+
+    def encoder(self, cfg: RunConfig, family, device) -> PairEncoder:
+        return CachedEncoder(cfg, family, device, self.dataset)
+
+
+def open_pairs(cfg: RunConfig, family, accelerator=None) -> PixelPairs | CachedPairs:
+    """The run's pairs: a prepared cache (no VAE, no text encoder in memory) or images encoded on the fly."""
+    d, spec = cfg.data, family.spec
+    cache_folder = None
+    if d.format == "cache" or (d.format == "auto" and Path(d.source, "cache_manifest.json").is_file()):
+        cache_folder = d.source
+    elif d.cache_dir:  # prepared on the fly once (or found complete) and reused by every later run
+        from diffusion_dpo.cache.prepare import ensure_cache
+
+        cache_folder = ensure_cache(cfg, accelerator, storage_dtype=d.cache_dtype)
+    if cache_folder is not None:
+        from diffusion_dpo.cache.store import CachedPairDataset, collate_cached
+
+        dataset = CachedPairDataset(cache_folder, spec, d.latent_sampling, seed=cfg.train.seed, resolution=d.resolution)
+        return CachedPairs(dataset, with_epochs(collate_cached))
+    from diffusion_dpo.data.dataset import PairDataset, collate_pairs
+    from diffusion_dpo.data.sources import open_source
+    from diffusion_dpo.data.transforms import PairTransform
+
+    source = open_source(d)  # logs what it read, ties dropped and missing files
+    transform = PairTransform.from_config(d, family.size_conditioned)
+    dataset = PairDataset(source, transform, seed=cfg.train.seed, on_corrupt=d.on_corrupt)
+    return PixelPairs(dataset, with_epochs(collate_pairs), source.stats)
