@@ -58,24 +58,26 @@ class SamplerSettings:
             raise ConfigError(f"--resolution must be a multiple of 8, got {self.resolution}")
 
 
-# The published settings (docs/evaluation.md). Guidance per family where the paper states it.
+# The published settings (docs/evaluation.md). Guidance is the family's (ModelFamily.preset_guidance) where the
+# paper states it, else the pipeline's default.
 PRESETS: dict[str, dict[str, Any]] = {
     # Diffusion-DPO's notebook: pipeline default scheduler, 50 steps, guidance 7.5 (SD1.5) / 5 (SDXL)
-    "paper": {"scheduler": "default", "steps": 50, "guidance": {"sd": 7.5, "sdxl": 5.0, "lcm": None}},
-    # Curriculum-DPO's DrawBench table: SD DDIM 30 steps 512 px; LCM: LCM scheduler 8 steps 768 px
-    "drawbench-sd": {"scheduler": "ddim", "steps": 30, "resolution": 512, "guidance": {"sd": 7.5, "sdxl": 7.5}},
-    "drawbench-lcm": {"scheduler": "lcm", "steps": 8, "resolution": 768, "guidance": {}},
+    "paper": {"scheduler": "default", "steps": 50},
+    # Curriculum-DPO's DrawBench table: SD DDIM 30 steps 512 px guidance 7.5; LCM: LCM scheduler 8 steps 768 px
+    "drawbench-sd": {"scheduler": "ddim", "steps": 30, "resolution": 512},
+    "drawbench-lcm": {"scheduler": "lcm", "steps": 8, "resolution": 768},
 }
 
 
 def resolve_settings(preset: str | None, family: str, **overrides: Any) -> SamplerSettings:
-    """Preset values for this model family, then every non-None override on top."""
+    """Preset values for this model family (its name), then every non-None override on top."""
+    from diffusion_dpo.models.families import family_named
+
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-        values = dict(PRESETS[preset])
-        values["guidance"] = values.get("guidance", {}).get(family)
+        values = dict(PRESETS[preset], guidance=family_named(family).preset_guidance.get(preset))
     values.update({k: v for k, v in overrides.items() if v is not None})
     return SamplerSettings(**values)
 

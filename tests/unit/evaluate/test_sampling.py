@@ -23,6 +23,8 @@ def test_seed_rule_is_fixed_and_distinct():
 def test_presets_resolve_per_family_and_flags_override():
     assert resolve_settings("paper", "sd").guidance == 7.5
     assert resolve_settings("paper", "sdxl").guidance == 5.0
+    assert resolve_settings("paper", "lcm").guidance is None  # the pipeline's own default
+    assert resolve_settings("drawbench-sd", "sdxl").guidance == 7.5
     s = resolve_settings("drawbench-lcm", "lcm")
     assert (s.scheduler, s.steps, s.resolution) == ("lcm", 8, 768)
     assert resolve_settings("drawbench-sd", "sd", steps=3).steps == 3

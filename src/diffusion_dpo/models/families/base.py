@@ -39,6 +39,9 @@ class ModelFamily(ABC):
     the mode."""
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
     """Default LoRA target modules of the trained network (lora.target_modules's default)."""
+    preset_guidance: ClassVar[dict[str, float]] = {}
+    """Classifier-free guidance of the sampling presets (evaluate.sampling.PRESETS) where the source states one
+    for this family; other presets keep the pipeline's default."""
 
     def __init__(self, spec: ModelSpec, guidance_scale: float = 8.0):
         self.spec = spec

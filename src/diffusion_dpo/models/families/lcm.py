@@ -11,6 +11,7 @@ from diffusion_dpo.models.loading import PipelineConfigs
 class LCMFamily(SDFamily):
     name = "lcm"
     pipeline_class = "LatentConsistencyModelPipeline"
+    preset_guidance: dict[str, float] = {}  # the pipeline's own default (8.5) in every preset
 
     @classmethod
     def matches(cls, configs: PipelineConfigs) -> bool:

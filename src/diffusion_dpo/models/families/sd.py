@@ -15,6 +15,7 @@ from diffusion_dpo.models.loading import PipelineConfigs
 class SDFamily(ModelFamily):
     name = "sd"
     pipeline_class = "StableDiffusionPipeline"
+    preset_guidance = {"paper": 7.5, "drawbench-sd": 7.5}  # Diffusion-DPO notebook; Curriculum-DPO's DrawBench
 
     @classmethod
     def matches(cls, configs: PipelineConfigs) -> bool:

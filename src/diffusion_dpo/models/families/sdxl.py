@@ -15,6 +15,7 @@ from diffusion_dpo.models.loading import PipelineConfigs
 class SDXLFamily(SDFamily):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
+    preset_guidance = {"paper": 5.0, "drawbench-sd": 7.5}  # Diffusion-DPO notebook (SDXL 5); DrawBench as SD
     text_encoder_parts = (("tokenizer", "text_encoder", "CLIPTextModel"),
                           ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"))
     size_conditioned = True
