@@ -1,25 +1,15 @@
-"""Preference-pair sources: every supported input normalised to an indexable sequence of PairRecord.
+"""Pick-a-Pic style tables read through Arrow: a hub dataset id, parquet files (a file, folder or glob), or a
+folder written by `datasets`' save_to_disk. They share one path: a memory-mapped `datasets.Dataset` whose rows
+stay encoded, so indexing 850k pairs never loads their images.
 
-    source = open_source(cfg.data)      # pickapic (hub id, parquet, saved folder), manifest, folders
-    record = source[0]                  # PairRecord(prompt, chosen, rejected, key, meta), images still encoded
-    source.fingerprint                  # cache key: hash of exactly what determines the pairs
-    source.stats                        # {"rows_read": ..., "ties_dropped": ..., "pairs": ...}
-
-Sources are lazy: Pick-a-Pic-style data stays in a memory-mapped Arrow table (the `datasets` cache) and
-manifests/folders hold only paths, so indexing 850k pairs never loads their images. Nothing is dropped
-silently: tied rows, pairs beyond `max_pairs` and missing image files are counted in `stats`, logged,
-and shown by `describe()`. Corrupt or missing images are skipped (or raise) at decode time, in
-`data.dataset.PairDataset`, according to `data.on_corrupt`. Manifests and folders are read by
-`data.path_sources`; data that yields no pair at all is an error here, for every command.
+Two column layouts are read: Pick-a-Pic's (caption, jpg_0, jpg_1, label_0; ties dropped and counted) and plain
+pairs (prompt, chosen, rejected with image bytes).
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -27,73 +17,14 @@ import numpy as np
 
 from diffusion_dpo.config import DataConfig
 from diffusion_dpo.data.records import ImageRef, PairRecord
+from diffusion_dpo.data.sources.base import GLOB_CHARS, PAIR_COLUMNS, PairSource, cap_pairs, file_stat
 from diffusion_dpo.errors import DataError
 
 log = logging.getLogger("diffusion_dpo")
 
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
-PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 PICKAPIC_META = ("label_1", "ranking_id", "user_id", "model_0", "model_1")
 """Optional Pick-a-Pic columns carried into PairRecord.meta when present."""
-MANIFEST_SUFFIXES = {".jsonl", ".json", ".csv"}
-_GLOB_CHARS = set("*?[")
-
-
-class PairSource:
-    """An indexable, lazily read sequence of PairRecord with a fingerprint, counts and a description."""
-
-    def __init__(self, kind: str, location: str, fingerprint_parts: dict, stats: dict[str, int]):
-        self.kind = kind
-        self.location = location
-        self.stats = stats
-        self._fingerprint = hashlib.sha256(json.dumps(fingerprint_parts, sort_keys=True).encode()).hexdigest()[:20]
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def __getitem__(self, i: int) -> PairRecord:
-        raise NotImplementedError
-
-    def describe(self) -> str:
-        s = self.stats
-        parts = [f"rows read {s['rows_read']}"]
-        if s.get("ties_dropped"):
-            parts.append(f"ties dropped {s['ties_dropped']}")
-        if s.get("beyond_max_pairs"):
-            parts.append(f"{s['beyond_max_pairs']} pairs beyond data.max_pairs unused")
-        if s.get("missing_files"):
-            parts.append(f"{s['missing_files']} referenced image files missing (handled per data.on_corrupt)")
-        return f"{self.kind} {self.location}: {s['pairs']} pairs ({', '.join(parts)}) [fingerprint {self.fingerprint}]"
-
-
-def cap_pairs(num_available: int, max_pairs: int | None, stats: dict[str, int]) -> int:
-    """Apply data.max_pairs (after tie dropping); count and log what it leaves out."""
-    if max_pairs is not None and max_pairs < 1:  # a negative value would slice pairs off the end
-        raise DataError(f"max_pairs={max_pairs} (data.max_pairs / --max-pairs) leaves no pairs to use: set it to at least "
-                        "train.batch_size x processes, or null to use every pair")
-    kept = num_available if max_pairs is None else min(num_available, max_pairs)
-    stats["beyond_max_pairs"] = num_available - kept
-    stats["pairs"] = kept
-    if kept < num_available:
-        log.info("data.max_pairs=%d: using the first %d of %d pairs", max_pairs, kept, num_available)
-    return kept
-
-
-def file_stat(path: Path) -> list:
-    return stat_entry(path, path.stat())
-
-
-def stat_entry(path: Path, st: os.stat_result) -> list:
-    """A file's fingerprint entry: what tells a changed file from the one cached."""
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
-# ----------------------------------------------------------------------------------------------
-# Pick-a-Pic style tables (hub id, parquet files, saved `datasets` folder).
 
 
 class ArrowPairSource(PairSource):
@@ -209,7 +140,7 @@ def _parquet_files(source: str) -> list[Path]:
     path = Path(source)
     if path.is_dir():
         files = sorted(path.glob("*.parquet"))
-    elif _GLOB_CHARS & set(source):
+    elif GLOB_CHARS & set(source):
         files = sorted(Path(p) for p in glob.glob(source, recursive=True))
     else:
         files = [path]
@@ -221,7 +152,7 @@ def _parquet_files(source: str) -> list[Path]:
     return files
 
 
-def _open_parquet(cfg: DataConfig) -> ArrowPairSource:
+def open_parquet(cfg: DataConfig) -> ArrowPairSource:
     import datasets
 
     files = _parquet_files(cfg.source)
@@ -231,7 +162,7 @@ def _open_parquet(cfg: DataConfig) -> ArrowPairSource:
     return _arrow_source(ds, cfg, cfg.source, [file_stat(f) for f in files], {})
 
 
-def _open_saved(cfg: DataConfig) -> ArrowPairSource:
+def open_saved(cfg: DataConfig) -> ArrowPairSource:
     import datasets
 
     folder = Path(cfg.source)
@@ -249,13 +180,15 @@ def _open_saved(cfg: DataConfig) -> ArrowPairSource:
     return _arrow_source(ds, cfg, str(folder), files, extra)
 
 
-def _open_hub(cfg: DataConfig) -> ArrowPairSource:
+def open_hub(cfg: DataConfig) -> ArrowPairSource:
     import datasets
 
     try:
         ds = datasets.load_dataset(cfg.source, split=cfg.split)
     except (ConnectionError, FileNotFoundError) as err:
-        offline = datasets.config.HF_DATASETS_OFFLINE or os.environ.get("HF_HUB_OFFLINE") == "1"
+        from diffusion_dpo.runtime import datasets_offline  # imports torch: only on this error path
+
+        offline = datasets_offline()
         why = "while offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set) and it is not in the local cache" if offline else f"({err})"
         raise DataError(
             f"data.source {cfg.source!r} is not a local file or folder, and the Hugging Face dataset {cfg.source!r} could not "
@@ -266,85 +199,3 @@ def _open_hub(cfg: DataConfig) -> ArrowPairSource:
         raise DataError(f"hub dataset {cfg.source!r}, split {cfg.split!r}: {err}. Check data.split.") from err
     files = [file_stat(Path(f["filename"])) for f in ds.cache_files]
     return _arrow_source(ds, cfg, f"hub:{cfg.source}", files, {"hub_id": cfg.source, "split": cfg.split})
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    """'owner/name' with no path-like features (the source was already found not to exist locally)."""
-    parts = source.split("/")
-    return (len(parts) == 2 and all(parts) and not source.startswith((".", "~"))
-            and not _GLOB_CHARS & set(source) and Path(source).suffix == "")
-
-
-def detect_format(cfg: DataConfig) -> str:
-    """'pickapic:hub' / 'pickapic:parquet' / 'pickapic:saved' / 'manifest' / 'folders' for data.source."""
-    source, fmt = cfg.source, cfg.format
-    if not source:
-        raise DataError("data.source is empty; set it to a parquet file, a manifest, a folder pair or a hub dataset id")
-    path = Path(source)
-    if fmt == "cache":
-        raise DataError("data.format=cache: a prepared latent cache is read by diffusion_dpo.cache (CachedPairDataset), "
-                        "not by data.sources.open_source; use diffusion_dpo.cache for it")
-    if path.is_dir():
-        if fmt in ("auto", "folders") and (path / "chosen").is_dir() and (path / "rejected").is_dir():
-            return "folders"
-        if fmt in ("auto", "pickapic"):
-            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
-                return "pickapic:saved"
-            if any(path.glob("*.parquet")):
-                return "pickapic:parquet"
-        raise DataError(f"data.source {source!r} is a folder but not one this toolkit reads as format {fmt!r}: expected chosen/ "
-                        "and rejected/ subfolders (folders), a datasets save_to_disk folder, or *.parquet files (pickapic)")
-    if path.is_file():
-        if path.suffix == ".parquet" and fmt in ("auto", "pickapic"):
-            return "pickapic:parquet"
-        if path.suffix in MANIFEST_SUFFIXES and fmt in ("auto", "manifest"):
-            return "manifest"
-        raise DataError(f"data.source {source!r}: cannot read a {path.suffix or 'suffix-less'} file as format {fmt!r}; "
-                        "use a .parquet file (pickapic) or a .jsonl/.json/.csv manifest")
-    if path.exists():  # neither file nor folder: a FIFO or device, which would block the reader
-        raise DataError(f"data.source {source!r} is not a regular file or folder (a FIFO or device); point it to a file or folder")
-    if _GLOB_CHARS & set(source) and fmt in ("auto", "pickapic"):
-        return "pickapic:parquet"
-    if _looks_like_hub_id(source) and fmt in ("auto", "pickapic"):
-        return "pickapic:hub"
-    raise DataError(f"data.source not found: {source!r} (no such file or folder{'' if path.is_absolute() else f' under {Path.cwd()}'})")
-
-
-def open_source(cfg: DataConfig) -> PairSource:
-    """Open `cfg.source` as a PairSource; raise DataError naming the problem and the fix."""
-    from diffusion_dpo.data.path_sources import open_folders, open_manifest  # imports this module
-
-    opener = {
-        "pickapic:hub": _open_hub,
-        "pickapic:parquet": _open_parquet,
-        "pickapic:saved": _open_saved,
-        "manifest": open_manifest,
-        "folders": open_folders,
-    }[detect_format(cfg)]
-    source = opener(cfg)
-    log.info("data: %s", source.describe())
-    if len(source) == 0:
-        s = source.stats
-        why = (f"every one of its {s['rows_read']} rows is a tie (label_0 == 0.5), which has no winner" if s.get("ties_dropped")
-               else "it has no rows")
-        raise DataError(f"{source.kind} {source.location} gives no preference pairs: {why}; point data.source to data "
-                        "with decisive pairs")
-    return source
-
-
-def check_fills_batch(num_pairs: int, batch_size: int, num_processes: int, stats: dict[str, int] | None = None) -> None:
-    """One global micro-batch takes train.batch_size pairs per process (train.pair_order drops an incomplete one), so
-    fewer pairs than that can never train. `stats`, a source's counts, says where pairs went (ties, max_pairs)."""
-    need = batch_size * num_processes
-    if num_pairs >= need:
-        return
-    counts = ""
-    if stats:
-        counts = f" ({stats['rows_read']} rows read, {stats.get('ties_dropped', 0)} ties dropped, " \
-                 f"{stats.get('beyond_max_pairs', 0)} beyond data.max_pairs)"
-    raise DataError(f"{num_pairs} pairs{counts} cannot fill one micro-batch of train.batch_size {batch_size} x "
-                    f"{num_processes} process(es) = {need} pairs: lower train.batch_size, or use more pairs "
-                    "(raise data.max_pairs or add data)")
