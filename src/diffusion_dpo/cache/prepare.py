@@ -187,7 +187,11 @@ def encode_shard(items: _PairItems, enc: Encoders, batch_size: int, num_workers:
             pixels = torch.stack([it["pixels"] for it in kept])  # (b, V, 2, 3, R, R)
             b, v = pixels.shape[:2]
             t = clock()
-            mean, std = encode_images(enc.vae, pixels.flatten(0, 2))  # (b*V*2, C, h, w), rows w, l per variant
+            # VAE calls of batch_size pairs' images (2 per pair), flip variants included: on a CPU a larger call
+            # costs more per image (docs/performance.md), and calls of < 16 images give identical tensors
+            encoded = [encode_images(enc.vae, chunk) for chunk in pixels.flatten(0, 2).split(2 * batch_size)]
+            mean = torch.cat([m for m, _ in encoded])  # (b*V*2, C, h, w), rows w, l per variant
+            std = torch.cat([sd for _, sd in encoded])
             _wait(mean)
             t_vae = clock()
             cond = enc.prompt_encoder([it["prompt"] for it in kept])

@@ -297,6 +297,16 @@ def test_default_encoder_calls_hold_one_pair_on_cpu(tiny_sd, parquet, tmp_path, 
     assert prep.default_batch_size("cpu") == 1
     # 10 source pairs, one corrupt: 9 calls of chosen + rejected
     assert sizes == [2] * 9
+    # with flips each pair has two variants (4 images): still 2 images per call, and 3 pairs per call hold 6
+    sizes.clear()
+    prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path / "flips", "data.random_flip=true"), progress=False)
+    assert sizes == [2] * 18
+    sizes.clear()
+    prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path / "flips3", "data.random_flip=true"), batch_size=3,
+                       progress=False)
+    # loader batches of 3 source pairs: [0-2] (12 images), [3-5] with pair 4 corrupt (8), [6-8] (12), [9] (4);
+    # each split into VAE calls of at most 3 pairs' images (6)
+    assert sizes == [6, 6, 6, 2, 6, 6, 4]
     assert times.pairs == 10
     parts = times.per_pair()
     assert all(parts[k] > 0 for k in ("images", "vae", "text", "write"))
