@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
                    "lora_rank": args.lora_rank, "mixed_precision": args.mixed_precision, "seed": args.seed,
                    "channels_last": args.channels_last, "compile": args.compile, "fused_adamw": args.fused_adamw,
                    "lean_autograd": args.lean_autograd, "gradient_checkpointing": args.gradient_checkpointing,
-                   "threads": args.threads, "out": str(work / f"out_{v}"), "prepare_batch_size": args.prepare_batch_size}
+                   "threads": args.threads, "out": str(work / f"out_{v}"),
+                   "prepare_batch_size": args.prepare_batch_size}
             r = _run_child(job)
             print(_row(v, r) + (f"  [round {rep + 1}]" if args.repeat > 1 else ""), flush=True)
             if v == "p":
@@ -204,8 +205,9 @@ def _row(v: str, r: dict) -> str:
         parts = r["prepare_parts"]
         return (f"  (p) {VARIANTS[v]:<60} prepare {r['prepare_s_per_pair']:.3f} s/pair (median batch of "
                 f"{r['prepare_batch_size']}; means: images {parts['images']:.3f}, VAE {parts['vae']:.3f}, text "
-                f"{parts['text']:.3f}, write {parts['write']:.3f}); in the step: {r['instep_s_per_pair']:.3f} s/pair on "
-                f"the fly, {r['cached_s_per_pair']:.4f} from the cache (median of {r['steps']} steps of {r['pairs']} pairs)")
+                f"{parts['text']:.3f}, write {parts['write']:.3f}); in the step: {r['instep_s_per_pair']:.3f} "
+                f"s/pair on the fly, {r['cached_s_per_pair']:.4f} from the cache (median of {r['steps']} steps of "
+                f"{r['pairs']} pairs)")
     if r["device"] == "cpu":
         mem = f"{r['peak_mem_mb']:.0f} MB RSS ({r['peak_mem_mb'] - r['base_rss_mb']:.0f} above imports)"
     else:
@@ -241,8 +243,9 @@ def _summary(results: dict, arch: str, res: int, pairs: int) -> dict:
                      f"({p['prepare_s_per_pair']:.3f} / {p['instep_s_per_pair']:.3f} s)")
         if saved > 0:
             ratios["break-even passes"] = p["prepare_s_per_pair"] / saved
-            lines.append(f"  break-even passes: {ratios['break-even passes']:.2f} (prepare {p['prepare_s_per_pair']:.3f} "
-                         f"s/pair / {saved:.3f} s/pair saved per pass: the cache pays from then on)")
+            lines.append(f"  break-even passes: {ratios['break-even passes']:.2f} (prepare "
+                         f"{p['prepare_s_per_pair']:.3f} s/pair / {saved:.3f} s/pair saved per pass: the cache pays "
+                         "from then on)")
         else:
             lines.append("  break-even passes: never (reading the cache cost as much as encoding in the step)")
     return {"ratios": ratios, "text": "\n".join(lines)}
@@ -335,8 +338,8 @@ def _prepare_cost(job: dict, device) -> dict:
     dist = Distribution(device=device)
     batch = job.get("prepare_batch_size") or default_batch_size(device)
     # untimed warm-up on one batch: a process's first encoder calls pay one-off set-up (allocations, kernels)
-    prepare_cache(load_config(None, [*data, f"data.max_pairs={batch}"]), cache_dir=str(out / "warmup"), batch_size=batch,
-                  dist=dist, progress=False)
+    prepare_cache(load_config(None, [*data, f"data.max_pairs={batch}"]), cache_dir=str(out / "warmup"),
+                  batch_size=batch, dist=dist, progress=False)
     times = PrepareTimes()
     prepare_cache(load_config(None, data), cache_dir=str(out / "timed"), batch_size=batch, dist=dist, progress=False,
                   times=times)

@@ -37,10 +37,10 @@ MODEL_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_
 
 
 def default_batch_size(device) -> int:
-    """Pairs per encoder call when none is given. CPU: 1, measured (docs/performance.md, "What prepare costs"):
-    the VAE's activations of a few images stay in the CPU caches, those of 16 do not, and one pair per call
-    cost 0.6-0.8x per pair what 8 pairs did, with identical tensors (every call holds whole pairs, >= 2
-    images, like the trainer's). GPU: 8, not measured (no GPU was lent); larger calls usually pay there."""
+    """Pairs per encoder call when none is given. CPU: 1, measured (docs/performance.md, "What `prepare`
+    costs"): the VAE's activations of 2 images stay in the processor's caches, those of 16 do not, and one pair
+    per call cost 0.69x per pair what 8 pairs did, with identical tensors. GPU: 8, not measured (no GPU was
+    lent); larger calls usually pay there."""
     return 1 if torch.device(device).type == "cpu" else 8
 
 
@@ -188,7 +188,7 @@ def encode_shard(items: _PairItems, enc: Encoders, batch_size: int, num_workers:
             b, v = pixels.shape[:2]
             t = clock()
             # VAE calls of batch_size pairs' images (2 per pair), flip variants included: on a CPU a larger call
-            # costs more per image (docs/performance.md), and calls of < 16 images give identical tensors
+            # costs more per image (docs/performance.md); the call size does not change the tensors (docs/cache.md)
             encoded = [encode_images(enc.vae, chunk) for chunk in pixels.flatten(0, 2).split(2 * batch_size)]
             mean = torch.cat([m for m, _ in encoded])  # (b*V*2, C, h, w), rows w, l per variant
             std = torch.cat([sd for _, sd in encoded])
@@ -260,7 +260,8 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
     """Write (or finish) the cache `cfg` describes and return its folder. Safe to interrupt at any moment.
 
     batch_size: pairs per encoder call (default: default_batch_size of the device); it does not change the
-    tensors. times: filled with where this process's time went (its own shards only)."""
+    tensors (except their last bits with one CPU thread and 16+ images per call: docs/cache.md).
+    times: filled with where this process's time went (its own shards only)."""
     from tqdm.auto import tqdm
 
     from diffusion_dpo.data.transforms import PairTransform
@@ -342,10 +343,11 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
                         bytes_per_pair=round(size / max(kept, 1)))
         write_json_atomic(folder / MANIFEST, manifest)
         per = times.per_pair()
+        breakdown = (f"; {per['total']:.3f} s/pair: images {per['images']:.3f}, VAE {per['vae']:.3f}, text "
+                     f"{per['text']:.3f}, write {per['write']:.3f}; {batch_size} pair{'s' if batch_size > 1 else ''} "
+                     "per encoder call") if total else ""
         print(f"prepared {total} pairs in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.2f} pairs/s"
-              + (f" on process 0 of {dist.world_size}" if dist.world_size > 1 else "")
-              + (f"; {per['total']:.3f} s/pair: images {per['images']:.3f}, VAE {per['vae']:.3f}, text {per['text']:.3f}, "
-                 f"write {per['write']:.3f}; {batch_size} pair{'s' if batch_size > 1 else ''} per encoder call" if total else "")
+              + (f" on process 0 of {dist.world_size}" if dist.world_size > 1 else "") + breakdown
               + f"); cache: {kept} pairs, "
               f"{skipped} corrupt skipped, {size / 2**20:.1f} MiB, {manifest['bytes_per_pair']} bytes/pair -> {folder}")
     dist.barrier()
