@@ -11,9 +11,13 @@ own child process (clean peak-memory numbers), warms up, and times several steps
                         VAE-encode both images, run the text encoder, full fine-tuning with a full frozen copy
   d  bare minimum       LoRA policy forward + backward and reference forward on precomputed tensors,
                         written as plainly as possible (the floor our step (a) is compared with)
+  p  prepare vs step    what `prepare` costs per pair (diffusion_dpo.cache.prepare, after a warm-up), next to what
+                        the cache saves per pair and pass over the data: the trainer's data path (loader +
+                        Trainer.encode_batch) on the raw images minus the same on the cache
 
-Printed: pairs/s, seconds per step, peak memory (child RSS on CPU, max allocated on CUDA), FLOPs per step
-(counted with torch's FlopCounterMode), MFU on a GPU, and the ratios a/c and a/d.
+Printed: the parameter counts of the saved networks, pairs/s, seconds per step, peak memory (child RSS on CPU,
+max allocated on CUDA), FLOPs per step (counted with torch's FlopCounterMode), MFU on a GPU, the ratios a/c
+and a/d, and prepare's cost per pair with the number of passes after which the cache has paid for itself.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ VARIANTS = {
     "b": "ours: cached latents, full + frozen copy",
     "c": "official: JPEG+VAE+text encoder per step, full + frozen copy",
     "d": "bare minimum: LoRA fwd+bwd + ref fwd",
+    "p": "prepare once vs encode in every step",
 }
 DEFAULT_LATENT = {"tiny": 16, "mid": 32, "sd15": 64, "sdxl": 128}
 """Latent side per arch; the default resolution is this times the VAE's downsampling (tiny 32 px, mid 256 px,
@@ -44,7 +49,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="mid", choices=list(DEFAULT_LATENT),
-                   help="model size: tiny (smoke test), mid (~40M UNet), sd15, sdxl (real sizes, random weights)")
+                   help="model size: tiny (smoke test), mid (a 50M-parameter UNet), sd15, sdxl (real sizes, random "
+                        "weights); the parameter counts are printed")
     p.add_argument("--resolution", type=int,
                    help="image size in pixels (default: the arch's latent size x the VAE's downsampling: tiny 32, "
                         "mid 256, sd15 512, sdxl 1024)")
@@ -55,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=int, default=2, help="preference pairs per step (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per variant (default 2)")
-    p.add_argument("--variants", default="abcd", help="which variants to run, e.g. 'ac' (default abcd)")
+    p.add_argument("--variants", default="abcdp", help="which variants to run, e.g. 'ac' (default abcdp)")
+    p.add_argument("--prepare-batch-size", type=int,
+                   help="p: pairs per encoder call of `prepare` (default: prepare's own default for the device)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run the variants N times, interleaved (a b c d a b c d ...), and keep each variant's least "
                         "disturbed run (lowest median): for shared machines (default 1)")
@@ -87,9 +95,10 @@ def run(args: argparse.Namespace) -> int:
 
     bad = set(args.variants) - set(VARIANTS)
     if bad or not args.variants:
-        raise ConfigError(f"--variants: unknown {''.join(sorted(bad))!r}; use letters from 'abcd'")
-    for flag, value in (("--pairs", args.pairs), ("--steps", args.steps), ("--repeat", args.repeat)):
-        if value < 1:
+        raise ConfigError(f"--variants: unknown {''.join(sorted(bad))!r}; use letters from 'abcdp'")
+    for flag, value in (("--pairs", args.pairs), ("--steps", args.steps), ("--repeat", args.repeat),
+                        ("--prepare-batch-size", args.prepare_batch_size)):
+        if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     from diffusion_dpo.models.build import vae_downsampling
 
@@ -103,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
         model, parquet, cache = _setup(work, args.arch, family, res, args.pairs, args.seed, vae)
         print(f"bench: arch {args.arch} ({family}), VAE {vae}, {res} px, {args.pairs} pairs/step, {args.warmup} warm-up + "
               f"{args.steps} timed steps per variant; set-up {time.perf_counter() - t0:.0f} s", flush=True)
+        params = parameter_counts(model)
+        print("parameters (counted on the models): " + ", ".join(f"{name} {_count(n)}" for name, n in params.items()),
+              flush=True)
         results: dict[str, dict] = {}
         for rep, v in [(rep, v) for rep in range(args.repeat) for v in args.variants]:
             job = {"variant": v, "model": str(model), "parquet": str(parquet), "cache": str(cache), "family": family,
@@ -110,21 +122,45 @@ def run(args: argparse.Namespace) -> int:
                    "lora_rank": args.lora_rank, "mixed_precision": args.mixed_precision, "seed": args.seed,
                    "channels_last": args.channels_last, "compile": args.compile, "fused_adamw": args.fused_adamw,
                    "lean_autograd": args.lean_autograd, "gradient_checkpointing": args.gradient_checkpointing,
-                   "threads": args.threads, "out": str(work / f"out_{v}")}
+                   "threads": args.threads, "out": str(work / f"out_{v}"),
+                   "prepare_batch_size": args.prepare_batch_size}
             r = _run_child(job)
             print(_row(v, r) + (f"  [round {rep + 1}]" if args.repeat > 1 else ""), flush=True)
-            if v not in results or r["s_per_step"] < results[v]["s_per_step"]:
+            if v == "p":
+                results[v] = _least_disturbed_prepare(results.get(v), r)
+            elif v not in results or r["s_per_step"] < results[v]["s_per_step"]:
                 results[v] = r
         if args.repeat > 1:
-            print("kept per variant (lowest median of the rounds):")
+            print("kept per variant (lowest median of the rounds; p: the lowest of each cost):")
             for v in args.variants:
                 print(_row(v, results[v]))
     summary = _summary(results, args.arch, res, args.pairs)
     print(summary["text"])
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "ratios": summary["ratios"]},
-                                              indent=1, default=str))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "parameters": params, "results": results,
+                                               "ratios": summary["ratios"]}, indent=1, default=str))
     return 0
+
+
+def parameter_counts(model: Path) -> dict[str, int]:
+    """Parameters of each network of a saved pipeline, counted on the model objects (the real classes built
+    from the saved configs on the meta device: no weights are read or allocated)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    nets: dict[str, Any] = {}
+    with init_empty_weights():
+        for name, cls in (("UNet", UNet2DConditionModel), ("VAE", AutoencoderKL)):
+            nets[name] = cls.from_config(cls.load_config(model, subfolder=name.lower()))
+        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            if (model / name).is_dir():
+                nets[name.replace("_", " ")] = cls(CLIPTextConfig.from_pretrained(model / name))
+    return {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
 def _setup(work: Path, arch: str, family: str, res: int, pairs: int, seed: int,
@@ -165,6 +201,13 @@ def _run_child(job: dict) -> dict:
 
 
 def _row(v: str, r: dict) -> str:
+    if v == "p":
+        parts = r["prepare_parts"]
+        return (f"  (p) {VARIANTS[v]:<60} prepare {r['prepare_s_per_pair']:.3f} s/pair (median batch of "
+                f"{r['prepare_batch_size']}; means: images {parts['images']:.3f}, VAE {parts['vae']:.3f}, text "
+                f"{parts['text']:.3f}, write {parts['write']:.3f}); in the step: {r['instep_s_per_pair']:.3f} "
+                f"s/pair on the fly, {r['cached_s_per_pair']:.4f} from the cache (median of {r['steps']} steps of "
+                f"{r['pairs']} pairs)")
     if r["device"] == "cpu":
         mem = f"{r['peak_mem_mb']:.0f} MB RSS ({r['peak_mem_mb'] - r['base_rss_mb']:.0f} above imports)"
     else:
@@ -192,7 +235,30 @@ def _summary(results: dict, arch: str, res: int, pairs: int) -> dict:
     device = next(iter(results.values()))["device_name"]
     lines = [f"device: {device}; arch {arch}, {res} px, {pairs} pairs/step"]
     lines += [f"  {k}: {v:.2f}" for k, v in ratios.items()]
+    if "p" in results:
+        p = results["p"]
+        saved = p["instep_s_per_pair"] - p["cached_s_per_pair"]
+        ratios["prepare / in-step encoding per pair"] = p["prepare_s_per_pair"] / p["instep_s_per_pair"]
+        lines.append(f"  prepare / in-step encoding per pair: {ratios['prepare / in-step encoding per pair']:.2f} "
+                     f"({p['prepare_s_per_pair']:.3f} / {p['instep_s_per_pair']:.3f} s)")
+        if saved > 0:
+            ratios["break-even passes"] = p["prepare_s_per_pair"] / saved
+            lines.append(f"  break-even passes: {ratios['break-even passes']:.2f} (prepare "
+                         f"{p['prepare_s_per_pair']:.3f} s/pair / {saved:.3f} s/pair saved per pass: the cache pays "
+                         "from then on)")
+        else:
+            lines.append("  break-even passes: never (reading the cache cost as much as encoding in the step)")
     return {"ratios": ratios, "text": "\n".join(lines)}
+
+
+def _least_disturbed_prepare(old: dict | None, new: dict) -> dict:
+    """p over several rounds: each cost from the round where it was lowest (the least disturbed)."""
+    if old is None:
+        return new
+    best = dict(old if old["prepare_s_per_pair"] <= new["prepare_s_per_pair"] else new)
+    for key in ("instep_s_per_pair", "cached_s_per_pair"):
+        best[key] = min(old[key], new[key])
+    return best
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +272,9 @@ def child_main(job_json: str) -> int:
     base_rss = _rss_mb("VmRSS")  # after importing torch, before any model
     torch.manual_seed(job["seed"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if job["variant"] == "p":
+        print("BENCH_RESULT " + json.dumps(_prepare_cost(job, device)), flush=True)
+        return 0
     step = {"a": _ours, "b": _ours, "c": _official, "d": _bare}[job["variant"]](job, device)
 
     def sync():
@@ -230,12 +299,8 @@ def child_main(job_json: str) -> int:
         step.unet.enable_gradient_checkpointing()
     mean = sum(times) / len(times)
     median = sorted(times)[len(times) // 2]
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        name = torch.cuda.get_device_name()
-    else:
-        peak = _rss_mb("VmHWM")
-        name = f"CPU ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads)"
+    name = _device_name(device)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mb("VmHWM")
     mfu = None
     if device.type == "cuda":
         peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
@@ -250,6 +315,68 @@ def child_main(job_json: str) -> int:
               "hfu": None if mfu is None else mfu * hw_flops / flops}
     print("BENCH_RESULT " + json.dumps(result), flush=True)
     return 0
+
+
+def _device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores visible, {torch.get_num_threads()} torch threads)"
+
+
+def _prepare_cost(job: dict, device) -> dict:
+    """(p): `prepare`'s cost per pair, and the trainer's data path per pair on the raw images and on the cache."""
+    import shutil
+
+    from diffusion_dpo.cache.prepare import Distribution, PrepareTimes, default_batch_size, prepare_cache
+    from diffusion_dpo.config import load_config
+
+    out = Path(job["out"])
+    shutil.rmtree(out, ignore_errors=True)  # a fresh cache every round
+    data = [f"model.pretrained={job['model']}", f"data.source={job['parquet']}", f"data.resolution={job['resolution']}"]
+    dist = Distribution(device=device)
+    batch = job.get("prepare_batch_size") or default_batch_size(device)
+    # untimed warm-up on one batch: a process's first encoder calls pay one-off set-up (allocations, kernels)
+    prepare_cache(load_config(None, [*data, f"data.max_pairs={batch}"]), cache_dir=str(out / "warmup"),
+                  batch_size=batch, dist=dist, progress=False)
+    times = PrepareTimes()
+    prepare_cache(load_config(None, data), cache_dir=str(out / "timed"), batch_size=batch, dist=dist, progress=False,
+                  times=times)
+    return {"device": device.type, "device_name": _device_name(device), "prepare_batch_size": batch,
+            "prepare_s_per_pair": times.median_per_pair(), "prepare_parts": times.per_pair(),
+            "instep_s_per_pair": _data_path_s_per_pair(job, job["parquet"], out / "fly"),
+            "cached_s_per_pair": _data_path_s_per_pair(job, job["cache"], out / "cached"),
+            "steps": job["steps"], "pairs": job["pairs"]}
+
+
+def _data_path_s_per_pair(job: dict, source: str, out: Path) -> float:
+    """Median seconds per pair of what the trainer does before the UNet: the next batch from its loader
+    (decoding + transforms, or reading the cache) and Trainer.encode_batch (the VAE and text encoder on the fly)."""
+    import gc
+
+    import torch
+
+    from diffusion_dpo.config import load_config
+    from diffusion_dpo.train.trainer import Trainer
+
+    cfg = load_config(None, [f"model.pretrained={job['model']}", f"data.source={source}",
+                             f"data.resolution={job['resolution']}", f"train.batch_size={job['pairs']}",
+                             "train.max_steps=100000", "train.checkpoint_every=0", f"train.seed={job['seed']}",
+                             "output.report_to=none", f"output.dir={out}"])
+    tr = Trainer(cfg).setup()
+    batches = iter(tr.loader)
+    times = []
+    for i in range(job["warmup"] + job["steps"]):
+        t0 = time.perf_counter()
+        batch = tr.encode_batch(next(batches))
+        if batch.noise.is_cuda:
+            torch.cuda.synchronize()
+        if i >= job["warmup"]:
+            times.append(time.perf_counter() - t0)
+    del tr, batches
+    gc.collect()
+    return sorted(times)[len(times) // 2] / job["pairs"]
 
 
 def _rss_mb(field: str) -> float:

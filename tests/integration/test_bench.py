@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+
+import pytest
 
 from diffusion_dpo.cli import main
 
@@ -13,12 +16,42 @@ def test_bench_tiny_runs_every_variant(tmp_path, capsys):
                  "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
     text = capsys.readouterr().out
     for line in ("(a) ours", "(b) ours", "(c) official", "(d) bare minimum", "a/c pairs/s", "a/d pairs/s",
-                 "a/b peak memory"):
+                 "a/b peak memory", "(p) prepare once", "prepare / in-step encoding per pair:", "break-even passes:"):
         assert line in text
     results = json.loads(out.read_text())
-    assert sorted(results["results"]) == ["a", "b", "c", "d"]
-    for r in results["results"].values():
+    assert sorted(results["results"]) == ["a", "b", "c", "d", "p"]
+    for v in "abcd":
+        r = results["results"][v]
         assert r["pairs_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["gflop_per_step"] > 0
+
+    # prepare's cost and the break-even number of passes = prepare s/pair / in-step s/pair saved
+    p = results["results"]["p"]
+    assert p["prepare_batch_size"] == 1  # prepare's CPU default
+    assert p["prepare_s_per_pair"] > 0 and p["instep_s_per_pair"] > p["cached_s_per_pair"] > 0
+    parts = p["prepare_parts"]
+    assert parts["images"] + parts["vae"] + parts["text"] + parts["write"] <= parts["total"]
+    passes = p["prepare_s_per_pair"] / (p["instep_s_per_pair"] - p["cached_s_per_pair"])
+    assert results["ratios"]["break-even passes"] == pytest.approx(passes)
+    assert re.search(rf"break-even passes: {passes:.2f} \(prepare {p['prepare_s_per_pair']:.3f} s/pair", text)
+
+    # parameter counts come from the models themselves: compare with the saved networks loaded for real
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    (model,) = (tmp_path / "work").glob("model-tiny-*")
+    loaded = {"UNet": UNet2DConditionModel.from_pretrained(model, subfolder="unet"),
+              "VAE": AutoencoderKL.from_pretrained(model, subfolder="vae"),
+              "text encoder": CLIPTextModel.from_pretrained(model, subfolder="text_encoder")}
+    expected = {name: sum(t.numel() for t in net.parameters()) for name, net in loaded.items()}
+    assert results["parameters"] == expected
+    unet_k = f"{expected['UNet'] / 1e3:.1f}k"  # the tiny UNet has under a million parameters
+    assert f"parameters (counted on the models): UNet {unet_k}, VAE " in text
+
+
+@pytest.mark.fault(input="`bench --prepare-batch-size 0`", behaviour="exit 2: `--prepare-batch-size must be >= 1`")
+def test_bench_refuses_a_prepare_batch_size_below_one(tmp_path, capsys):
+    assert main(["bench", "--arch", "tiny", "--prepare-batch-size", "0", "--workdir", str(tmp_path)]) == 2
+    assert "--prepare-batch-size must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_bench_gradient_checkpointing_counts_model_and_recomputed_flops(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,9 +36,14 @@ def _only_cache(cache_dir: Path) -> Path:
 
 
 def test_prepare_cli_then_train_from_the_cache(tmp_path, tiny_sd, parquet, capsys):
-    assert main(_args(tiny_sd, parquet, tmp_path / "cache")) == 0
+    args = _args(tiny_sd, parquet, tmp_path / "cache")
+    del args[args.index("--batch-size"):args.index("--batch-size") + 2]  # prepare's own default: 1 pair on a CPU
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "prepared 24 pairs" in out and "23 pairs, 1 corrupt skipped" in out and "bytes/pair" in out
+    # where the time went, per pair
+    assert re.search(r"\d\.\d{3} s/pair: images \d\.\d{3}, VAE \d\.\d{3}, text \d\.\d{3}, write \d\.\d{3}; "
+                     r"1 pair per encoder call\)", out)
     folder = _only_cache(tmp_path / "cache")
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["complete"] and manifest["num_shards"] == 24 and manifest["num_pairs"] == 23

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,6 +36,42 @@ log = logging.getLogger("diffusion_dpo")
 
 MODEL_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 """Pipeline subfolders whose files determine the cached tensors (the UNet does not)."""
+
+
+def default_batch_size(device) -> int:
+    """Pairs per encoder call when none is given. CPU: 1, measured (docs/performance.md, "What `prepare`
+    costs"): the VAE's activations of 2 images stay in the processor's caches, those of 16 do not, and one pair
+    per call cost 0.69x per pair what 8 pairs did, with identical tensors. GPU: 8, not measured (no GPU was
+    lent); larger calls usually pay there."""
+    return 1 if torch.device(device).type == "cpu" else 8
+
+
+@dataclass
+class PrepareTimes:
+    """Where `prepare`'s time goes, in seconds, filled in as it runs (`prepare_cache(..., times=...)`)."""
+
+    pairs: int = 0  # source pairs read, corrupt ones included
+    images: float = 0.0  # waiting for decoded + transformed images (the DataLoader)
+    vae: float = 0.0
+    text: float = 0.0
+    write: float = 0.0  # shard files and the manifest, fsync included
+    seconds: float = 0.0  # wall time of the whole loop (the parts plus progress bar and bookkeeping)
+    batches: list[float] = field(default_factory=list)  # seconds per pair of each batch: images + VAE + text
+
+    def per_pair(self) -> dict[str, float]:
+        n = max(self.pairs, 1)
+        return {"total": self.seconds / n, "images": self.images / n, "vae": self.vae / n, "text": self.text / n,
+                "write": self.write / n}
+
+    def median_per_pair(self) -> float:
+        """Seconds per pair from the median batch plus the writes: robust to a batch slowed by another process."""
+        return sorted(self.batches)[len(self.batches) // 2] + self.write / max(self.pairs, 1) if self.batches else 0.0
+
+
+def _wait(t: torch.Tensor) -> None:
+    """Let the device finish, so a part's time is its own (CUDA runs asynchronously)."""
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
 
 
 def _folder_stats(root: Path, subfolders: tuple[str, ...] | None = None) -> list:
@@ -131,21 +167,39 @@ def load_encoders(cfg: RunConfig, spec, device) -> Encoders:
 
 
 def encode_shard(items: _PairItems, enc: Encoders, batch_size: int, num_workers: int, storage: torch.dtype,
-                 on_pairs: Callable[[int], None] = lambda n: None) -> tuple[dict[str, torch.Tensor], list[int]]:
+                 on_pairs: Callable[[int], None] = lambda n: None,
+                 times: Optional[PrepareTimes] = None) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Encode one shard's pairs; returns its tensors and the source indices of skipped (corrupt) pairs."""
     from diffusion_dpo.models.encode import encode_images
 
+    times = times if times is not None else PrepareTimes()
+    clock = time.perf_counter
     loader = torch.utils.data.DataLoader(items, batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    batches = iter(loader)
     parts: dict[str, list[torch.Tensor]] = {}
     skipped: list[int] = []
-    for batch in loader:
+    while True:
+        t_batch = t = clock()
+        batch = next(batches, None)
+        times.images += clock() - t
+        if batch is None:
+            break
         kept = [it for it in batch if not it["corrupt"]]
         skipped += [it["index"] for it in batch if it["corrupt"]]
         if kept:
             pixels = torch.stack([it["pixels"] for it in kept])  # (b, V, 2, 3, R, R)
             b, v = pixels.shape[:2]
-            mean, std = encode_images(enc.vae, pixels.flatten(0, 2))  # (b*V*2, C, h, w), rows w, l per variant
+            t = clock()
+            # VAE calls of batch_size pairs' images (2 per pair), flip variants included: on a CPU a larger call
+            # costs more per image (docs/performance.md); the call size does not change the tensors (docs/cache.md)
+            encoded = [encode_images(enc.vae, chunk) for chunk in pixels.flatten(0, 2).split(2 * batch_size)]
+            mean = torch.cat([m for m, _ in encoded])  # (b*V*2, C, h, w), rows w, l per variant
+            std = torch.cat([sd for _, sd in encoded])
+            _wait(mean)
+            t_vae = clock()
             cond = enc.prompt_encoder([it["prompt"] for it in kept])
+            _wait(cond.prompt_embeds)
+            times.vae, times.text = times.vae + t_vae - t, times.text + clock() - t_vae
             new = {
                 "source_index": torch.tensor([it["index"] for it in kept], dtype=torch.int64),
                 "latent_mean": mean.unflatten(0, (b, v, 2)).to("cpu", storage),
@@ -156,8 +210,10 @@ def encode_shard(items: _PairItems, enc: Encoders, batch_size: int, num_workers:
             }
             if cond.pooled_prompt_embeds is not None:
                 new["pooled_prompt_embeds"] = cond.pooled_prompt_embeds.to("cpu", storage)
-            for k, t in new.items():
-                parts.setdefault(k, []).append(t)
+            for k, tensor in new.items():
+                parts.setdefault(k, []).append(tensor)
+        times.pairs += len(batch)
+        times.batches.append((clock() - t_batch) / len(batch))
         on_pairs(len(batch))
     return {k: torch.cat(v) for k, v in parts.items()}, skipped
 
@@ -200,15 +256,22 @@ def is_complete(folder: Path) -> bool:
     return (folder / MANIFEST).is_file() and bool(read_manifest(folder).get("complete"))
 
 
-def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: int = 8, shard_size: int = 256,
-                  num_workers: int = 0, cache_dir: Optional[str] = None, dist: Optional[Distribution] = None,
-                  progress: bool = True) -> Path:
-    """Write (or finish) the cache `cfg` describes and return its folder. Safe to interrupt at any moment."""
+def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Optional[int] = None,
+                  shard_size: int = 256, num_workers: int = 0, cache_dir: Optional[str] = None,
+                  dist: Optional[Distribution] = None, progress: bool = True,
+                  times: Optional[PrepareTimes] = None) -> Path:
+    """Write (or finish) the cache `cfg` describes and return its folder. Safe to interrupt at any moment.
+
+    batch_size: pairs per encoder call (default: default_batch_size of the device); it does not change the
+    tensors (except their last bits with one CPU thread and 16+ images per call: docs/cache.md).
+    times: filled with where this process's time went (its own shards only)."""
     from tqdm.auto import tqdm
 
     from diffusion_dpo.data.transforms import PairTransform
 
     dist = dist or Distribution()
+    batch_size = batch_size or default_batch_size(dist.device)
+    times = times if times is not None else PrepareTimes()
     folder, inputs, spec, source = locate_cache(cfg, storage_dtype, cache_dir)
     key = folder.name
     if is_complete(folder):
@@ -258,16 +321,20 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: in
     for k in todo:
         start, stop = k * shard_size, min((k + 1) * shard_size, len(source))
         items = _PairItems(source, range(start, stop), transform, d.random_flip, cfg.train.seed, d.on_corrupt)
-        tensors, skipped = encode_shard(items, enc, batch_size, num_workers, STORAGE_DTYPES[storage_dtype], bar.update)
+        tensors, skipped = encode_shard(items, enc, batch_size, num_workers, STORAGE_DTYPES[storage_dtype], bar.update,
+                                        times)
         meta = {"key": key, "start": str(start), "stop": str(stop), "kept": str(stop - start - len(skipped)),
                 "skipped": json.dumps(skipped)}
+        t_write = time.perf_counter()
         write_safetensors_atomic(folder / shard_name(k), tensors, meta)
         done[k] = meta
         if dist.rank == 0:  # shard index, rewritten atomically after every shard
             manifest["shards"] = _shard_index(folder, done)
             write_json_atomic(folder / MANIFEST, manifest)
+        times.write += time.perf_counter() - t_write
     bar.close()
     elapsed = time.perf_counter() - t0
+    times.seconds += elapsed
     dist.barrier()
     if dist.rank == 0:
         done = completed_shards(folder, key)
@@ -281,8 +348,13 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: in
         manifest.update(complete=True, num_pairs=kept, num_skipped=skipped, bytes=size,
                         bytes_per_pair=round(size / max(kept, 1)))
         write_json_atomic(folder / MANIFEST, manifest)
+        per = times.per_pair()
+        breakdown = (f"; {per['total']:.3f} s/pair: images {per['images']:.3f}, VAE {per['vae']:.3f}, text "
+                     f"{per['text']:.3f}, write {per['write']:.3f}; {batch_size} pair{'s' if batch_size > 1 else ''} "
+                     "per encoder call") if total else ""
         print(f"prepared {total} pairs in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.2f} pairs/s"
-              + (f" on process 0 of {dist.world_size}" if dist.world_size > 1 else "") + f"); cache: {kept} pairs, "
+              + (f" on process 0 of {dist.world_size}" if dist.world_size > 1 else "") + breakdown
+              + f"); cache: {kept} pairs, "
               f"{skipped} corrupt skipped, {size / 2**20:.1f} MiB, {manifest['bytes_per_pair']} bytes/pair -> {folder}")
     dist.barrier()
     return folder

@@ -17,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype of latents and text embeddings (default: data.cache_dtype, float16 unless set; "
                         "train finds the cache only with the same dtype)")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs encoded per VAE / text-encoder call (default 8)")
+    p.add_argument("--batch-size", type=int,
+                   help="pairs encoded per VAE / text-encoder call (default: 1 on a CPU, where larger calls cost more per "
+                        "pair, measured in docs/performance.md; 8 on a GPU)")
     p.add_argument("--shard-size", type=int, default=256,
                    help="pairs per shard file (default 256); an interrupted cache keeps the shard size it started with")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding images (default 0)")
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from diffusion_dpo.runtime import ProcessInfo, setup_logging
 
     for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     setup_logging()
     cfg = load_config(args.config, args.overrides)

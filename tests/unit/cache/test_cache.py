@@ -295,3 +295,79 @@ def test_training_refuses_a_per_image_cache_in_pair_mode(tiny_sdxl, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2
     assert "data.sdxl_time_ids=pair gives them one time-id row" in err and "set data.sdxl_time_ids=image" in err
+
+
+def test_encoder_batch_size_does_not_change_the_cache(tiny_sd, parquet, tmp_path):
+    """The default batch went from 8 pairs per encoder call to 1 on a CPU, for speed only. Flips (two variants,
+    4 images per pair) and a corrupt pair included. One caveat, from PyTorch's convolution dispatch: with ONE
+    thread, a call of 16+ images runs 1x1 convolutions with oneDNN instead of the native kernel, which changes the
+    last float bits (about 1e-6 relative); with 2+ threads every call size uses oneDNN."""
+    def cache(name, batch_size=None):
+        return prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path / name, "data.random_flip=true"),
+                                  storage_dtype="float32", batch_size=batch_size, shard_size=4, progress=False)
+
+    default = cache("default")
+    assert _tensors(default)["shard-00000.safetensors"]["latent_mean"].shape[1] == 2  # both flip variants
+    _assert_identical(default, cache("b3", batch_size=3))  # 12 images per call, the same kernels: identical
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # the old default (8 pairs = 32 images per call) against the new one, as multi-threaded torch runs them
+        _assert_identical(cache("old2", batch_size=8), cache("new2"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cache_is_the_encoders_applied_pair_by_pair(tiny_sd, clean_parquet, tmp_path):
+    """Bit for bit: each stored latent distribution is encode_images on that pair's transformed images
+    (chosen, rejected, then their mirror images), as one call; the text is the prompt encoder's."""
+    from diffusion_dpo.data.sources import open_source
+    from diffusion_dpo.data.transforms import PairTransform
+
+    cfg = _cfg(tiny_sd, clean_parquet, tmp_path, "data.random_flip=true")
+    folder = prep.prepare_cache(cfg, storage_dtype="float32", progress=False)
+    shard = _tensors(folder)["shard-00000.safetensors"]
+    _, _, spec, source = prep.locate_cache(cfg, "float32")
+    enc = prep.load_encoders(cfg, spec, "cpu")
+    items = prep._PairItems(open_source(cfg.data), range(6), PairTransform(32, "center"), True, 0, "skip")
+    from diffusion_dpo.models.encode import encode_images
+
+    for j in range(6):
+        item = items[j]
+        mean, std = encode_images(enc.vae, item["pixels"].flatten(0, 1))  # (V*2, C, h, w): w, l, w flipped, l flipped
+        assert torch.equal(shard["latent_mean"][j], mean.unflatten(0, (2, 2)))
+        assert torch.equal(shard["latent_std"][j], std.unflatten(0, (2, 2)))
+        assert torch.equal(shard["prompt_embeds"][j], enc.prompt_encoder([item["prompt"]]).prompt_embeds[0])
+
+
+def test_default_encoder_calls_hold_one_pair_on_cpu(tiny_sd, parquet, tmp_path, monkeypatch):
+    """On a CPU the VAE's activations of 16 images spill out of the caches and cost more per image than 2
+    (docs/performance.md): by default each VAE call encodes one pair, and the time breakdown accounts for it."""
+    from diffusion_dpo.models import encode
+
+    sizes = []
+    real = encode.encode_images
+
+    def counting(vae, pixels):
+        sizes.append(pixels.shape[0])
+        return real(vae, pixels)
+
+    monkeypatch.setattr(encode, "encode_images", counting)
+    times = prep.PrepareTimes()
+    prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path), shard_size=4, progress=False, times=times)
+    assert prep.default_batch_size("cpu") == 1
+    # 10 source pairs, one corrupt: 9 calls of chosen + rejected
+    assert sizes == [2] * 9
+    # with flips each pair has two variants (4 images): still 2 images per call, and 3 pairs per call hold 6
+    sizes.clear()
+    prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path / "flips", "data.random_flip=true"), progress=False)
+    assert sizes == [2] * 18
+    sizes.clear()
+    prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path / "flips3", "data.random_flip=true"), batch_size=3,
+                       progress=False)
+    # loader batches of 3 source pairs: [0-2] (12 images), [3-5] with pair 4 corrupt (8), [6-8] (12), [9] (4);
+    # each split into VAE calls of at most 3 pairs' images (6)
+    assert sizes == [6, 6, 6, 2, 6, 6, 4]
+    assert times.pairs == 10
+    parts = times.per_pair()
+    assert all(parts[k] > 0 for k in ("images", "vae", "text", "write"))
+    assert parts["images"] + parts["vae"] + parts["text"] + parts["write"] <= parts["total"]
