@@ -1,6 +1,6 @@
 """Leaner autograd for the UNet: the same gradients, bit for bit, with fewer activations kept for backward.
 
-Measured on the 40M `--arch mid` UNet, 4 images of 32x32 latents (one DPO micro-batch of 2 pairs): attention
+Measured on the 50.3M-parameter `--arch mid` UNet, 4 images of 32x32 latents (one DPO micro-batch of 2 pairs): attention
 LoRA saves 549 MB of activations per step with plain autograd and 332 MB with all four parts; full
 fine-tuning 639 -> 529 MB. Each part drops a tensor autograd keeps but the gradient does not need, or that
 is cheap to recompute from one kept anyway:
