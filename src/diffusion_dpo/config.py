@@ -200,7 +200,7 @@ def _validate_loss(method: str, loss: LossConfig) -> None:
     """Keys set for another loss, and out-of-range values, named with the fix."""
     values = dataclasses.asdict(loss)
     for key, value in values.items():
-        if value not in (None, False) and key not in LOSS_KEYS[method]:
+        if value is not None and value is not False and key not in LOSS_KEYS[method]:  # (0.0 == False)
             users = [m for m, keys in LOSS_KEYS.items() if key in keys]
             raise ConfigError(f"loss.{key} is set but train.method {method!r} does not use it (it is for "
                               f"{', '.join(users)}); remove loss.{key} or change train.method")

@@ -71,7 +71,7 @@ def test_reference_free_losses_request_no_reference():
     assert torch.isfinite(MaPOLoss()(e).loss) and torch.isfinite(SimPOLoss(2000.0)(e).loss)
 
 
-@pytest.mark.fault(input="a loss.* key set for a loss that does not read it (`loss.simpo_gamma` with `train.method=dpo`)",
+@pytest.mark.fault(input="a loss.* key set for a loss that does not read it (`loss.simpo_gamma`, `train.method=dpo`)",
                    behaviour="config error naming the key, the method and the losses that use it")
 def test_a_key_for_another_loss_is_refused_naming_both():
     with pytest.raises(ConfigError, match=r"loss.simpo_gamma is set but train.method 'dpo' does not use it "
@@ -79,6 +79,8 @@ def test_a_key_for_another_loss_is_refused_naming_both():
         load_config(None, ["loss.simpo_gamma=1.0"])
     with pytest.raises(ConfigError, match=r"loss.label_smoothing is set but train.method 'kto' .*cdpo, rdpo"):
         load_config(None, ["train.method=kto", "loss.label_smoothing=0.1"])
+    with pytest.raises(ConfigError, match=r"loss.simpo_gamma is set but train.method 'mapo'"):
+        load_config(None, ["train.method=mapo", "loss.simpo_gamma=0"])  # a zero is set too
     with pytest.raises(ConfigError, match=r"loss.soft_labels is set but train.method 'ipo'"):
         load_config(None, ["train.method=ipo", "loss.soft_labels=true"])
     cfg = load_config(None, ["train.method=mapo", "loss.mapo_weight=0.2", "loss.mapo_snr=1.0"])

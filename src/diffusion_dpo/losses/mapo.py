@@ -52,5 +52,6 @@ class MaPOLoss(PreferenceLoss):
         margin_loss = -F.logsigmoid(self.scale * margin)
         per_pair = pw + self.weight * margin_loss
         metrics = {"implicit_acc": (margin > 0).float().mean(), "err_policy_w": pw.mean(), "err_policy_l": pl.mean(),
-                   "diff_policy": (pw - pl).mean(), "mapo_margin": margin.mean(), "mapo_margin_loss": margin_loss.mean()}
+                   "diff_policy": (pw - pl).mean(), "mapo_margin": margin.mean(),
+                   "mapo_margin_loss": margin_loss.mean()}
         return LossOutput(per_pair.mean(), per_pair, {k: v.detach() for k, v in metrics.items()})
