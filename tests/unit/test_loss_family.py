@@ -153,7 +153,7 @@ def test_hinge_by_hand_init_and_gradient():
 
 
 def test_hinge_agrees_with_slic_on_random_errors():
-    # SLiC-HF eq. 1 with delta = 1 and the DPO score beta * h: max(0, delta - beta * h), h as in the IPO test
+    # the SLiC-HF hinge with delta = 1 and the DPO score beta * h: max(0, delta - beta * h), h as in the IPO test
     e, beta = random_pairs(seed=1), 2000.0
     h = (-(e.policy_w - e.ref_w) + (e.policy_l - e.ref_l)) / 2
     assert torch.allclose(HingeLoss(beta)(e).per_pair, torch.clamp(1 - beta * h, min=0), rtol=1e-12, atol=0)
@@ -180,7 +180,7 @@ def test_cdpo_and_rdpo_by_hand():
 
 
 def test_rdpo_is_unbiased_under_label_flips_as_its_paper_proves():
-    # Chowdhury et al. (Provably Robust DPO), Lemma 3.1: flipping each label with probability eps,
+    # Chowdhury et al. (Provably Robust DPO), its unbiasedness result: flipping each label with probability eps,
     # E[loss_rdpo] = (1 - eps) l(z) + eps l(-z) equals the clean DPO loss -log sigmoid(z)
     r, eps = random_pairs(seed=3), 0.2
     flipped = PairErrors(r.policy_l, r.policy_w, r.ref_l, r.ref_w)  # w and l swapped: logit -z
@@ -255,7 +255,7 @@ def test_kto_gradient_signs():
 
 
 def test_kto_agrees_with_the_official_code_on_random_errors():
-    # jacklishufan/diffusion-kto, train_kto_sd_v1.5.py (paper eqs. 7-8): g = -(model_loss - ref_loss),
+    # jacklishufan/diffusion-kto, train_kto_sd_v1.5.py (its "eq 8" step is g - kl): g = -(model_loss - ref_loss),
     # kl = clamp(mean(g), 0), h = sigmoid(sign * beta_kto * (g - kl)), loss = mean(w_y * (1 - h)),
     # with beta_kto = our beta / 2; labels 1 desirable, 0 undesirable
     r, beta, lam_d, lam_u = random_pairs(seed=5), 2000.0, 1.0, 1.5

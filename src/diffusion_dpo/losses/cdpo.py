@@ -2,7 +2,7 @@
 
     cdpo (Mitchell 2023, "A note on DPO with noisy preferences"; TRL loss_type="sigmoid" with label_smoothing):
         loss = mean of -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)
-    rdpo (Chowdhury et al., ICML 2024, "Provably Robust DPO", eq. 8; TRL loss_type="robust"):
+    rdpo (Chowdhury et al., ICML 2024, "Provably Robust DPO"; TRL loss_type="robust"):
         loss = mean of [-(1 - eps) log sigmoid(z) + eps log sigmoid(-z)] / (1 - 2 eps)
 
 z = dpo_logit (losses/dpo.py; beta convention there), eps = loss.label_smoothing (default 0.1).

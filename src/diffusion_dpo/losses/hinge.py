@@ -1,4 +1,4 @@
-"""Hinge (SLiC-HF form; Zhao et al. 2023, "SLiC-HF", eq. 1 with the DPO logit as the score; TRL's
+"""Hinge (SLiC-HF form; Zhao et al. 2023, "SLiC-HF", its calibration hinge with the DPO logit as the score; TRL's
 loss_type="hinge").
 
     loss = mean over pairs of max(0, 1 - dpo_logit)

@@ -1,4 +1,5 @@
-"""Diffusion-KTO (Li et al., NeurIPS 2024, arXiv 2404.04465, eqs. 7-8; the official code's form), sigmoid utility.
+"""Diffusion-KTO (Li et al., NeurIPS 2024, arXiv 2404.04465), sigmoid utility, in the official code's form
+(jacklishufan/diffusion-kto, whose comment marks g - kl as the paper's eq. 8; the paper's text was not read here).
 
 Per image x with a binary label (desirable / undesirable), under the beta convention of losses/dpo.py:
 
@@ -11,7 +12,7 @@ Per image x with a binary label (desirable / undesirable), under the beta conven
 
 The official code writes beta_kto * g with g = -(e_pol - e_ref): its beta_kto is our beta/2, so the same
 train.beta means the same temperature as in DPO. lambda_d, lambda_u = loss.kto_desirable_weight /
-kto_undesirable_weight (default 1, 1; the KTO paper suggests lambda_d n_d / (lambda_u n_u) in [1, 4/3] when
+kto_undesirable_weight (default 1, 1; the original KTO paper, Ethayarajh et al. 2024, suggests lambda_d n_d / (lambda_u n_u) in [1, 4/3] when
 classes are imbalanced). At initialisation r = 0, r_ref = 0 and every image contributes lambda/2.
 
 Labels: the w rows of PairErrors are the desirable images and the l rows the undesirable ones; their counts
