@@ -12,8 +12,8 @@ Per image x with a binary label (desirable / undesirable), under the beta conven
 
 The official code writes beta_kto * g with g = -(e_pol - e_ref): its beta_kto is our beta/2, so the same
 train.beta means the same temperature as in DPO. lambda_d, lambda_u = loss.kto_desirable_weight /
-kto_undesirable_weight (default 1, 1; the original KTO paper, Ethayarajh et al. 2024, suggests lambda_d n_d / (lambda_u n_u) in [1, 4/3] when
-classes are imbalanced). At initialisation r = 0, r_ref = 0 and every image contributes lambda/2.
+kto_undesirable_weight (default 1, 1; the original KTO paper, Ethayarajh et al. 2024, suggests
+lambda_d n_d / (lambda_u n_u) in [1, 4/3] when the classes are imbalanced). At initialisation r = 0, r_ref = 0 and every image contributes lambda/2.
 
 Labels: the w rows of PairErrors are the desirable images and the l rows the undesirable ones; their counts
 may differ (an unpaired data path fills them so). On paired data, winners are desirable and losers
