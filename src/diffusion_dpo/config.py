@@ -105,8 +105,10 @@ class LoraSettings:
 
 @dataclass
 class TrainConfig:
-    method: Literal["dpo", "sft"] = "dpo"
-    """'dpo': Diffusion-DPO (Wallace et al. 2024, eq. 14); 'sft': diffusion loss on the preferred image only."""
+    method: Literal["dpo", "sft", "ipo", "hinge", "cdpo", "rdpo", "kto", "mapo", "simpo"] = "dpo"
+    """The loss: 'dpo' Diffusion-DPO (Wallace et al. 2024, eq. 14); 'sft' diffusion loss on the preferred image only;
+    'ipo', 'hinge', 'cdpo', 'rdpo', 'kto' (reference-based); 'mapo', 'simpo' (reference-free). Its settings are the
+    loss.* keys; docs/losses.md has each formula."""
     beta: float = 2000.0
     """DPO temperature. With error_reduction='mean' (official code) the effective temperature is beta/(2*C*H*W). See docs/losses.md."""
     error_reduction: Literal["mean", "sum"] = "mean"
@@ -164,6 +166,58 @@ class TrainConfig:
 
 
 @dataclass
+class LossConfig:
+    """Settings of the loss train.method names; unset (null) takes that loss's default. A key set for a loss
+    that does not use it is an error (LOSS_KEYS)."""
+
+    label_smoothing: Optional[float] = None
+    """cdpo, rdpo: probability eps that a label is flipped, in [0, 0.5] for cdpo, [0, 0.5) for rdpo (default 0.1)."""
+    soft_labels: bool = False
+    """dpo: use the data's per-pair preference probability as a soft target instead of the hard label."""
+    simpo_gamma: Optional[float] = None
+    """simpo: target margin gamma in logit units, >= 0 (default 0.5)."""
+    kto_desirable_weight: Optional[float] = None
+    """kto: weight lambda_d of desirable images, > 0 (default 1)."""
+    kto_undesirable_weight: Optional[float] = None
+    """kto: weight lambda_u of undesirable images, > 0 (default 1)."""
+    mapo_weight: Optional[float] = None
+    """mapo: weight lambda of the margin term against the winner's diffusion loss, > 0 (official default 0.1)."""
+    mapo_snr: Optional[float] = None
+    """mapo: constant s in the score s*e/(exp(s*e)-1), > 0 (official default 0.5)."""
+    mapo_scale: Optional[float] = None
+    """mapo: factor T on the margin inside the log-sigmoid, > 0 (official: num_train_timesteps, 1000)."""
+
+
+# The loss.* keys each train.method reads (losses.build_loss passes exactly these to the loss).
+LOSS_KEYS: dict[str, tuple[str, ...]] = {
+    "dpo": ("soft_labels",), "sft": (), "ipo": (), "hinge": (), "cdpo": ("label_smoothing",),
+    "rdpo": ("label_smoothing",), "kto": ("kto_desirable_weight", "kto_undesirable_weight"),
+    "mapo": ("mapo_weight", "mapo_snr", "mapo_scale"), "simpo": ("simpo_gamma",),
+}
+
+
+def _validate_loss(method: str, loss: LossConfig) -> None:
+    """Keys set for another loss, and out-of-range values, named with the fix."""
+    values = dataclasses.asdict(loss)
+    for key, value in values.items():
+        if value is not None and value is not False and key not in LOSS_KEYS[method]:  # (0.0 == False)
+            users = [m for m, keys in LOSS_KEYS.items() if key in keys]
+            raise ConfigError(f"loss.{key} is set but train.method {method!r} does not use it (it is for "
+                              f"{', '.join(users)}); remove loss.{key} or change train.method")
+    eps = loss.label_smoothing
+    high_ok = method == "cdpo"  # rdpo divides by 1 - 2 eps
+    if eps is not None and not (0.0 <= eps < 0.5 or (high_ok and eps == 0.5)):
+        bound = "[0, 0.5]" if high_ok else "[0, 0.5) (rdpo divides by 1 - 2*eps)"
+        raise ConfigError(f"loss.label_smoothing must be in {bound} for train.method {method!r}, got {eps}")
+    if loss.simpo_gamma is not None and loss.simpo_gamma < 0:
+        raise ConfigError(f"loss.simpo_gamma must be >= 0, got {loss.simpo_gamma}")
+    for key in ("kto_desirable_weight", "kto_undesirable_weight", "mapo_weight", "mapo_snr", "mapo_scale"):
+        value = values[key]
+        if value is not None and value <= 0:
+            raise ConfigError(f"loss.{key} must be > 0, got {value}")
+
+
+@dataclass
 class OutputConfig:
     dir: str = "outputs/run"
     report_to: Literal["none", "tensorboard", "wandb", "auto"] = "auto"
@@ -179,13 +233,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    loss: LossConfig = field(default_factory=LossConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> None:
         """Cross-field checks; raise ConfigError naming the key and the fix."""
         t, d = self.train, self.data
-        if t.beta <= 0 and t.method == "dpo":
-            raise ConfigError(f"train.beta must be > 0 for method 'dpo', got {t.beta}")
+        if t.beta <= 0 and t.method not in ("sft", "mapo"):  # the losses that read beta
+            raise ConfigError(f"train.beta must be > 0 for method {t.method!r}, got {t.beta}")
+        _validate_loss(t.method, self.loss)
         for key, value in (("train.batch_size", t.batch_size), ("train.gradient_accumulation", t.gradient_accumulation),
                            ("train.max_steps", t.max_steps), ("data.resolution", d.resolution), ("lora.rank", self.lora.rank)):
             if value < 1:

@@ -17,12 +17,18 @@ class PairErrors:
     """Per-sample denoising errors ||pred - target||^2 of B pairs, each (B,). w = preferred, l = rejected.
 
     Losers and the reference are None when the loss says it does not need them (needs_losers,
-    needs_reference); the step then skips those forward passes."""
+    needs_reference); the step then skips those forward passes.
+
+    pref_prob: optional (B,) probability that w is preferred to l (soft labels, e.g. from AI-feedback score
+    margins); None means hard labels (w preferred with probability 1). Only losses with soft_labels on read it.
+    KTO reads the w rows as desirable images and the l rows as undesirable ones; there the two counts may
+    differ (unpaired data)."""
 
     policy_w: torch.Tensor
     policy_l: Optional[torch.Tensor] = None
     ref_w: Optional[torch.Tensor] = None
     ref_l: Optional[torch.Tensor] = None
+    pref_prob: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -40,7 +46,8 @@ class PreferenceLoss(torch.nn.Module):
 
     @classmethod
     def from_settings(cls, beta: float) -> "PreferenceLoss":
-        """Build from the run's loss settings (train.beta; later losses add theirs here)."""
+        """Build from train.beta and the loss.* keys config.LOSS_KEYS lists for this loss, passed by keyword
+        (a key left unset is not passed, so the keyword's default here is the loss's default)."""
         return cls()
 
     def forward(self, errors: PairErrors) -> LossOutput:

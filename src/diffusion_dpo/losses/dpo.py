@@ -8,6 +8,12 @@ C*H*W latent elements, so the temperature on the summed squared error is beta / 
 beta is 4x weaker on 128x128 latents (SDXL 1024 px) than on 64x64 (SD1.5 512 px). The paper's
 pseudocode writes sums; error_reduction="sum" gives that form (use a beta about C*H*W times smaller).
 At initialisation (policy == reference) every logit is 0 and the loss is exactly ln 2.
+
+Soft labels (loss.soft_labels, off by default): with a per-pair preference probability p
+(PairErrors.pref_prob, e.g. sigmoid of a reward-score margin) the per-pair loss is the cross-entropy with
+the soft target, -p log sigmoid(z) - (1 - p) log sigmoid(-z); p = 1 is the hard-label loss above. This is the
+soft-label idea of SmPO (smoothed preference optimization); its paper was not read here, so this is
+the plain soft-target form, not a port of that paper.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.losses.base import LossOutput, PairErrors, PreferenceLoss
 
 
@@ -28,30 +35,49 @@ def dpo_logit(policy_w: torch.Tensor, policy_l: torch.Tensor, ref_w: torch.Tenso
     return -0.5 * beta * ((policy_w - policy_l) - (ref_w - ref_l))
 
 
+def reference_logit(errors: PairErrors, beta: float) -> torch.Tensor:
+    """dpo_logit of the pairs in `errors`, the reference errors detached (they carry no gradient)."""
+    return dpo_logit(errors.policy_w, errors.policy_l, errors.ref_w.detach(), errors.ref_l.detach(), beta)
+
+
+def dpo_metrics(errors: PairErrors, logit: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-step metrics every DPO-family loss logs (metrics.jsonl keys), detached."""
+    pw, pl, rw, rl = errors.policy_w, errors.policy_l, errors.ref_w, errors.ref_l
+    metrics = {
+        "implicit_acc": (logit > 0).float().mean(),
+        "err_policy_w": pw.mean(), "err_policy_l": pl.mean(),
+        "err_ref_w": rw.mean(), "err_ref_l": rl.mean(),
+        "diff_policy": (pw - pl).mean(), "diff_ref": (rw - rl).mean(),
+        "inside": logit.mean(),  # metrics.jsonl key kept: the mean DPO logit
+    }
+    return {k: v.detach() for k, v in metrics.items()}
+
+
+def soft_label_loss(logit: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """Per pair -p log sigmoid(z) - (1 - p) log sigmoid(-z): cross-entropy of the Bradley-Terry probability
+    sigmoid(z) against the target probability p that w is preferred."""
+    return -prob * F.logsigmoid(logit) - (1.0 - prob) * F.logsigmoid(-logit)
+
+
 class DPOLoss(PreferenceLoss):
     needs_reference = True
     needs_losers = True
 
-    def __init__(self, beta: float):
+    def __init__(self, beta: float, soft_labels: bool = False):
         super().__init__()
-        self.beta = beta
+        self.beta, self.soft_labels = beta, soft_labels
 
     @classmethod
-    def from_settings(cls, beta: float) -> "DPOLoss":
-        return cls(beta)
+    def from_settings(cls, beta: float, soft_labels: bool = False) -> "DPOLoss":
+        return cls(beta, soft_labels)
 
     def forward(self, errors: PairErrors) -> LossOutput:
-        pw, pl = errors.policy_w, errors.policy_l
-        rw, rl = errors.ref_w.detach(), errors.ref_l.detach()
-        diff_policy = pw - pl
-        diff_ref = rw - rl
-        logit = dpo_logit(pw, pl, rw, rl, self.beta)  # (B,)
-        per_pair = -F.logsigmoid(logit)  # per pair, then averaged (averaging first is a known porting bug)
-        metrics = {
-            "implicit_acc": (logit > 0).float().mean(),
-            "err_policy_w": pw.mean(), "err_policy_l": pl.mean(),
-            "err_ref_w": rw.mean(), "err_ref_l": rl.mean(),
-            "diff_policy": diff_policy.mean(), "diff_ref": diff_ref.mean(),
-            "inside": logit.mean(),  # metrics.jsonl key kept: the mean DPO logit
-        }
-        return LossOutput(per_pair.mean(), per_pair, {k: v.detach() for k, v in metrics.items()})
+        logit = reference_logit(errors, self.beta)  # (B,)
+        if self.soft_labels:
+            if errors.pref_prob is None:
+                raise ConfigError("loss.soft_labels is on but the data carries no preference probability per pair; "
+                                  "set loss.soft_labels=false or use data with soft labels")
+            per_pair = soft_label_loss(logit, errors.pref_prob)
+        else:
+            per_pair = -F.logsigmoid(logit)  # per pair, then averaged (averaging first is a known porting bug)
+        return LossOutput(per_pair.mean(), per_pair, dpo_metrics(errors, logit))

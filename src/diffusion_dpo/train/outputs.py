@@ -47,7 +47,8 @@ def model_card(cfg: RunConfig, family: ModelFamily, summary: dict) -> str:
         usage = (f"unet = UNet2DConditionModel.from_pretrained(\"{cfg.output.dir}/unet\")\n"
                  f"pipe = {pipe}.from_pretrained(\"{spec.pretrained}\", unet=unet)")
         kind = "full UNet fine-tune"
-    method = "Diffusion-DPO (Wallace et al., CVPR 2024)" if t.method == "dpo" else "SFT on preferred images"
+    method = {"dpo": "Diffusion-DPO (Wallace et al., CVPR 2024)", "sft": "SFT on preferred images"}.get(
+        t.method, f"the {t.method} preference loss (docs/losses.md)")
     lines = [
         "---", "library_name: diffusers", f"base_model: {spec.pretrained}", "tags:", "- diffusion-dpo",
         f"- {t.method}", "- text-to-image", "---", "",

@@ -85,7 +85,7 @@ class Trainer:
         self.batch_encoder = pairs.encoder(cfg, self.family, self.device)
 
         # 4. trained network and reference policy
-        self.loss_fn = build_loss(cfg.train.method, cfg.train.beta)
+        self.loss_fn = build_loss(cfg.train.method, cfg.train.beta, cfg.loss)
         self.unet = self.family.load_network(torch.float32)
         lora = cfg.train.finetune == "lora"
         if lora:
