@@ -13,7 +13,7 @@ own child process (clean peak-memory numbers), warms up, and times several steps
                         written as plainly as possible (the floor our step (a) is compared with)
   p  prepare vs step    what `prepare` costs per pair (diffusion_dpo.cache.prepare, after a warm-up), next to what
                         the cache saves per pair and pass over the data: the trainer's data path (loader +
-                        Trainer.encode_batch) on the raw images minus the same on the cache
+                        Trainer.batch_encoder) on the raw images minus the same on the cache
 
 Printed: the parameter counts of the saved networks, pairs/s, seconds per step, peak memory (child RSS on CPU,
 max allocated on CUDA), FLOPs per step (counted with torch's FlopCounterMode), MFU on a GPU, the ratios a/c
@@ -352,7 +352,7 @@ def _prepare_cost(job: dict, device) -> dict:
 
 def _data_path_s_per_pair(job: dict, source: str, out: Path) -> float:
     """Median seconds per pair of what the trainer does before the UNet: the next batch from its loader
-    (decoding + transforms, or reading the cache) and Trainer.encode_batch (the VAE and text encoder on the fly)."""
+    (decoding + transforms, or reading the cache) and Trainer.batch_encoder (the VAE and text encoder on the fly)."""
     import gc
 
     import torch
@@ -369,7 +369,7 @@ def _data_path_s_per_pair(job: dict, source: str, out: Path) -> float:
     times = []
     for i in range(job["warmup"] + job["steps"]):
         t0 = time.perf_counter()
-        batch = tr.encode_batch(next(batches))
+        batch = tr.batch_encoder(next(batches))
         if batch.noise.is_cuda:
             torch.cuda.synchronize()
         if i >= job["warmup"]:
