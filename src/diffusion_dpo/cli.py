@@ -1,6 +1,6 @@
 """The `diffusion-dpo` console command.
 
-Each subcommand lives in its own module (diffusion_dpo.commands.*; bench in diffusion_dpo.bench), which exposes
+Each subcommand lives in its own module (diffusion_dpo.commands.*), which exposes
 `add_arguments(parser)` and `run(args) -> int`. Modules are imported only when their subcommand runs, so
 `diffusion-dpo --help` stays fast; they never import this module back.
 """
@@ -17,7 +17,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("diffusion_dpo.commands.train", "train Diffusion-DPO or SFT from a YAML config with dotted overrides"),
     "prepare": ("diffusion_dpo.commands.prepare", "encode a preference dataset once into a latent + text-embedding cache"),
-    "bench": ("diffusion_dpo.bench", "time training steps of our design against the official one"),
+    "bench": ("diffusion_dpo.commands.bench", "time training steps of our design against the official one"),
     "sample": ("diffusion_dpo.commands.sample", "sample a prompt set with fixed seeds (base, LoRA or tuned UNet)"),
     "evaluate": ("diffusion_dpo.commands.evaluate", "score sampled images with reward models and compare models"),
     "label": ("diffusion_dpo.commands.label", "re-judge preference pairs with a reward model (AI feedback)"),

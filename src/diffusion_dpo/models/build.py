@@ -127,6 +127,16 @@ def build_vae(arch: str = "tiny", sample_size: int = 64):
     raise ValueError(f"unknown VAE arch {arch!r}; choose tiny, small, mid, sd15, sdxl or sd")
 
 
+ARCH_LATENT = {"tiny": 16, "mid": 32, "sd15": 64, "sdxl": 128}
+"""Latent side per arch, the size its UNet is built for (bench's default resolution is this times the VAE's
+downsampling: tiny 32 px, mid 256 px, sd15 512 px, sdxl 1024 px)."""
+
+
+def arch_family(arch: str) -> Family:
+    """The family build_pipeline builds for an arch of ARCH_LATENT: SDXL for sdxl, SD for the others."""
+    return "sdxl" if arch == "sdxl" else "sd"
+
+
 def vae_downsampling(arch: str) -> int:
     """Pixels per latent of build_vae(arch) along each side."""
     return 2 if arch in ("tiny", "small") else 8

@@ -1,0 +1,105 @@
+"""The parent side of the benchmark: the shared artefacts, one child process per variant, the ratios."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from diffusion_dpo.bench.child import RESULT_PREFIX
+
+WORDS = ["a", "photo", "of", "small", "large", "red", "green", "blue", "circle", "square"]
+"""The vocabulary of the synthetic captions (whole-word tokens of the built tokenizer)."""
+
+
+def setup_work(work: Path, arch: str, family: str, res: int, pairs: int, seed: int,
+               vae: str | None = None) -> tuple[Path, Path, Path]:
+    """Random-init pipeline folder, a synthetic dataset (JPEGs a bit larger than `res`) and its cache, each
+    made once per work folder (`family`: models.build.arch_family(arch))."""
+    from diffusion_dpo.cache.prepare import prepare_cache
+    from diffusion_dpo.config import load_config
+    from diffusion_dpo.data.synthetic import write_pickapic_parquet
+    from diffusion_dpo.models.build import build_pipeline
+
+    vae = vae or arch
+    model = work / f"model-{arch}-{family}-{res}-vae-{vae}"
+    if not (model / "model_index.json").is_file():
+        pipe = build_pipeline(family, arch, resolution=res, words=WORDS, seed=seed, vae=vae)
+        pipe.save_pretrained(model, safe_serialization=True)
+    parquet = work / f"pairs-{res}.parquet"
+    if not parquet.is_file():
+        write_pickapic_parquet(parquet, n=max(8, 4 * pairs), seed=seed, size=(res * 9 // 8, res * 5 // 4))
+    cfg = load_config(None, [f"model.pretrained={model}", f"data.source={parquet}", f"data.resolution={res}",
+                             f"data.cache_dir={work / 'cache'}"])
+    cache = prepare_cache(cfg, progress=False)
+    return model, parquet, cache
+
+
+def parameter_counts(model: Path) -> dict[str, int]:
+    """Parameters of each network of a saved pipeline, counted on the model objects (the real classes built
+    from the saved configs on the meta device: no weights are read or allocated)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    nets: dict[str, Any] = {}
+    with init_empty_weights():
+        for name, cls in (("UNet", UNet2DConditionModel), ("VAE", AutoencoderKL)):
+            nets[name] = cls.from_config(cls.load_config(model, subfolder=name.lower()))
+        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            if (model / name).is_dir():
+                nets[name.replace("_", " ")] = cls(CLIPTextConfig.from_pretrained(model / name))
+    return {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
+
+
+def run_child(job: dict) -> dict:
+    """Run one variant (bench.child.child_main) in a fresh Python process; its result dict."""
+    env = dict(os.environ)
+    if job["threads"]:
+        env["OMP_NUM_THREADS"] = str(job["threads"])
+    proc = subprocess.run([sys.executable, "-c", "import sys; from diffusion_dpo.bench.child import child_main; "
+                           "sys.exit(child_main(sys.argv[1]))", json.dumps(job)],
+                          env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-15:])
+        raise RuntimeError(f"bench variant {job['variant']} failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def least_disturbed(variant: str, old: dict | None, new: dict) -> dict:
+    """Of two runs of one variant, the least disturbed: the lower median step; for p, each cost from the round
+    where it was lowest."""
+    if old is None:
+        return new
+    if variant != "p":
+        return new if new["s_per_step"] < old["s_per_step"] else old
+    best = dict(old if old["prepare_s_per_pair"] <= new["prepare_s_per_pair"] else new)
+    for key in ("instep_s_per_pair", "cached_s_per_pair"):
+        best[key] = min(old[key], new[key])
+    return best
+
+
+def ratios(results: dict) -> dict[str, float]:
+    """The comparisons the summary prints, from the variants that ran: a/c and a/d throughput, a/b peak memory,
+    and (p) prepare's cost over the in-step encoding and its break-even passes (absent when it never pays)."""
+    out: dict[str, float] = {}
+    if "a" in results and "c" in results:
+        out["a/c pairs/s"] = results["a"]["pairs_per_s"] / results["c"]["pairs_per_s"]
+    if "a" in results and "d" in results:
+        out["a/d pairs/s"] = results["a"]["pairs_per_s"] / results["d"]["pairs_per_s"]
+    if "a" in results and "b" in results:
+        a, b = results["a"], results["b"]
+        out["a/b peak memory"] = a["peak_mem_mb"] / b["peak_mem_mb"]
+        if a["device"] == "cpu":
+            out["a/b peak memory above imports"] = (a["peak_mem_mb"] - a["base_rss_mb"]) / (b["peak_mem_mb"] - b["base_rss_mb"])
+    if "p" in results:
+        p = results["p"]
+        out["prepare / in-step encoding per pair"] = p["prepare_s_per_pair"] / p["instep_s_per_pair"]
+        saved = p["instep_s_per_pair"] - p["cached_s_per_pair"]
+        if saved > 0:
+            out["break-even passes"] = p["prepare_s_per_pair"] / saved
+    return out
