@@ -20,8 +20,9 @@ Output:
                                 score_rejected, margin, seeds {chosen, rejected}, image indices, key
     <out>/generation.json       model, sampler, seed rule, judge, strategy: what made the pairs
     <out>/run.json, chunks/     resumable bookkeeping (feedback.chunks); a chunk is `chunk_size` prompts
-    <out>/cache/                with write_cache: the pairs as a latent cache (cache.store format), written from
-                                the sampled latents (no VAE encoding): train with data.source=<out>/cache
+    <out>/cache/                with write_cache: the pairs as a latent cache (cache.store format, written by
+                                cache.writer) from the sampled latents (no VAE encoding): train with
+                                data.source=<out>/cache
 
 write_cache: each image's final denoised latent is kept (read from the pipeline's step-end callback, so
 sampling and the decoded images are exactly those without it) and stored UNSCALED (divided by the VAE
