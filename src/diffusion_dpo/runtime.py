@@ -109,11 +109,22 @@ def save_png_atomic(image: Any, path: str | os.PathLike, fsync: bool = False) ->
 
 
 def write_safetensors_atomic(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                             metadata: dict[str, str] | None = None, fsync: bool = True) -> None:
-    from safetensors.torch import save_file
+                             metadata: dict[str, str] | None = None, fsync: bool = True,
+                             sorted_header: bool = False) -> None:
+    """sorted_header: byte-reproducible, the header JSON rewritten with sorted keys (safetensors writes its
+    metadata map in a random order per call), so the same tensors and metadata give the same bytes."""
+    from safetensors.torch import save, save_file
 
-    with atomic_path(path, fsync) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    if not sorted_header:
+        with atomic_path(path, fsync) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # data offsets are relative to the end of the header
+    write_bytes_atomic(path, len(header).to_bytes(8, "little") + header + raw[8 + n:], fsync)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ k with k % world_size == r; the main process writes the final manifest.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,12 +24,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from diffusion_dpo.cache.store import (EMPTY_PROMPT, FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, cache_key,
-                                       completed_shards, read_manifest, shard_name, write_json_atomic,
-                                       write_safetensors_atomic)
+from diffusion_dpo.cache.store import EMPTY_PROMPT, MANIFEST, cache_key, completed_shards, read_manifest
+from diffusion_dpo.cache.writer import CacheWriter, storage_torch_dtype, versioned
 from diffusion_dpo.config import RunConfig
 from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.models.families import family_of
+from diffusion_dpo.runtime import ProcessInfo
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -107,8 +106,8 @@ def key_inputs(cfg: RunConfig, spec, data_fingerprint: str, storage_dtype: str) 
     }
     if family_of(spec).size_conditioned:  # 'pair' resizes the loser to the winner's size (others: no time ids)
         transforms["sdxl_time_ids"] = d.sdxl_time_ids
-    return {"format_version": FORMAT_VERSION, "data": data_fingerprint, "model": model,
-            "encoder_dtype": m.frozen_dtype, "storage_dtype": storage_dtype, "transforms": transforms}
+    return versioned({"data": data_fingerprint, "model": model, "encoder_dtype": m.frozen_dtype,
+                      "storage_dtype": storage_dtype, "transforms": transforms})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,27 +220,12 @@ def encode_shard(items: _PairItems, enc: Encoders, batch_size: int, num_workers:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Distribution:
-    """Who encodes what: process `rank` of `world_size` takes shards k with k % world_size == rank."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: Any = "cpu"
-    barrier: Callable[[], None] = lambda: None
-
-    @classmethod
-    def from_accelerate(cls, state) -> "Distribution":
-        return cls(state.process_index, state.num_processes, state.device, state.wait_for_everyone)
-
-
 def locate_cache(cfg: RunConfig, storage_dtype: str = "float16", cache_dir: Optional[str] = None):
     """(folder, key inputs, spec, source) of the cache that `cfg` describes; touches no image."""
     from diffusion_dpo.data.sources import open_source
     from diffusion_dpo.models.families import detect_spec
 
-    if storage_dtype not in STORAGE_DTYPES:
-        raise ConfigError(f"cache storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
+    storage_torch_dtype(storage_dtype, "cache storage dtype")
     root = cache_dir or cfg.data.cache_dir
     if not root:
         raise ConfigError("no cache folder: set data.cache_dir (or pass --cache-dir to `diffusion-dpo prepare`)")
@@ -258,7 +242,7 @@ def is_complete(folder: Path) -> bool:
 
 def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Optional[int] = None,
                   shard_size: int = 256, num_workers: int = 0, cache_dir: Optional[str] = None,
-                  dist: Optional[Distribution] = None, progress: bool = True,
+                  dist: Optional[ProcessInfo] = None, progress: bool = True,
                   times: Optional[PrepareTimes] = None) -> Path:
     """Write (or finish) the cache `cfg` describes and return its folder. Safe to interrupt at any moment.
 
@@ -269,11 +253,13 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
 
     from diffusion_dpo.data.transforms import PairTransform
 
-    dist = dist or Distribution()
+    dist = dist or ProcessInfo()
     batch_size = batch_size or default_batch_size(dist.device)
     times = times if times is not None else PrepareTimes()
     folder, inputs, spec, source = locate_cache(cfg, storage_dtype, cache_dir)
-    key = folder.name
+    writer = CacheWriter(folder, inputs)
+    key = writer.key  # == folder.name
+    storage = storage_torch_dtype(storage_dtype, "cache storage dtype")
     if is_complete(folder):
         log.info("cache %s is complete: reusing it", folder)
         return folder
@@ -285,19 +271,12 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
         settings["sdxl_time_ids"] = d.sdxl_time_ids
     if dist.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".*.tmp"):  # half-written files of an interrupted run
-            stale.unlink()
+        writer.remove_temp_files()  # half-written files of an interrupted run
         if (folder / MANIFEST).is_file():
             shard_size = read_manifest(folder)["shard_size"]  # keep the boundaries of the interrupted run
-        manifest = {
-            "format_version": FORMAT_VERSION, "key": key, "key_inputs": inputs, "complete": False,
-            "model": {"pretrained": spec.pretrained, "revision": spec.revision, "family": spec.family,
-                      "latent_channels": spec.latent_channels, "vae_scaling_factor": spec.vae_scaling_factor},
-            "settings": settings, "source": source.describe(), "num_source_pairs": len(source),
-            "shard_size": shard_size, "num_shards": -(-len(source) // shard_size),
-            "shards": _shard_index(folder, completed_shards(folder, key)),
-        }
-        write_json_atomic(folder / MANIFEST, manifest)
+        manifest = writer.manifest(spec, spec.pretrained, settings, source.describe(), len(source), shard_size,
+                                   -(-len(source) // shard_size), completed_shards(folder, key))
+        writer.write_manifest(manifest)
     dist.barrier()
     manifest = read_manifest(folder)
     shard_size, num_shards = manifest["shard_size"], manifest["num_shards"]
@@ -305,10 +284,10 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
     enc = load_encoders(cfg, spec, dist.device)
     if dist.rank == 0 and not (folder / EMPTY_PROMPT).is_file():
         empty = enc.prompt_encoder([""])
-        tensors = {"prompt_embeds": empty.prompt_embeds.to("cpu", STORAGE_DTYPES[storage_dtype])}
+        tensors = {"prompt_embeds": empty.prompt_embeds.to("cpu", storage)}
         if empty.pooled_prompt_embeds is not None:
-            tensors["pooled_prompt_embeds"] = empty.pooled_prompt_embeds.to("cpu", STORAGE_DTYPES[storage_dtype])
-        write_safetensors_atomic(folder / EMPTY_PROMPT, tensors, {"key": key})
+            tensors["pooled_prompt_embeds"] = empty.pooled_prompt_embeds.to("cpu", storage)
+        writer.write_empty_prompt(tensors)
 
     done = completed_shards(folder, key)
     todo = [k for k in range(num_shards) if k % dist.world_size == dist.rank and k not in done]
@@ -321,16 +300,12 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
     for k in todo:
         start, stop = k * shard_size, min((k + 1) * shard_size, len(source))
         items = _PairItems(source, range(start, stop), transform, d.random_flip, cfg.train.seed, d.on_corrupt)
-        tensors, skipped = encode_shard(items, enc, batch_size, num_workers, STORAGE_DTYPES[storage_dtype], bar.update,
-                                        times)
-        meta = {"key": key, "start": str(start), "stop": str(stop), "kept": str(stop - start - len(skipped)),
-                "skipped": json.dumps(skipped)}
+        tensors, skipped = encode_shard(items, enc, batch_size, num_workers, storage, bar.update, times)
         t_write = time.perf_counter()
-        write_safetensors_atomic(folder / shard_name(k), tensors, meta)
-        done[k] = meta
+        done[k] = writer.write_shard(k, tensors, start, stop, skipped)
         if dist.rank == 0:  # shard index, rewritten atomically after every shard
-            manifest["shards"] = _shard_index(folder, done)
-            write_json_atomic(folder / MANIFEST, manifest)
+            manifest["shards"] = writer.shard_index(done)
+            writer.write_manifest(manifest)
         times.write += time.perf_counter() - t_write
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -341,13 +316,8 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
         missing = sorted(set(range(num_shards)) - set(done))
         if missing:
             raise RuntimeError(f"cache {folder}: shards {missing[:5]} are missing after every process finished")
-        manifest["shards"] = _shard_index(folder, done)
-        kept = sum(s["kept"] for s in manifest["shards"])
-        skipped = sum(len(s["skipped"]) for s in manifest["shards"])
-        size = sum(s["bytes"] for s in manifest["shards"])
-        manifest.update(complete=True, num_pairs=kept, num_skipped=skipped, bytes=size,
-                        bytes_per_pair=round(size / max(kept, 1)))
-        write_json_atomic(folder / MANIFEST, manifest)
+        manifest = writer.finish(manifest, done)
+        kept, skipped, size = manifest["num_pairs"], manifest["num_skipped"], manifest["bytes"]
         per = times.per_pair()
         breakdown = (f"; {per['total']:.3f} s/pair: images {per['images']:.3f}, VAE {per['vae']:.3f}, text "
                      f"{per['text']:.3f}, write {per['write']:.3f}; {batch_size} pair{'s' if batch_size > 1 else ''} "
@@ -360,15 +330,9 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
     return folder
 
 
-def _shard_index(folder: Path, done: dict[int, dict]) -> list[dict]:
-    return [{"file": shard_name(k), "start": int(m["start"]), "stop": int(m["stop"]), "kept": int(m["kept"]),
-             "skipped": json.loads(m["skipped"]), "bytes": (folder / shard_name(k)).stat().st_size}
-            for k, m in sorted(done.items())]
-
-
 def ensure_cache(cfg: RunConfig, accelerator=None, storage_dtype: str = "float16") -> Path:
     """For `train` with data.cache_dir set: the cache folder of this config, prepared first if it is
     missing or incomplete (every process must call this; they share the encoding)."""
-    dist = Distribution.from_accelerate(accelerator) if accelerator is not None else None
+    dist = ProcessInfo.from_accelerate(accelerator) if accelerator is not None else None
     return prepare_cache(cfg, storage_dtype=storage_dtype, dist=dist,
                          progress=accelerator is None or accelerator.is_main_process)

@@ -17,9 +17,10 @@ Each shard holds, for the pairs of its source range that decoded (corrupt ones a
                                                the winner's for both, the loser having been resized to it)
     crop_top_left         int64 (n, V, 2, 2)   crop offset of each image (per flip variant; one per pair in 'pair' mode)
 
-Shards are written to a temporary file and moved into place with os.replace, so a shard file either
-exists complete or not at all; shard boundaries depend only on the shard size, so a cache finished
-after an interruption is identical to one written in one go.
+This module is the read side (and the format's names); cache.writer is the write side, used by `prepare`
+and `generate-pairs --write-cache` alike. Shards are written to a temporary file and moved into place with
+os.replace, so a shard file either exists complete or not at all; shard boundaries depend only on the shard
+size, so a cache finished after an interruption is identical to one written in one go.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from typing import Any, Optional
 import torch
 
 from diffusion_dpo.errors import DataError
+from diffusion_dpo.runtime import DTYPES
 
 FORMAT_VERSION = 2
 """2: resize rounds the long side down as torchvision does, and SDXL pairs share one geometry (data.sdxl_time_ids)."""
 MANIFEST = "cache_manifest.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORAGE_DTYPES = DTYPES
+"""Storage dtypes by their exact names (no aliases: the name is part of the cache key)."""
 
 
 def shard_name(k: int) -> str:
@@ -49,30 +52,6 @@ def shard_name(k: int) -> str:
 def cache_key(inputs: dict[str, Any]) -> str:
     """Hash of exactly the inputs that determine the cached tensors (see prepare.key_inputs)."""
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    _fsync_replace(tmp, path)
-
-
-def write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    _fsync_replace(tmp, path)
 
 
 def read_manifest(folder: str | Path) -> dict:

@@ -20,8 +20,9 @@ Output:
                                 score_rejected, margin, seeds {chosen, rejected}, image indices, key
     <out>/generation.json       model, sampler, seed rule, judge, strategy: what made the pairs
     <out>/run.json, chunks/     resumable bookkeeping (feedback.chunks); a chunk is `chunk_size` prompts
-    <out>/cache/                with write_cache: the pairs as a latent cache (cache.store format), written from
-                                the sampled latents (no VAE encoding): train with data.source=<out>/cache
+    <out>/cache/                with write_cache: the pairs as a latent cache (cache.store format, written by
+                                cache.writer) from the sampled latents (no VAE encoding): train with
+                                data.source=<out>/cache
 
 write_cache: each image's final denoised latent is kept (read from the pipeline's step-end callback, so
 sampling and the decoded images are exactly those without it) and stored UNSCALED (divided by the VAE
@@ -99,21 +100,6 @@ def _prompts_fingerprint(prompts: Any) -> str:
     return hashlib.sha256(json.dumps([p.text for p in prompts.prompts]).encode()).hexdigest()[:16]
 
 
-def save_safetensors_sorted(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
-    """safetensors.torch.save_file, but byte-reproducible: the header JSON is rewritten with sorted keys (the
-    library writes its metadata map in a random order per call), so a resumed run writes an uninterrupted
-    run's bytes. Written to a temporary file and renamed."""
-    from safetensors.torch import save
-
-    from diffusion_dpo.runtime import write_bytes_atomic
-
-    raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    n = int.from_bytes(raw[:8], "little")
-    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # data offsets are relative to the end of the header
-    write_bytes_atomic(path, len(header).to_bytes(8, "little") + header + raw[8 + n:], fsync=False)
-
-
 def _latents_path(out: Path, k: int) -> Path:
     return out / "chunks" / f"latents-{k:05d}.safetensors"
 
@@ -137,7 +123,7 @@ def generate_chunk(pipe: Any, prompts: Any, indices: range, judge: Any, out: Pat
     import torch
 
     from diffusion_dpo.evaluate.sampling import image_name, image_seed
-    from diffusion_dpo.runtime import save_png_atomic
+    from diffusion_dpo.runtime import save_png_atomic, write_safetensors_atomic
 
     kwargs: dict[str, Any] = {"num_inference_steps": settings.steps, "output_type": "pil"}
     latents: list[torch.Tensor] = []
@@ -201,23 +187,23 @@ def generate_chunk(pipe: Any, prompts: Any, indices: range, judge: Any, out: Pat
             if empty.pooled_prompt_embeds is not None:
                 tensors["empty_pooled_prompt_embeds"] = empty.pooled_prompt_embeds.cpu()
         width, height = images[0].size
-        save_safetensors_sorted(latents_path, tensors, {"first_prompt": str(indices.start), "images_per_prompt":
-                                                         str(k_images), "height": str(height), "width": str(width)})
+        # byte-reproducible (sorted header), so a resumed run writes an uninterrupted run's bytes
+        write_safetensors_atomic(latents_path, tensors, {"first_prompt": str(indices.start), "images_per_prompt":
+                                                         str(k_images), "height": str(height), "width": str(width)},
+                                 fsync=False, sorted_header=True)
     return {"samples": samples, "pairs": pairs}
 
 
 def write_pair_cache(out: Path, run: Any, chunks: list[dict], spec: Any, encoder_dtype: str, storage_dtype: str,
                      shard_size: int = CACHE_SHARD_SIZE) -> Path:
-    """Assemble <out>/cache (cache.store format) from the chunks' saved latents and the pairs, in pairs.jsonl
-    order; shards and the manifest are written atomically, the manifest last ("complete": true)."""
+    """Assemble <out>/cache (cache.store format, written by cache.writer) from the chunks' saved latents and the
+    pairs, in pairs.jsonl order; the manifest is written last ("complete": true)."""
     import torch
     from safetensors import safe_open
 
-    from diffusion_dpo.cache.store import EMPTY_PROMPT, FORMAT_VERSION, STORAGE_DTYPES, cache_key, shard_name
-    from diffusion_dpo.cache.store import MANIFEST as CACHE_MANIFEST
-    from diffusion_dpo.cache.store import write_json_atomic
+    from diffusion_dpo.cache.writer import CacheWriter, storage_torch_dtype, versioned
 
-    storage = STORAGE_DTYPES[storage_dtype]
+    storage = storage_torch_dtype(storage_dtype, "--cache-dtype")
     folder = out / CACHE
     folder.mkdir(parents=True, exist_ok=True)
     pairs_text = (out / MANIFEST).read_text()
@@ -231,27 +217,17 @@ def write_pair_cache(out: Path, run: Any, chunks: list[dict], spec: Any, encoder
             empty["pooled_prompt_embeds"] = f.get_tensor("empty_pooled_prompt_embeds").to(storage)
     if height != width:
         raise ConfigError(f"write_cache: the cache needs square images, sampled {height}x{width}; pass --resolution")
-    inputs = {"format_version": FORMAT_VERSION, "origin": "generate-pairs",
-              "data": hashlib.sha256(pairs_text.encode()).hexdigest()[:16],
-              "model": {"pretrained": pretrained, "revision": spec.revision, "variant": None, "family": spec.family,
-                        "vae": None},
-              "encoder_dtype": encoder_dtype, "storage_dtype": storage_dtype,
-              "transforms": {"resolution": height, "crop": "center", "random_flip": False, "shared_transforms": None,
-                             "seed": None}}
-    key = cache_key(inputs)
-    save_safetensors_sorted(folder / EMPTY_PROMPT, empty, {"key": key})
+    writer = CacheWriter(folder, versioned({
+        "origin": "generate-pairs", "data": hashlib.sha256(pairs_text.encode()).hexdigest()[:16],
+        "model": {"pretrained": pretrained, "revision": spec.revision, "variant": None, "family": spec.family,
+                  "vae": None},
+        "encoder_dtype": encoder_dtype, "storage_dtype": storage_dtype,
+        "transforms": {"resolution": height, "crop": "center", "random_flip": False, "shared_transforms": None,
+                       "seed": None}}))
+    writer.write_empty_prompt(empty)
 
-    def flush(rows: list[dict], start: int, index: list[dict]) -> None:
-        k = len(index)
-        tensors = {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
-        stop = start + len(rows)
-        save_safetensors_sorted(folder / shard_name(k), tensors, {"key": key, "start": str(start), "stop": str(stop),
-                                                                   "kept": str(len(rows)), "skipped": "[]"})
-        index.append({"file": shard_name(k), "start": start, "stop": stop, "kept": len(rows), "skipped": [],
-                      "bytes": (folder / shard_name(k)).stat().st_size})
-
+    done: dict[int, dict] = {}
     image_size = torch.tensor([[height, width], [height, width]], dtype=torch.int64)
-    index: list[dict] = []
     rows: list[dict] = []
     n = 0
     for k, chunk in enumerate(chunks):
@@ -273,26 +249,17 @@ def write_pair_cache(out: Path, run: Any, chunks: list[dict], spec: Any, encoder
                 row["pooled_prompt_embeds"] = pooled[p].to(storage)
             rows.append(row)
             n += 1
-            if len(rows) == shard_size:
-                flush(rows, n - len(rows), index)
+            if len(rows) == shard_size or n == num_pairs:  # a full shard, or the last pairs
+                tensors = {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
+                done[len(done)] = writer.write_shard(len(done), tensors, n - len(rows), n)
                 rows = []
-    if rows:
-        flush(rows, n - len(rows), index)
-    size = sum(s["bytes"] for s in index)
-    manifest = {
-        "format_version": FORMAT_VERSION, "key": key, "key_inputs": inputs, "complete": True,
-        "model": {"pretrained": pretrained, "revision": spec.revision, "family": spec.family,
-                  "latent_channels": spec.latent_channels, "vae_scaling_factor": spec.vae_scaling_factor},
-        "settings": {"resolution": height, "crop": "center", "random_flip": False, "shared_transforms": False,
-                     "seed": None, "storage_dtype": storage_dtype, "encoder_dtype": encoder_dtype,
-                     "latents": "sampled (generate-pairs): latent_mean = the final denoised latent / "
-                                "vae_scaling_factor, latent_std = 0"},
-        "source": {"format": "generate-pairs", "manifest": str((out / MANIFEST).resolve()),
-                   "fingerprint": inputs["data"]},
-        "num_source_pairs": num_pairs, "shard_size": shard_size, "num_shards": len(index), "shards": index,
-        "num_pairs": n, "num_skipped": 0, "bytes": size, "bytes_per_pair": round(size / max(n, 1)),
-    }
-    write_json_atomic(folder / CACHE_MANIFEST, manifest)
+    settings = {"resolution": height, "crop": "center", "random_flip": False, "shared_transforms": False,
+                "seed": None, "storage_dtype": storage_dtype, "encoder_dtype": encoder_dtype,
+                "latents": "sampled (generate-pairs): latent_mean = the final denoised latent / "
+                           "vae_scaling_factor, latent_std = 0"}
+    source = {"format": "generate-pairs", "manifest": str((out / MANIFEST).resolve()),
+              "fingerprint": writer.inputs["data"]}
+    writer.finish(writer.manifest(spec, pretrained, settings, source, num_pairs, shard_size, len(done), done), done)
     return folder
 
 
@@ -323,10 +290,9 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
     if margin < 0:
         raise ConfigError(f"--margin must be >= 0, got {margin}")
     if write_cache:
-        from diffusion_dpo.cache.store import STORAGE_DTYPES
+        from diffusion_dpo.cache.writer import storage_torch_dtype
 
-        if cache_dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"--cache-dtype must be one of {', '.join(STORAGE_DTYPES)}, got {cache_dtype!r}")
+        storage_torch_dtype(cache_dtype, "--cache-dtype")
     dist = dist or ProcessInfo()
     out = Path(out)
     spec = SampledModel(name="model", base=str(base), lora=lora, unet=unet)

@@ -10,11 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_dpo.cache import prepare as prep
+from diffusion_dpo.cache import writer
 from diffusion_dpo.cache.store import MANIFEST, CachedPairDataset, collate_cached
 from diffusion_dpo.cli import main
 from diffusion_dpo.config import load_config
 from diffusion_dpo.data.synthetic import write_pickapic_parquet
 from diffusion_dpo.errors import CorruptImageError, DataError
+from diffusion_dpo.runtime import ProcessInfo
 
 
 @pytest.fixture(scope="module")
@@ -102,17 +104,17 @@ def test_interrupted_prepare_resumes_to_an_identical_cache(tiny_sd, parquet, tmp
     whole = prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path / "a"), batch_size=3, shard_size=3, progress=False)
 
     cfg = _cfg(tiny_sd, parquet, tmp_path / "b")
-    real_write = prep.write_safetensors_atomic
+    real_write = writer.write_safetensors_atomic
     calls = []
 
-    def dying_write(path, tensors, metadata):
+    def dying_write(path, tensors, metadata, **kw):
         calls.append(path.name)
         if len(calls) == 3:  # empty prompt, shard 0, then die while writing shard 1: leave a half-written temp file
             (path.parent / f".{path.name}.999.tmp").write_bytes(b"half a shard")
             raise KeyboardInterrupt
-        real_write(path, tensors, metadata)
+        real_write(path, tensors, metadata, **kw)
 
-    monkeypatch.setattr(prep, "write_safetensors_atomic", dying_write)
+    monkeypatch.setattr(writer, "write_safetensors_atomic", dying_write)
     with pytest.raises(KeyboardInterrupt):
         prep.prepare_cache(cfg, batch_size=3, shard_size=3, progress=False)
     folder = whole.parent.parent / "b" / whole.name
@@ -121,7 +123,7 @@ def test_interrupted_prepare_resumes_to_an_identical_cache(tiny_sd, parquet, tmp
     with pytest.raises(DataError, match="incomplete"):
         CachedPairDataset(folder, None)
     # rerun with a different batch size and shard size: the shard size of the first run is kept
-    monkeypatch.setattr(prep, "write_safetensors_atomic", real_write)
+    monkeypatch.setattr(writer, "write_safetensors_atomic", real_write)
     calls.clear()
     resumed = prep.prepare_cache(cfg, batch_size=3, shard_size=5, progress=False)
     assert resumed == folder and not list(folder.glob(".*.tmp"))
@@ -225,7 +227,7 @@ def test_two_processes_write_the_same_cache_as_one(tiny_sd, parquet, tmp_path, m
 
     def worker(rank):
         try:
-            dist = prep.Distribution(rank=rank, world_size=2, device="cpu", barrier=barrier.wait)
+            dist = ProcessInfo(rank=rank, world_size=2, device="cpu", barrier=barrier.wait)
             results[rank] = prep.prepare_cache(cfg, shard_size=3, dist=dist, progress=False)
         except BaseException as err:  # noqa: BLE001 - re-raised below in the test thread
             errors.append(err)

@@ -291,3 +291,81 @@ def test_identical_tuned_unet_gives_the_base_samples(tiny_sd, tmp_path):
     assert len(images) == 4 and {k: copy[k] for k in images} == {k: base[k] for k in images}
     for name in ("samples.jsonl", "pairs.jsonl"):
         assert copy[name] == base[name]
+
+
+def test_prepare_and_generate_pairs_write_one_cache_format(tiny_sd, tmp_path):
+    """The two makers of caches (`prepare` from images, `generate-pairs --write-cache` from sampled latents) write
+    through cache.writer one format: the same file names, tensor names, dtypes and ranks, shard metadata and
+    manifest fields; and each writes the same bytes again when rerun (sorted safetensors headers)."""
+    from safetensors import safe_open
+
+    from diffusion_dpo.cache.prepare import prepare_cache
+    from diffusion_dpo.cache.store import cache_key
+    from diffusion_dpo.config import load_config
+    from diffusion_dpo.data.synthetic import write_pickapic_parquet
+
+    source = write_pickapic_parquet(tmp_path / "train.parquet", n=5)
+    judge = load_judge(["feedback_test_rewards:brightness"])
+
+    def prepared(root: Path) -> Path:
+        cfg = load_config(None, [f"model.pretrained={tiny_sd}", f"data.source={source}", "data.resolution=32",
+                                 f"data.cache_dir={root}"])
+        return prepare_cache(cfg, storage_dtype="float16", batch_size=2, shard_size=3, progress=False)
+
+    def generated(out: Path) -> Path:
+        return generate_pairs(str(tiny_sd), PROMPTS, out, judge, images_per_prompt=3, strategy="all", seed=1,
+                              write_cache=True, cache_dtype="float16", **FAST).cache
+
+    def read(folder: Path) -> tuple[dict, dict, dict]:
+        """manifest, {file: {tensor: (dtype, shape)}}, {file: metadata}"""
+        tensors, meta = {}, {}
+        for p in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(p), "pt") as f:
+                tensors[p.name] = {k: (f.get_tensor(k).dtype, tuple(f.get_tensor(k).shape)) for k in f.keys()}
+                meta[p.name] = f.metadata()
+        return json.loads((folder / "cache_manifest.json").read_text()), tensors, meta
+
+    prep, gen = prepared(tmp_path / "p1"), generated(tmp_path / "g1")
+    for folder, num_pairs, shards in ((prep, 5, 2), (gen, None, 1)):
+        manifest, tensors, meta = read(folder)
+        n = num_pairs or manifest["num_pairs"]
+        assert manifest["format_version"] == 2 and manifest["complete"] is True
+        assert manifest["key"] == cache_key(manifest["key_inputs"]) and manifest["key_inputs"]["format_version"] == 2
+        assert sorted(manifest) == sorted(["format_version", "key", "key_inputs", "complete", "model", "settings",
+                                           "source", "num_source_pairs", "shard_size", "num_shards", "shards",
+                                           "num_pairs", "num_skipped", "bytes", "bytes_per_pair"])
+        assert sorted(manifest["model"]) == ["family", "latent_channels", "pretrained", "revision",
+                                             "vae_scaling_factor"]
+        assert sorted(tensors) == ["empty_prompt.safetensors"] + [f"shard-{k:05d}.safetensors" for k in range(shards)]
+        assert meta["empty_prompt.safetensors"] == {"key": manifest["key"]}
+        assert tensors["empty_prompt.safetensors"]["prompt_embeds"][0] == torch.float16
+        index, start = manifest["shards"], 0
+        assert manifest["num_shards"] == len(index) == shards and manifest["num_pairs"] == n
+        for k, entry in enumerate(index):
+            name = f"shard-{k:05d}.safetensors"
+            kept = entry["stop"] - entry["start"] - len(entry["skipped"])
+            assert entry == {"file": name, "start": start, "stop": entry["stop"], "kept": kept, "skipped": [],
+                             "bytes": (folder / name).stat().st_size}
+            assert meta[name] == {"key": manifest["key"], "start": str(start), "stop": str(entry["stop"]),
+                                  "kept": str(kept), "skipped": "[]"}
+            t = tensors[name]
+            assert {k: v[0] for k, v in t.items()} == {
+                "source_index": torch.int64, "latent_mean": torch.float16, "latent_std": torch.float16,
+                "prompt_embeds": torch.float16, "original_size": torch.int64, "crop_top_left": torch.int64}
+            assert t["latent_mean"][1] == t["latent_std"][1] == (kept, 1, 2, 4, 16, 16)
+            assert t["source_index"][1] == (kept,) and t["original_size"][1] == (kept, 2, 2)
+            assert t["crop_top_left"][1] == (kept, 1, 2, 2) and t["prompt_embeds"][1][0] == kept
+            start = entry["stop"]
+        assert manifest["bytes"] == sum(e["bytes"] for e in index)
+        assert manifest["bytes_per_pair"] == round(manifest["bytes"] / n)
+    assert read(prep)[1]["shard-00000.safetensors"]["prompt_embeds"][1][1:] == \
+        read(gen)[1]["shard-00000.safetensors"]["prompt_embeds"][1][1:]
+    # rerun from scratch: the same bytes (only the generate manifest names its own output folder)
+    again = prepared(tmp_path / "p2")
+    assert again.name == prep.name and _tree(again) == _tree(prep)
+    regen = generated(tmp_path / "g2")
+    a, b = _tree(gen), _tree(regen)
+    assert {k: v for k, v in a.items() if k != "cache_manifest.json"} == \
+        {k: v for k, v in b.items() if k != "cache_manifest.json"}
+    ma, mb = json.loads(a["cache_manifest.json"]), json.loads(b["cache_manifest.json"])
+    assert ma["source"].pop("manifest") != mb["source"].pop("manifest") and ma == mb
