@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_dpo.cli import main
-from diffusion_dpo.data.synthetic import write_manifest, write_pickapic_parquet
+from diffusion_dpo.data.synthetic import write_mixed_size_manifest, write_manifest, write_pickapic_parquet
 
 
 @pytest.fixture(scope="module")
@@ -153,17 +153,6 @@ def test_corrupt_images_are_counted_or_stop_the_run(tmp_path, tiny_sd, capsys):
     assert "decode" in capsys.readouterr().err
 
 
-def _mixed_size_manifest(folder: Path) -> Path:
-    """4 pairs: winners 40x48 (h, w), losers 48x40, so winner and loser differ in size and orientation."""
-    from PIL import Image
-
-    path = write_manifest(folder, n=4, size=(40, 48))
-    for file in sorted((folder / "images" / "rejected").glob("*.jpg")):
-        with Image.open(file) as img:
-            img.load()
-        img.resize((40, 48)).save(file)  # PIL sizes are (w, h)
-    return path
-
 
 def _sdxl_batch(tmp_path, model, source, *extra):
     from diffusion_dpo.config import load_config
@@ -179,7 +168,7 @@ def _sdxl_batch(tmp_path, model, source, *extra):
 def test_sdxl_time_ids_one_row_per_pair_from_the_winner(tmp_path, tiny_sdxl):
     """Default data.sdxl_time_ids=pair (as diffusers' DPO script): the loser is brought to the winner's size
     and crop, and both rows of a pair get the winner's true size and crop, in float32."""
-    batch = _sdxl_batch(tmp_path, tiny_sdxl, _mixed_size_manifest(tmp_path / "m"))
+    batch = _sdxl_batch(tmp_path, tiny_sdxl, write_mixed_size_manifest(tmp_path / "m", n=4))
     # winner 40x48 -> short side 32 -> 32x38 (int(32 * 48 / 40) = int(38.4)), centre crop left round(6 / 2) = 3
     expected = torch.tensor([40.0, 48.0, 0.0, 3.0, 32.0, 32.0])
     assert batch.pair_cond.dtype == torch.float32 and batch.pair_cond.shape == (4, 6)
@@ -188,7 +177,7 @@ def test_sdxl_time_ids_one_row_per_pair_from_the_winner(tmp_path, tiny_sdxl):
 
 def test_sdxl_time_ids_per_image_option(tmp_path, tiny_sdxl):
     """data.sdxl_time_ids=image: each image's own original size and crop offset."""
-    batch = _sdxl_batch(tmp_path, tiny_sdxl, _mixed_size_manifest(tmp_path / "m"), "data.sdxl_time_ids=image")
+    batch = _sdxl_batch(tmp_path, tiny_sdxl, write_mixed_size_manifest(tmp_path / "m", n=4), "data.sdxl_time_ids=image")
     # loser 48x40 (h, w) -> 38x32 (int(32 * 48 / 40) = 38 high), centre crop top round(6 / 2) = 3
     winner, loser = torch.tensor([40.0, 48.0, 0.0, 3.0, 32.0, 32.0]), torch.tensor([48.0, 40.0, 3.0, 0.0, 32.0, 32.0])
     assert torch.equal(batch.pair_cond, torch.stack([winner, winner, loser, loser]))

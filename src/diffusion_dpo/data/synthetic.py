@@ -180,6 +180,19 @@ def write_manifest(folder: str | Path, n: int, fmt: Literal["jsonl", "csv"] = "j
     return path
 
 
+def write_mixed_size_manifest(folder: str | Path, n: int, size: tuple[int, int] = (40, 48)) -> Path:
+    """write_manifest with the losers transposed: winners (h, w) = `size`, losers (w, h), so the two images of a
+    pair differ in size and orientation (SDXL size conditioning, shared pair geometry)."""
+    from PIL import Image
+
+    path = write_manifest(folder, n=n, size=size)
+    for file in sorted((Path(folder) / "images" / "rejected").glob("*.jpg")):
+        with Image.open(file) as img:
+            img.load()
+        img.resize((size[0], size[1])).save(file)  # PIL sizes are (w, h): the transposed shape
+    return path
+
+
 def write_folders(folder: str | Path, n: int, seed: int = 0, prompts_format: Literal["jsonl", "json", "tsv"] = "jsonl",
                   corrupt: int = 0, size: tuple[int, int] = (40, 48), rule: Rule = "bright") -> Path:
     """`folder/chosen/pairNNNNN.jpg`, `folder/rejected/pairNNNNN.jpg` and a prompts file

@@ -7,7 +7,7 @@ torchtune's DPO loss takes policy/reference x chosen/rejected log-probabilities.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -44,11 +44,14 @@ class PreferenceLoss(torch.nn.Module):
     needs_reference: ClassVar[bool] = True
     needs_losers: ClassVar[bool] = True
 
+    takes_beta: ClassVar[bool] = True
+    """__init__'s first argument is train.beta."""
+
     @classmethod
-    def from_settings(cls, beta: float) -> "PreferenceLoss":
-        """Build from train.beta and the loss.* keys config.LOSS_KEYS lists for this loss, passed by keyword
-        (a key left unset is not passed, so the keyword's default here is the loss's default)."""
-        return cls()
+    def from_settings(cls, beta: float, **settings: Any) -> "PreferenceLoss":
+        """Build from train.beta and the loss.* keys config.LOSS_KEYS lists for this loss, passed by keyword to
+        __init__ (a key left unset is not passed, so __init__'s default is the loss's default)."""
+        return cls(beta, **settings) if cls.takes_beta else cls(**settings)
 
     def forward(self, errors: PairErrors) -> LossOutput:
         raise NotImplementedError

@@ -23,16 +23,9 @@ from diffusion_dpo.losses.dpo import dpo_metrics, reference_logit
 
 
 class CDPOLoss(PreferenceLoss):
-    needs_reference = True
-    needs_losers = True
-
     def __init__(self, beta: float, label_smoothing: float = 0.1):
         super().__init__()
         self.beta, self.eps = beta, label_smoothing
-
-    @classmethod
-    def from_settings(cls, beta: float, label_smoothing: float = 0.1) -> "CDPOLoss":
-        return cls(beta, label_smoothing)
 
     def per_pair(self, logit):
         return -(1.0 - self.eps) * F.logsigmoid(logit) - self.eps * F.logsigmoid(-logit)

@@ -60,16 +60,9 @@ def soft_label_loss(logit: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
 
 
 class DPOLoss(PreferenceLoss):
-    needs_reference = True
-    needs_losers = True
-
     def __init__(self, beta: float, soft_labels: bool = False):
         super().__init__()
         self.beta, self.soft_labels = beta, soft_labels
-
-    @classmethod
-    def from_settings(cls, beta: float, soft_labels: bool = False) -> "DPOLoss":
-        return cls(beta, soft_labels)
 
     def forward(self, errors: PairErrors) -> LossOutput:
         logit = reference_logit(errors, self.beta)  # (B,)

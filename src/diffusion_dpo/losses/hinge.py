@@ -18,16 +18,10 @@ from diffusion_dpo.losses.dpo import dpo_metrics, reference_logit
 
 
 class HingeLoss(PreferenceLoss):
-    needs_reference = True
-    needs_losers = True
-
     def __init__(self, beta: float):
         super().__init__()
         self.beta = beta
 
-    @classmethod
-    def from_settings(cls, beta: float) -> "HingeLoss":
-        return cls(beta)
 
     def forward(self, errors: PairErrors) -> LossOutput:
         logit = reference_logit(errors, self.beta)

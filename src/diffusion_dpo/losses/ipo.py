@@ -24,16 +24,10 @@ from diffusion_dpo.losses.dpo import dpo_metrics, reference_logit
 
 
 class IPOLoss(PreferenceLoss):
-    needs_reference = True
-    needs_losers = True
-
     def __init__(self, beta: float):
         super().__init__()
         self.beta = beta  # IPO's tau
 
-    @classmethod
-    def from_settings(cls, beta: float) -> "IPOLoss":
-        return cls(beta)
 
     def forward(self, errors: PairErrors) -> LossOutput:
         logit = reference_logit(errors, self.beta)  # (B,) = beta * h

@@ -35,16 +35,13 @@ def mapo_score(err: torch.Tensor, snr: float) -> torch.Tensor:
 
 class MaPOLoss(PreferenceLoss):
     needs_reference = False
+    takes_beta = False
     needs_losers = True
 
     def __init__(self, mapo_weight: float = 0.1, mapo_snr: float = 0.5, mapo_scale: float = 1000.0):
         super().__init__()
         self.weight, self.snr, self.scale = mapo_weight, mapo_snr, mapo_scale
 
-    @classmethod
-    def from_settings(cls, beta: float, mapo_weight: float = 0.1, mapo_snr: float = 0.5,
-                      mapo_scale: float = 1000.0) -> "MaPOLoss":
-        return cls(mapo_weight, mapo_snr, mapo_scale)
 
     def forward(self, errors: PairErrors) -> LossOutput:
         pw, pl = errors.policy_w, errors.policy_l

@@ -8,6 +8,7 @@ from diffusion_dpo.losses.base import LossOutput, PairErrors, PreferenceLoss
 class SFTLoss(PreferenceLoss):
     needs_reference = False
     needs_losers = False
+    takes_beta = False
 
     def forward(self, errors: PairErrors) -> LossOutput:
         """errors.policy_w: (B,) errors of the winners; the rest is not used."""

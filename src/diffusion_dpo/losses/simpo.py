@@ -23,15 +23,10 @@ from diffusion_dpo.losses.dpo import dpo_logit
 
 class SimPOLoss(PreferenceLoss):
     needs_reference = False
-    needs_losers = True
 
     def __init__(self, beta: float, simpo_gamma: float = 0.5):
         super().__init__()
         self.beta, self.gamma = beta, simpo_gamma
-
-    @classmethod
-    def from_settings(cls, beta: float, simpo_gamma: float = 0.5) -> "SimPOLoss":
-        return cls(beta, simpo_gamma)
 
     def forward(self, errors: PairErrors) -> LossOutput:
         pw, pl = errors.policy_w, errors.policy_l

@@ -14,7 +14,7 @@ from diffusion_dpo.cache import writer
 from diffusion_dpo.cache.store import MANIFEST, CachedPairDataset, collate_cached
 from diffusion_dpo.cli import main
 from diffusion_dpo.config import load_config
-from diffusion_dpo.data.synthetic import write_pickapic_parquet
+from diffusion_dpo.data.synthetic import write_mixed_size_manifest, write_pickapic_parquet
 from diffusion_dpo.errors import CorruptImageError, DataError
 from diffusion_dpo.runtime import ProcessInfo
 
@@ -243,19 +243,6 @@ def test_two_processes_write_the_same_cache_as_one(tiny_sd, parquet, tmp_path, m
     _assert_identical(one, results[0])
 
 
-def _mixed_size_manifest(folder: Path) -> Path:
-    """6 pairs: winners 40x48 (h, w), losers 48x40."""
-    from PIL import Image
-
-    from diffusion_dpo.data.synthetic import write_manifest
-
-    path = write_manifest(folder, n=6, size=(40, 48))
-    for file in sorted((folder / "images" / "rejected").glob("*.jpg")):
-        with Image.open(file) as img:
-            img.load()
-        img.resize((40, 48)).save(file)  # PIL sizes are (w, h)
-    return path
-
 
 def test_sdxl_cache_gives_each_pair_the_on_the_fly_geometry_and_time_ids(tiny_sdxl, tmp_path):
     """Winner and loser of different sizes, random crops, independent flips (data.sdxl_time_ids=pair):
@@ -267,7 +254,7 @@ def test_sdxl_cache_gives_each_pair_the_on_the_fly_geometry_and_time_ids(tiny_sd
     from diffusion_dpo.models.families import detect_spec
     from diffusion_dpo.models.loading import load_vae
 
-    source = _mixed_size_manifest(tmp_path / "data")
+    source = write_mixed_size_manifest(tmp_path / "data", n=6)
     cfg = _cfg(tiny_sdxl, source, tmp_path / "cache", "data.crop=random", "data.random_flip=true", "train.seed=3")
     folder = prep.prepare_cache(cfg, storage_dtype="float32", progress=False)
     spec = detect_spec(str(tiny_sdxl))
@@ -290,7 +277,7 @@ def test_sdxl_cache_gives_each_pair_the_on_the_fly_geometry_and_time_ids(tiny_sd
 @pytest.mark.fault(input="SDXL cache prepared with `data.sdxl_time_ids=image` trained with `pair`",
                    behaviour="exit 2: names the pair, its two sizes and crops, and both fixes")
 def test_training_refuses_a_per_image_cache_in_pair_mode(tiny_sdxl, tmp_path, capsys):
-    source = _mixed_size_manifest(tmp_path / "data")
+    source = write_mixed_size_manifest(tmp_path / "data", n=6)
     folder = prep.prepare_cache(_cfg(tiny_sdxl, source, tmp_path / "cache", "data.sdxl_time_ids=image"), progress=False)
     code = main(["train", f"model.pretrained={tiny_sdxl}", f"data.source={folder}", "data.resolution=32",
                  "train.max_steps=1", "train.batch_size=2", "output.report_to=none", f"output.dir={tmp_path / 'out'}"])
