@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion_dpo.config import RunConfig, save_config, to_dict
 from diffusion_dpo.errors import CheckpointError, ConfigError
+from diffusion_dpo.runtime import write_text_atomic
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -217,6 +217,4 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue
         if not past:
             keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)  # atomic: a kill here leaves the old or the new file, never half of one
+    write_text_atomic(path, "".join(line + "\n" for line in keep))  # a kill leaves the old or the new file

@@ -39,6 +39,7 @@ import yaml
 
 from diffusion_dpo.config import RunConfig, to_dict
 from diffusion_dpo.errors import UserError
+from diffusion_dpo.runtime import write_text_atomic
 from diffusion_dpo.train import checkpoint as ckpt
 
 log = logging.getLogger("diffusion_dpo")
@@ -291,12 +292,6 @@ def forced_resumes(out: Path) -> list[dict]:
     return read_run_record(out).get("forced_resumes", [])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class RunDir:
     """The claimed output folder of one run."""
 
@@ -329,7 +324,7 @@ class RunDir:
             if is_main and not (out / RUN_FILE).is_file():
                 from diffusion_dpo import __version__
 
-                _write_atomic(out / RUN_FILE, json.dumps({"tool": "diffusion-dpo train", "version": __version__,
+                write_text_atomic(out / RUN_FILE, json.dumps({"tool": "diffusion-dpo train", "version": __version__,
                                                           "forced_resumes": []}, indent=1) + "\n")
         except BaseException:
             if lock is not None:
@@ -343,10 +338,10 @@ class RunDir:
         history = record.setdefault("forced_resumes", [])
         if self.forced is not None and self.forced not in history:
             history.append(self.forced)
-            _write_atomic(self.out / RUN_FILE, json.dumps(record, indent=1) + "\n")
+            write_text_atomic(self.out / RUN_FILE, json.dumps(record, indent=1) + "\n")
         header = "".join(f"# train.resume=force at step {f['step']} ({f['checkpoint']}); changed (checkpoint -> "
                          f"this config): {describe_changes(f['changed'])}\n" for f in history)
-        _write_atomic(self.out / "config.yaml", header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_text_atomic(self.out / "config.yaml", header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     def release(self) -> None:
         if self._release is not None:
