@@ -56,7 +56,9 @@ def our_step(job: dict, device) -> Callable[[], None]:
 def bare_step(job: dict, device) -> Callable[[], None]:
     """(d): the least work a LoRA DPO step can do: tensors ready on the device, one reference forward with
     adapters off, one policy forward + backward, an optimizer step. The UNet is called as diffusers' SD
-    training scripts call it (no added conditioning: an SD UNet; the SDXL UNet needs time ids it is not given)."""
+    training scripts call it; a size-conditioned UNet (the cache holds pooled text embeddings: SDXL) also gets the
+    pooled embeddings and the official constant time ids (res, res, 0, 0, res, res), as the diffusers SDXL DPO
+    script passes them."""
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -80,6 +82,12 @@ def bare_step(job: dict, device) -> Callable[[], None]:
     noise = torch.randn_like(latents[:b]).repeat(2, 1, 1, 1)
     t = torch.randint(0, 1000, (b,), device=device).repeat(2)
     noisy = scheduler.add_noise(latents, noise, t)
+    added = {}
+    if "pooled_prompt_embeds" in shard:
+        res = job["resolution"]
+        added = {"added_cond_kwargs": {
+            "text_embeds": shard["pooled_prompt_embeds"][:b].float().repeat(2, 1).to(device),
+            "time_ids": torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=device).repeat(2 * b, 1)}}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if job["mixed_precision"] == "bf16" else torch.float16,
                               enabled=job["mixed_precision"] != "no")
 
@@ -87,9 +95,9 @@ def bare_step(job: dict, device) -> Callable[[], None]:
         with autocast:
             with torch.no_grad():
                 unet.disable_adapters()
-                ref = unet(noisy, t, emb).sample
+                ref = unet(noisy, t, emb, **added).sample
                 unet.enable_adapters()
-            pred = unet(noisy, t, emb).sample
+            pred = unet(noisy, t, emb, **added).sample
         err = (pred.float() - noise).pow(2).mean(dim=[1, 2, 3])
         err_ref = (ref.float() - noise).pow(2).mean(dim=[1, 2, 3])
         loss = -F.logsigmoid(dpo_logit(err[:b], err[b:], err_ref[:b], err_ref[b:], 2000.0)).mean()
