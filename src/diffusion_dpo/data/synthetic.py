@@ -8,6 +8,7 @@ is bright, the rejected one dark), so a training test can check that a model lea
     write_pickapic_parquet(tmp / "train.parquet", n=16, seed=0, ties=2, corrupt=1)
     write_manifest(tmp / "manifest_set", n=16, fmt="csv")
     write_folders(tmp / "folder_set", n=16)
+    write_labelled_manifest(tmp / "kto_set", n=16)     # unpaired (prompt, image, label) rows
 """
 
 from __future__ import annotations
@@ -173,6 +174,33 @@ def write_manifest(folder: str | Path, n: int, fmt: Literal["jsonl", "csv"] = "j
         path = folder / "manifest.csv"
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["prompt", "chosen", "rejected"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        raise ValueError(f"fmt must be 'jsonl' or 'csv', got {fmt!r}")
+    return path
+
+
+def write_labelled_manifest(folder: str | Path, n: int, fmt: Literal["jsonl", "csv"] = "jsonl", seed: int = 0,
+                            size: tuple[int, int] = (40, 48), rule: Rule = "bright") -> Path:
+    """`folder/labelled.{fmt}`: `n` UNPAIRED labelled images (columns prompt, image, label), from synthetic_pairs(n):
+    pair i gives only its preferred image (label desirable) when i is even, only its rejected one (undesirable)
+    when i is odd, so no prompt has both. Returns the manifest path."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, pair in enumerate(synthetic_pairs(n, seed, size, rule)):
+        desirable = i % 2 == 0
+        image = folder / "images" / f"image{i:05d}.jpg"
+        image.write_bytes(pair.chosen if desirable else pair.rejected)
+        rows.append({"prompt": pair.prompt, "image": image.relative_to(folder).as_posix(),
+                     "label": "desirable" if desirable else "undesirable"})
+    path = folder / f"labelled.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif fmt == "csv":
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["prompt", "image", "label"])
             writer.writeheader()
             writer.writerows(rows)
     else:
