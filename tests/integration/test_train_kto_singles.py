@@ -123,3 +123,12 @@ def test_losses_that_need_pairs_refuse_labelled_images(tmp_path, tiny_sd, labell
         cfg.train.beta = 1.0
         with pytest.raises(ConfigError, match=rf"train.method '{method}' needs preference pairs .* labelled single images"):
             Trainer(cfg).setup()
+
+
+def test_unpaired_kto_runs_on_sdxl_with_per_image_time_ids(tmp_path, tiny_sdxl):
+    """SDXL's time ids come from each image's own size and crop (the family's winner rows of a pair of itself)."""
+    out = tmp_path / "out"
+    summary = train(_cfg(tiny_sdxl, write_manifest(tmp_path / "pairs", n=4), out, "data.unpair=true",
+                         "data.crop=random", "train.max_steps=2", "train.checkpoint_every=0"), progress=False)
+    rows = _metrics(out)
+    assert rows[0]["loss"] == pytest.approx(0.5) and summary["trained_pairs"] == 4
