@@ -46,12 +46,12 @@ def pair_errors(policy, reference, family, scheduler, batch: PairBatch, reductio
     return PairErrors(policy_w, policy_l, ref_w, ref_l)
 
 
-def preference_step(policy, reference: Optional[object], loss_fn, family, scheduler, batch: PairBatch,
+def preference_step(policy, reference: Optional[object], loss_fn, family, scheduler, batch: PairBatch | LabelledBatch,
                     reduction: str = "mean") -> LossOutput:
     """Forward pass(es) and loss for one micro-batch (DPO: reference and policy on 2B rows; SFT: policy on B;
     a LabelledBatch of single images: train.singles.labelled_errors, chosen by the batch's type)."""
     errors = ERRORS[type(batch)](policy, reference, family, scheduler, batch, reduction, losers=loss_fn.needs_losers,
-                         with_reference=loss_fn.needs_reference)
+                                 with_reference=loss_fn.needs_reference)
     return loss_fn(errors)
 
 
