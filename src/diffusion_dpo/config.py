@@ -45,8 +45,12 @@ class ModelConfig:
 class DataConfig:
     source: str = ""
     """Hub dataset id, parquet file or glob, saved `datasets` folder, JSONL/CSV manifest, folder pair, or a prepared cache folder."""
-    format: Literal["auto", "pickapic", "manifest", "folders", "cache"] = "auto"
-    """How to read `source`; 'auto' decides from what it points at."""
+    format: Literal["auto", "pickapic", "manifest", "labelled", "folders", "cache"] = "auto"
+    """How to read `source`; 'auto' decides from what it points at. 'labelled': a manifest of (prompt, image, label)
+    single images (auto picks it for a manifest with image and label columns); only train.method=kto trains on them."""
+    unpair: bool = False
+    """Turn each pair into two labelled single images, the winner desirable and the loser undesirable, each with its
+    own noise and timestep (Diffusion-KTO's per-image training); only train.method=kto trains on them."""
     split: str = "train"
     """Split to read from a hub dataset or a saved DatasetDict."""
     resolution: int = 512

@@ -246,6 +246,18 @@ def test_kto_by_hand_with_unequal_counts():
     assert at_init(KTOLoss(2000.0)).loss.item() == 0.5
 
 
+def test_kto_micro_batch_with_one_label_only_has_finite_metrics():
+    # labelled single images: a micro-batch may hold no undesirable image. Two desirable ones, beta 2:
+    # r = -(1.0 - 1.5) = 0.5 and -(2.0 - 1.5) = -0.5; reference point max(0, 0) = 0; loss 1 - sigmoid(r) each.
+    # The empty group's means read 0 (NaN would stop the run as a non-finite step).
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    out = KTOLoss(2.0)(pairs([1.0, 2.0], [], [1.5, 1.5], []))
+    assert out.per_pair.tolist() == pytest.approx([1 - s(0.5), 1 - s(-0.5)], abs=1e-12)
+    assert all(math.isfinite(v.item()) for v in out.metrics.values()), out.metrics
+    assert out.metrics["reward_undesirable"].item() == 0.0 and out.metrics["err_policy_l"].item() == 0.0
+    assert out.metrics["reward_desirable"].item() == 0.0  # (0.5 - 0.5) / 2
+
+
 def test_kto_gradient_signs():
     e = pairs([1.0], [1.0], [1.2], [1.1], grad=True)
     KTOLoss(2.0)(e).loss.backward()

@@ -232,6 +232,9 @@ def locate_cache(cfg: RunConfig, storage_dtype: str = "float16", cache_dir: Opti
     m = cfg.model
     spec = detect_spec(m.pretrained, m.revision, m.variant, m.family, m.prediction_type)
     source = open_source(cfg.data)
+    if source.labelled:
+        raise ConfigError(f"{source.location} gives labelled single images (a labelled manifest or data.unpair), which "
+                          "the latent cache does not store (it holds pairs): train on them without data.cache_dir")
     inputs = key_inputs(cfg, spec, source.fingerprint, storage_dtype)
     return Path(root) / cache_key(inputs), inputs, spec, source
 

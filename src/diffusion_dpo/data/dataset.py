@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_dpo.data.records import ImageRef, PairRecord
+from diffusion_dpo.data.records import ImageRecord, ImageRef, PairRecord
 from diffusion_dpo.data.sources import PairSource
 from diffusion_dpo.data.transforms import PairTransform
 from diffusion_dpo.errors import CorruptImageError
@@ -165,3 +165,36 @@ def collate_pairs(items: list[dict | None]) -> dict:
         "indices": torch.tensor([item["index"] for item in kept], dtype=torch.int64),
         "num_skipped": num_skipped,
     }
+
+
+class ImageDataset(PairDataset):
+    """Labelled single images (a labelled PairSource, data.sources.labelled): item i is one decoded, transformed
+    image with its label; seeded and skipped like PairDataset's pairs."""
+
+    def __getitem__(self, i: int) -> dict | None:
+        record: ImageRecord = self.source[i]
+        try:
+            img = decode_image(record.image, f"{record.key} (image: {_short(record.image)})")
+        except CorruptImageError as err:
+            if self.on_corrupt == "error":
+                raise CorruptImageError(f"{err}. Set data.on_corrupt=skip to skip and count such images.") from err
+            log.warning("skipping image %d: %s", i, err)
+            self.num_corrupt += 1
+            return None
+        generator = torch.Generator().manual_seed(item_seed(self.seed, self.epoch, i))
+        out = self.transform.single(img, generator)
+        return {**out, "prompt": record.prompt, "desirable": record.desirable, "index": i}
+
+
+def collate_images(items: list[dict | None]) -> dict:
+    """Stack ImageDataset items: pixel_values (B, 3, R, R), desirable bool (B,), original_size and crop_top_left
+    (B, 2), prompts, indices, num_skipped (None items, corrupt images, dropped and counted)."""
+    kept = [item for item in items if item is not None]
+    out = {"prompts": [item["prompt"] for item in kept], "num_skipped": len(items) - len(kept),
+           "indices": torch.tensor([item["index"] for item in kept], dtype=torch.int64),
+           "desirable": torch.tensor([item["desirable"] for item in kept], dtype=torch.bool)}
+    if not kept:
+        return {**out, "pixel_values": torch.zeros(0, 3, 0, 0), "original_size": torch.zeros(0, 2, dtype=torch.int64),
+                "crop_top_left": torch.zeros(0, 2, dtype=torch.int64)}
+    return {**out, **{k: torch.stack([item[k] for item in kept]) for k in ("pixel_values", "original_size",
+                                                                            "crop_top_left")}}

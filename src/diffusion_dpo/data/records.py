@@ -24,3 +24,15 @@ class PairRecord:
     """Stable identifier of the pair inside its source (row index, ranking_id, file name...)."""
     meta: dict = field(default_factory=dict, compare=False)
     """Optional extra fields carried along (scores, model names, seeds)."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One labelled image (Diffusion-KTO's data): a prompt, an image and whether it is desirable."""
+
+    prompt: str
+    image: ImageRef
+    desirable: bool
+    key: str
+    """Stable identifier inside its source (manifest line, or the pair key plus /chosen or /rejected)."""
+    meta: dict = field(default_factory=dict, compare=False)

@@ -8,6 +8,7 @@ is bright, the rejected one dark), so a training test can check that a model lea
     write_pickapic_parquet(tmp / "train.parquet", n=16, seed=0, ties=2, corrupt=1)
     write_manifest(tmp / "manifest_set", n=16, fmt="csv")
     write_folders(tmp / "folder_set", n=16)
+    write_labelled_manifest(tmp / "kto_set", n=16)     # unpaired (prompt, image, label) rows
 """
 
 from __future__ import annotations
@@ -166,13 +167,16 @@ def write_manifest(folder: str | Path, n: int, fmt: Literal["jsonl", "csv"] = "j
             rejected.unlink()
         rows.append({"prompt": pair.prompt, "chosen": chosen.relative_to(folder).as_posix(),
                      "rejected": rejected.relative_to(folder).as_posix(), "pair_id": name})
+    return _write_rows(folder / f"manifest.{fmt}", rows, fmt, list(rows[0]) if rows else ["prompt", "chosen", "rejected"])
+
+
+def _write_rows(path: Path, rows: list[dict], fmt: str, fieldnames: list[str]) -> Path:
+    """A manifest of `rows` as JSONL or CSV at `path`."""
     if fmt == "jsonl":
-        path = folder / "manifest.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     elif fmt == "csv":
-        path = folder / "manifest.csv"
         with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["prompt", "chosen", "rejected"])
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
     else:
@@ -191,6 +195,23 @@ def write_mixed_size_manifest(folder: str | Path, n: int, size: tuple[int, int] 
             img.load()
         img.resize((size[0], size[1])).save(file)  # PIL sizes are (w, h): the transposed shape
     return path
+
+
+def write_labelled_manifest(folder: str | Path, n: int, fmt: Literal["jsonl", "csv"] = "jsonl", seed: int = 0,
+                            size: tuple[int, int] = (40, 48), rule: Rule = "bright") -> Path:
+    """`folder/labelled.{fmt}`: `n` UNPAIRED labelled images (columns prompt, image, label), from synthetic_pairs(n):
+    pair i gives only its preferred image (label desirable) when i is even, only its rejected one (undesirable)
+    when i is odd, so no prompt has both. Returns the manifest path."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, pair in enumerate(synthetic_pairs(n, seed, size, rule)):
+        desirable = i % 2 == 0
+        image = folder / "images" / f"image{i:05d}.jpg"
+        image.write_bytes(pair.chosen if desirable else pair.rejected)
+        rows.append({"prompt": pair.prompt, "image": image.relative_to(folder).as_posix(),
+                     "label": "desirable" if desirable else "undesirable"})
+    return _write_rows(folder / f"labelled.{fmt}", rows, fmt, ["prompt", "image", "label"])
 
 
 def write_folders(folder: str | Path, n: int, seed: int = 0, prompts_format: Literal["jsonl", "json", "tsv"] = "jsonl",

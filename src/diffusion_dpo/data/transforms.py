@@ -80,6 +80,14 @@ class PairTransform:
             "flipped": torch.tensor(flips, dtype=torch.bool),
         }
 
+    def single(self, img: Image.Image, generator: torch.Generator) -> dict:
+        """One labelled image (no pair): pixel_values (3, R, R), original_size (2,), crop_top_left (2,), drawn as
+        a winner's (top, left, flip) would be."""
+        u_top, u_left, u_flip = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+        tensor, top, left, _ = self._one(img, self.resized_size(img.height, img.width), u_top, u_left, u_flip)
+        return {"pixel_values": tensor, "original_size": torch.tensor([img.height, img.width], dtype=torch.int64),
+                "crop_top_left": torch.tensor([top, left], dtype=torch.int64)}
+
     def resized_size(self, h: int, w: int) -> tuple[int, int]:
         """(height, width) after resizing: the short side becomes `resolution`, the long side
         int(resolution * long / short), truncated as torchvision's Resize(int) computes it (a 683x1024

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any, Optional
 
 from diffusion_dpo.errors import ConfigError
-from diffusion_dpo.losses.base import LossOutput, PairErrors, PreferenceLoss
+from diffusion_dpo.losses.base import LossOutput, PairErrors, PreferenceLoss, check_data
 from diffusion_dpo.losses.cdpo import CDPOLoss, RobustDPOLoss
 from diffusion_dpo.losses.dpo import DPOLoss, dpo_logit
 from diffusion_dpo.losses.hinge import HingeLoss
@@ -39,4 +39,4 @@ def build_loss(method: str, beta: float, settings: Optional[Any] = None) -> Pref
 
 
 __all__ = ["CDPOLoss", "DPOLoss", "HingeLoss", "IPOLoss", "KTOLoss", "MaPOLoss", "RobustDPOLoss", "SFTLoss",
-           "SimPOLoss", "LossOutput", "PairErrors", "PreferenceLoss", "LOSSES", "build_loss", "dpo_logit"]
+           "SimPOLoss", "LossOutput", "PairErrors", "PreferenceLoss", "LOSSES", "build_loss", "check_data", "dpo_logit"]

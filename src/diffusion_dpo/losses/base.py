@@ -11,6 +11,8 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
+from diffusion_dpo.errors import ConfigError
+
 
 @dataclass
 class PairErrors:
@@ -43,6 +45,10 @@ class PreferenceLoss(torch.nn.Module):
 
     needs_reference: ClassVar[bool] = True
     needs_losers: ClassVar[bool] = True
+    takes_pairs: ClassVar[bool] = True
+    """Trains on preference pairs (winner, loser of one prompt, sharing noise and timestep)."""
+    takes_labelled_images: ClassVar[bool] = False
+    """Trains on labelled single images (PairErrors w rows desirable, l rows undesirable, counts may differ)."""
 
     takes_beta: ClassVar[bool] = True
     """__init__'s first argument is train.beta."""
@@ -55,3 +61,14 @@ class PreferenceLoss(torch.nn.Module):
 
     def forward(self, errors: PairErrors) -> LossOutput:
         raise NotImplementedError
+
+
+def check_data(loss: PreferenceLoss, method: str, labelled: bool, where: str) -> None:
+    """Refuse data the loss cannot train on: labelled single images for a loss that needs pairs, and vice versa."""
+    if labelled and not loss.takes_labelled_images:
+        raise ConfigError(f"train.method {method!r} needs preference pairs (a winner and a loser per prompt), but "
+                          f"data.source {where} gives labelled single images (a labelled manifest or data.unpair); use "
+                          "train.method=kto, or pair data without data.unpair")
+    if not labelled and not loss.takes_pairs:
+        raise ConfigError(f"train.method {method!r} needs labelled single images, but data.source {where} gives "
+                          "preference pairs; set data.unpair=true or use a labelled manifest")

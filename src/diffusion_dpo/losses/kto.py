@@ -16,7 +16,8 @@ kto_undesirable_weight (default 1, 1; the original KTO paper, Ethayarajh et al. 
 lambda_d n_d / (lambda_u n_u) in [1, 4/3] when the classes are imbalanced). At initialisation r = 0, r_ref = 0 and every image contributes lambda/2.
 
 Labels: the w rows of PairErrors are the desirable images and the l rows the undesirable ones; their counts
-may differ (an unpaired data path fills them so). On paired data, winners are desirable and losers
+may differ, and one may be empty (train.singles fills them from labelled single images: a labelled manifest,
+or pairs under data.unpair; their metrics then read 0). On paired data, winners are desirable and losers
 undesirable. The reference point is estimated from this micro-batch (all its images, both labels), as the
 official code does per process. per_pair holds one value per image: desirable first, then undesirable.
 Needs: reference; desirable and undesirable images (not necessarily paired).
@@ -32,6 +33,7 @@ from diffusion_dpo.losses.base import LossOutput, PairErrors, PreferenceLoss
 class KTOLoss(PreferenceLoss):
     needs_reference = True
     needs_losers = True
+    takes_labelled_images = True  # and pairs: winner desirable, loser undesirable, sharing noise and timestep
 
     def __init__(self, beta: float, kto_desirable_weight: float = 1.0, kto_undesirable_weight: float = 1.0):
         super().__init__()
@@ -51,10 +53,16 @@ class KTOLoss(PreferenceLoss):
         per_image = torch.cat([loss_d, loss_u])
         metrics = {
             "kto_reference_point": reference_point,
-            "reward_desirable": reward_d.mean(), "reward_undesirable": reward_u.mean(),
+            "reward_desirable": _mean(reward_d), "reward_undesirable": _mean(reward_u),
             # the share of images on the right side of the reference point
             "implicit_acc": torch.cat([reward_d > reference_point, reward_u < reference_point]).float().mean(),
-            "err_policy_w": errors.policy_w.mean(), "err_policy_l": errors.policy_l.mean(),
-            "err_ref_w": errors.ref_w.mean(), "err_ref_l": errors.ref_l.mean(),
+            "err_policy_w": _mean(errors.policy_w), "err_policy_l": _mean(errors.policy_l),
+            "err_ref_w": _mean(errors.ref_w), "err_ref_l": _mean(errors.ref_l),
         }
         return LossOutput(per_image.mean(), per_image, {k: v.detach() for k, v in metrics.items()})
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a group's values; 0 for an empty group (a micro-batch of labelled images may hold one label only),
+    where torch's mean would be NaN, which the trainer reads as a non-finite step."""
+    return x.mean() if x.numel() else x.new_zeros(())

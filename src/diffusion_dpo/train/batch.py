@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from diffusion_dpo.config import RunConfig
+from diffusion_dpo.errors import DataError
 from diffusion_dpo.models.diffusion import pair_generator
 from diffusion_dpo.models.encode import TextConditioning, encode_images, sample_latents
 from diffusion_dpo.runtime import torch_dtype
@@ -136,6 +137,7 @@ class PixelPairs:
     dataset: Any  # data.dataset.PairDataset
     collate: Callable[[list], dict]
     source_stats: Optional[dict]  # the source's counts, for check_fills_batch's message
+    labelled = False  # pairs, not labelled single images (train.singles.LabelledImages)
 
     def encoder(self, cfg: RunConfig, family, device) -> PairEncoder:
         return PixelEncoder(cfg, family, device)
@@ -148,16 +150,21 @@ class CachedPairs:
     dataset: Any  # cache.store.CachedPairDataset
     collate: Callable[[list], dict]
     source_stats: Optional[dict] = None
+    labelled = False
 
     def encoder(self, cfg: RunConfig, family, device) -> PairEncoder:
         return CachedEncoder(cfg, family, device, self.dataset)
 
 
-def open_pairs(cfg: RunConfig, family, accelerator=None) -> PixelPairs | CachedPairs:
-    """The run's pairs: a prepared cache (no VAE, no text encoder in memory) or images encoded on the fly."""
+def open_pairs(cfg: RunConfig, family, accelerator=None):
+    """The run's pairs: a prepared cache (no VAE, no text encoder in memory) or images encoded on the fly; or
+    labelled single images (train.singles.LabelledImages) from a labelled source or under data.unpair."""
     d, spec = cfg.data, family.spec
     cache_folder = None
     if d.format == "cache" or (d.format == "auto" and Path(d.source, "cache_manifest.json").is_file()):
+        if d.unpair:
+            raise DataError(f"data.unpair=true cannot read the prepared cache {d.source} (it stores pairs); point "
+                            "data.source to the pairs' images instead")
         cache_folder = d.source
     elif d.cache_dir:  # prepared on the fly once (or found complete) and reused by every later run
         from diffusion_dpo.cache.prepare import ensure_cache
@@ -174,5 +181,11 @@ def open_pairs(cfg: RunConfig, family, accelerator=None) -> PixelPairs | CachedP
 
     source = open_source(d)  # logs what it read, ties dropped and missing files
     transform = PairTransform.from_config(d, family.size_conditioned)
+    if source.labelled:
+        from diffusion_dpo.data.dataset import ImageDataset, collate_images
+        from diffusion_dpo.train.singles import LabelledImages
+
+        images = ImageDataset(source, transform, seed=cfg.train.seed, on_corrupt=d.on_corrupt)
+        return LabelledImages(images, with_epochs(collate_images), source.stats)
     dataset = PairDataset(source, transform, seed=cfg.train.seed, on_corrupt=d.on_corrupt)
     return PixelPairs(dataset, with_epochs(collate_pairs), source.stats)

@@ -12,6 +12,7 @@ from typing import Optional
 from diffusion_dpo.losses import LossOutput, PairErrors
 from diffusion_dpo.models.diffusion import per_sample_error, split_pairs, stack_pairs
 from diffusion_dpo.train.batch import PairBatch
+from diffusion_dpo.train.singles import LabelledBatch, labelled_errors
 
 
 def pair_errors(policy, reference, family, scheduler, batch: PairBatch, reduction: str = "mean",
@@ -45,9 +46,14 @@ def pair_errors(policy, reference, family, scheduler, batch: PairBatch, reductio
     return PairErrors(policy_w, policy_l, ref_w, ref_l)
 
 
-def preference_step(policy, reference: Optional[object], loss_fn, family, scheduler, batch: PairBatch,
+def preference_step(policy, reference: Optional[object], loss_fn, family, scheduler, batch: PairBatch | LabelledBatch,
                     reduction: str = "mean") -> LossOutput:
-    """Forward pass(es) and loss for one micro-batch (DPO: reference and policy on 2B rows; SFT: policy on B)."""
-    errors = pair_errors(policy, reference, family, scheduler, batch, reduction, losers=loss_fn.needs_losers,
-                         with_reference=loss_fn.needs_reference)
+    """Forward pass(es) and loss for one micro-batch (DPO: reference and policy on 2B rows; SFT: policy on B;
+    a LabelledBatch of single images: train.singles.labelled_errors, chosen by the batch's type)."""
+    errors = ERRORS[type(batch)](policy, reference, family, scheduler, batch, reduction, losers=loss_fn.needs_losers,
+                                 with_reference=loss_fn.needs_reference)
     return loss_fn(errors)
+
+
+ERRORS = {PairBatch: pair_errors, LabelledBatch: labelled_errors}
+"""Batch type -> its per-sample errors (the encoder chosen in setup decides the type, so the trainer never branches)."""

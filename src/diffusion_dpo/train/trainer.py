@@ -17,7 +17,7 @@ import torch
 
 from diffusion_dpo.config import RunConfig, to_dict
 from diffusion_dpo.errors import DataError, NonFiniteLossError, TrainingInterrupted
-from diffusion_dpo.losses import build_loss
+from diffusion_dpo.losses import build_loss, check_data
 from diffusion_dpo.models.families import detect_spec, family_of
 from diffusion_dpo.models.loading import spec_dict
 from diffusion_dpo.runtime import torch_dtype
@@ -78,6 +78,8 @@ class Trainer:
         # 3. data and the one encoder that turns its raw batches into PairBatches: a prepared cache (no VAE,
         # no text encoder in memory) or images encoded on the fly
         pairs = open_pairs(cfg, self.family, acc)
+        self.loss_fn = build_loss(cfg.train.method, cfg.train.beta, cfg.loss)
+        check_data(self.loss_fn, cfg.train.method, pairs.labelled, cfg.data.source)  # pairs vs labelled images
         self.dataset = pairs.dataset
         from diffusion_dpo.data.sources import check_fills_batch  # before the models load: fail fast
 
@@ -85,7 +87,6 @@ class Trainer:
         self.batch_encoder = pairs.encoder(cfg, self.family, self.device)
 
         # 4. trained network and reference policy
-        self.loss_fn = build_loss(cfg.train.method, cfg.train.beta, cfg.loss)
         self.unet = self.family.load_network(torch.float32)
         lora = cfg.train.finetune == "lora"
         if lora:

@@ -13,7 +13,8 @@ and shown by `describe()`. Corrupt or missing images are skipped (or raise) at d
 here, for every command.
 
 One reader per format, each a module of this package: `arrow` (Pick-a-Pic tables: hub id, parquet, saved
-folder), `manifest`, `folders`; `base` holds what they share. This module picks the reader
+folder), `manifest`, `folders`, `labelled` (single images with a desirable/undesirable label, and data.unpair,
+which turns any pair source into them); `base` holds what they share. This module picks the reader
 (`detect_format`, the closed `OPENERS` table) and checks that the pairs can fill a batch.
 """
 
@@ -27,7 +28,7 @@ from diffusion_dpo.config import DataConfig
 from diffusion_dpo.data.sources.arrow import open_hub, open_parquet, open_saved
 from diffusion_dpo.data.sources.base import GLOB_CHARS, MANIFEST_SUFFIXES, PairSource
 from diffusion_dpo.data.sources.folders import open_folders
-from diffusion_dpo.data.sources.manifest import open_manifest
+from diffusion_dpo.data.sources.labelled import UnpairedSource, open_any_manifest, open_labelled
 from diffusion_dpo.errors import DataError
 
 __all__ = ["OPENERS", "PairSource", "check_fills_batch", "detect_format", "open_source"]
@@ -38,7 +39,8 @@ OPENERS: dict[str, Callable[[DataConfig], PairSource]] = {
     "pickapic:hub": open_hub,
     "pickapic:parquet": open_parquet,
     "pickapic:saved": open_saved,
-    "manifest": open_manifest,
+    "manifest": open_any_manifest,  # a pair manifest, or a labelled one (image, label columns)
+    "labelled": open_labelled,
     "folders": open_folders,
 }
 """detect_format's answer -> the reader that opens it."""
@@ -73,8 +75,8 @@ def detect_format(cfg: DataConfig) -> str:
     if path.is_file():
         if path.suffix == ".parquet" and fmt in ("auto", "pickapic"):
             return "pickapic:parquet"
-        if path.suffix in MANIFEST_SUFFIXES and fmt in ("auto", "manifest"):
-            return "manifest"
+        if path.suffix in MANIFEST_SUFFIXES and fmt in ("auto", "manifest", "labelled"):
+            return "labelled" if fmt == "labelled" else "manifest"
         raise DataError(f"data.source {source!r}: cannot read a {path.suffix or 'suffix-less'} file as format {fmt!r}; "
                         "use a .parquet file (pickapic) or a .jsonl/.json/.csv manifest")
     if path.exists():  # neither file nor folder: a FIFO or device, which would block the reader
@@ -89,6 +91,11 @@ def detect_format(cfg: DataConfig) -> str:
 def open_source(cfg: DataConfig) -> PairSource:
     """Open `cfg.source` as a PairSource; raise DataError naming the problem and the fix."""
     source = OPENERS[detect_format(cfg)](cfg)
+    if cfg.unpair:
+        if source.labelled:
+            raise DataError(f"data.unpair=true, but {source.location} already holds labelled single images; "
+                            "unset data.unpair")
+        source = UnpairedSource(source)
     log.info("data: %s", source.describe())
     if len(source) == 0:
         s = source.stats

@@ -25,7 +25,12 @@ GLOB_CHARS = set("*?[")
 
 
 class PairSource:
-    """An indexable, lazily read sequence of PairRecord with a fingerprint, counts and a description."""
+    """An indexable, lazily read sequence of PairRecord with a fingerprint, counts and a description.
+
+    `labelled` sources (data.sources.labelled) hold data.records.ImageRecord instead: single images with a
+    desirable/undesirable label, which only losses that take labelled images (KTO) can train on."""
+
+    labelled = False
 
     def __init__(self, kind: str, location: str, fingerprint_parts: dict, stats: dict[str, int]):
         self.kind = kind
@@ -96,13 +101,15 @@ class PathPairSource(PairSource):
         return self._records[i]
 
 
-def stat_images(records: list[PairRecord], where: str) -> tuple[list, int]:
+def stat_images(records: list, where: str) -> tuple[list, int]:
     """Fingerprint entries (path, size, mtime) for every image, and how many are missing. A path that exists
     but is not a regular file (a FIFO, device or folder) is an error naming the pair: reading a FIFO blocks
     forever, so it must be caught here, before any worker opens it."""
     entries, missing = [], 0
     for record in records:
-        for p in (record.chosen, record.rejected):
+        # a PairRecord's two images, or a labelled ImageRecord's one (data.records)
+        paths = (record.image,) if hasattr(record, "image") else (record.chosen, record.rejected)
+        for p in paths:
             try:
                 st = os.stat(p)
             except FileNotFoundError:
@@ -110,7 +117,7 @@ def stat_images(records: list[PairRecord], where: str) -> tuple[list, int]:
                 missing += 1
                 continue
             if not stat.S_ISREG(st.st_mode):
-                raise DataError(f"{where}, pair {record.key}: {p} is not a regular file (a FIFO, device or folder); "
+                raise DataError(f"{where}, {'image' if len(paths) == 1 else 'pair'} {record.key}: {p} is not a regular file (a FIFO, device or folder); "
                                 "point it to an image file")
             entries.append(stat_entry(Path(p), st))
     return entries, missing

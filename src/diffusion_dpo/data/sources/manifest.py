@@ -22,8 +22,9 @@ from diffusion_dpo.errors import DataError
 log = logging.getLogger("diffusion_dpo")
 
 
-def _read_manifest_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs from a JSONL, JSON (list of objects) or CSV manifest."""
+def read_manifest_rows(path: Path, columns: tuple[str, ...] = PAIR_COLUMNS) -> list[tuple[int, dict]]:
+    """(line number, row) pairs from a JSONL, JSON (list of objects) or CSV manifest; `columns`: the keys the
+    rows should have, for the messages."""
     text = read_text(path)
     if path.suffix == ".csv":
         # newline="": quoted fields may hold line breaks; reader.line_num is the line a row ends on
@@ -35,7 +36,7 @@ def _read_manifest_rows(path: Path) -> list[tuple[int, dict]]:
     if path.suffix == ".json":
         rows = parse_json(text, str(path))
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise DataError(f"{path}: a .json manifest must be a list of objects with keys prompt, chosen, rejected")
+            raise DataError(f"{path}: a .json manifest must be a list of objects with keys {', '.join(columns)}")
         return list(enumerate(rows, start=1))
     out = []
     for n, line in enumerate(text.split("\n"), start=1):  # not splitlines(): a prompt may hold U+2028 etc.
@@ -43,16 +44,18 @@ def _read_manifest_rows(path: Path) -> list[tuple[int, dict]]:
             continue
         row = parse_json(line, f"{path} line {n}")
         if not isinstance(row, dict):
-            raise DataError(f"{path} line {n}: expected a JSON object with keys prompt, chosen, rejected")
+            raise DataError(f"{path} line {n}: expected a JSON object with keys {', '.join(columns)}")
         out.append((n, row))
     return out
 
 
-def open_manifest(cfg: DataConfig) -> PathPairSource:
+def open_manifest(cfg: DataConfig, rows: list[tuple[int, dict]] | None = None) -> PathPairSource:
+    """A pair manifest; `rows`: already read by read_manifest_rows (data.sources.labelled tells the two kinds of
+    manifest apart by their columns)."""
     path = Path(cfg.source)
     if path.suffix not in MANIFEST_SUFFIXES:
         raise DataError(f"{path}: a manifest must be a .jsonl, .json or .csv file")
-    rows = _read_manifest_rows(path)
+    rows = read_manifest_rows(path) if rows is None else rows
     records = []
     for n, row in rows:
         missing = [c for c in PAIR_COLUMNS if row.get(c) is None]  # a short CSV row gives None too
