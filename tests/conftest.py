@@ -87,3 +87,30 @@ def pytest_collection_finish(session):
     from pathlib import Path
 
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def train_until_checkpoint(monkeypatch):
+    """`train_until_checkpoint(cfg, step)`: train `cfg` and die right after the checkpoint of `step` is written,
+    as a killed run would (the resume tests then rerun the same config)."""
+    from diffusion_dpo.train.trainer import Trainer, train
+
+    class Crash(Exception):
+        pass
+
+    original = Trainer.save_checkpoint
+
+    def run(cfg, step: int) -> None:
+        def save_then_crash(self):
+            original(self)
+            if self.step == step:
+                raise Crash()
+
+        monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
+        try:
+            with pytest.raises(Crash):
+                train(cfg, progress=False)
+        finally:
+            monkeypatch.setattr(Trainer, "save_checkpoint", original)
+
+    return run

@@ -19,7 +19,6 @@ import torch
 
 from diffusion_dpo.config import RunConfig
 from diffusion_dpo.errors import DataError
-from diffusion_dpo.models.diffusion import pair_generator
 from diffusion_dpo.models.encode import TextConditioning, encode_images, sample_latents
 from diffusion_dpo.runtime import torch_dtype
 
@@ -57,10 +56,7 @@ class PairEncoder(ABC):
         if len(raw["indices"]) == 0:
             return None
         res = cfg.data.resolution
-        lo, hi = cfg.train.timestep_range
-        hi = min(hi, spec.num_train_timesteps)
-        gens = [pair_generator(cfg.train.seed, int(e), int(i)) for e, i in zip(raw["epochs"], raw["indices"])]
-        rnd = self.family.draw_randomness(gens, self.family.latent_shape(res), lo, hi, cfg.data.caption_dropout)
+        rnd = self.family.draw_items(cfg, raw["epochs"], raw["indices"])
         mean, std, cond = self.distributions_and_text(raw)
         mode = cfg.data.latent_sampling
         sf = spec.vae_scaling_factor

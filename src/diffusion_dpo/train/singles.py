@@ -22,7 +22,7 @@ import torch
 
 from diffusion_dpo.config import RunConfig
 from diffusion_dpo.losses import PairErrors
-from diffusion_dpo.models.diffusion import pair_generator, per_sample_error
+from diffusion_dpo.models.diffusion import per_sample_error
 from diffusion_dpo.models.encode import TextConditioning, encode_images, sample_latents
 from diffusion_dpo.runtime import torch_dtype
 
@@ -55,16 +55,12 @@ class ImageEncoder:
 
     def __call__(self, raw: dict[str, Any]) -> Optional[LabelledBatch]:
         """None when every image of the raw batch was dropped as corrupt."""
-        cfg, spec = self.cfg, self.family.spec
         if len(raw["indices"]) == 0:
             return None
-        res = cfg.data.resolution
-        lo, hi = cfg.train.timestep_range
-        gens = [pair_generator(cfg.train.seed, int(e), int(i)) for e, i in zip(raw["epochs"], raw["indices"])]
+        cfg, spec, res = self.cfg, self.family.spec, self.cfg.data.resolution
         # the family's own draws (a family may draw sigmas instead of timesteps); an image uses the winner's
         # latent-sampling noise
-        rnd = self.family.draw_randomness(gens, self.family.latent_shape(res), lo, min(hi, spec.num_train_timesteps),
-                                          cfg.data.caption_dropout)
+        rnd = self.family.draw_items(cfg, raw["epochs"], raw["indices"])
         mean, std = encode_images(self.vae, raw["pixel_values"].to(self.device))
         latents = sample_latents(mean, std, spec.vae_scaling_factor, rnd["latent_eps_w"].to(self.device),
                                  cfg.data.latent_sampling)

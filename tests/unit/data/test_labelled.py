@@ -23,6 +23,13 @@ def _open(source, **kw):
     return open_source(DataConfig(source=str(source), **kw))
 
 
+def _refused(path: Path, content: str | bytes, match: str) -> None:
+    """Write a manifest and check opening it raises one DataError matching `match`."""
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataError, match=match):
+        _open(path)
+
+
 def _images(folder: Path, n: int = 2) -> list[str]:
     pairs = synthetic_pairs(n)
     (folder / "img").mkdir(parents=True, exist_ok=True)
@@ -66,20 +73,15 @@ def test_every_label_spelling_and_extra_columns(tmp_path):
                    behaviour="error naming the file, the line and the value")
 def test_a_bad_label_names_file_and_line(tmp_path):
     names = _images(tmp_path, 1)
-    path = tmp_path / "m.csv"
-    path.write_text(f"prompt,image,label\na,{names[0]},desirable\nb,{names[0]},0.5\n")
-    with pytest.raises(DataError, match=r"m\.csv line 3: label '0\.5' is not one of desirable / undesirable"):
-        _open(path)
+    _refused(tmp_path / "m.csv", f"prompt,image,label\na,{names[0]},desirable\nb,{names[0]},0.5\n",
+             r"m\.csv line 3: label '0\.5' is not one of desirable / undesirable")
 
 
 @pytest.mark.fault(input="labelled manifest row without an image or label", behaviour="error naming the line and the columns")
 def test_missing_columns_name_the_line(tmp_path):
     names = _images(tmp_path, 1)
-    path = tmp_path / "m.jsonl"
-    path.write_text(json.dumps({"prompt": "a", "image": names[0], "label": 1}) + "\n"
-                    + json.dumps({"prompt": "b", "image": names[0]}) + "\n")
-    with pytest.raises(DataError, match=r"m\.jsonl line 2: missing column\(s\) label"):
-        _open(path)
+    _refused(tmp_path / "m.jsonl", json.dumps({"prompt": "a", "image": names[0], "label": 1}) + "\n"
+             + json.dumps({"prompt": "b", "image": names[0]}) + "\n", r"m\.jsonl line 2: missing column\(s\) label")
     # data.format=labelled on a pair manifest says what a labelled one needs
     pairs = write_manifest(tmp_path / "pairs", n=2)
     with pytest.raises(DataError, match=r"line 1: missing column\(s\) image, label"):
@@ -99,11 +101,8 @@ def test_a_fifo_image_is_refused_when_opened(tmp_path):
 @pytest.mark.fault(input="labelled manifest that is not UTF-8", behaviour="error naming the file and the line")
 def test_a_non_utf8_manifest_names_the_line(tmp_path):
     names = _images(tmp_path, 1)
-    path = tmp_path / "m.csv"
-    path.write_bytes(f"prompt,image,label\na,{names[0]},1\n".encode() + "caf\u00e9,".encode("latin1")
-                     + f"{names[0]},0\n".encode())
-    with pytest.raises(DataError, match=r"m\.csv line 3: not UTF-8 text"):
-        _open(path)
+    _refused(tmp_path / "m.csv", f"prompt,image,label\na,{names[0]},1\n".encode() + "caf\u00e9,".encode("latin1")
+             + f"{names[0]},0\n".encode(), r"m\.csv line 3: not UTF-8 text")
 
 
 def test_unpair_turns_each_pair_into_a_desirable_winner_and_an_undesirable_loser(tmp_path):

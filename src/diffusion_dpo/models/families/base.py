@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from diffusion_dpo.models.diffusion import draw_pair_randomness
+from diffusion_dpo.models.diffusion import draw_pair_randomness, pair_generator
 from diffusion_dpo.models.encode import PromptEncoder, TextConditioning
 from diffusion_dpo.models.loading import ModelSpec, PipelineConfigs, freeze, load_noise_scheduler, load_pretrained, \
     load_unet, load_vae
@@ -107,6 +107,14 @@ class ModelFamily(ABC):
         """Extra conditioning rows (2B, ...) of a batch of pairs, winner rows then loser rows, built from the
         batch's `original_size` / `crop_top_left` / `indices`; None when the family needs none."""
         return None
+
+    def draw_items(self, cfg: Any, epochs: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """draw_randomness for the items (pairs or single images) of a batch, each from its own generator seeded
+        by (train.seed, epoch, index): independent of batch size, processes and resume. `cfg`: the RunConfig."""
+        gens = [pair_generator(cfg.train.seed, int(e), int(i)) for e, i in zip(epochs, indices)]
+        lo, hi = cfg.train.timestep_range
+        return self.draw_randomness(gens, self.latent_shape(cfg.data.resolution), lo,
+                                    min(hi, self.spec.num_train_timesteps), cfg.data.caption_dropout)
 
     def draw_randomness(self, generators: list[torch.Generator], latent_shape: tuple[int, ...], t_low: int,
                         t_high: int, caption_dropout: float) -> dict[str, torch.Tensor]:
