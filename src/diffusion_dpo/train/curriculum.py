@@ -75,13 +75,10 @@ class CurriculumOrder(PairOrder):
 
     def __init__(self, levels: Sequence[int], num_levels: int, phase_length: int, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, start_micro_batch: int = 0):
-        self.batch_size = batch_size
-        self.global_batch = batch_size * world_size
-        self.seed, self.rank, self.shuffle = seed, rank, True
-        self.start = start_micro_batch
+        super().__init__(len(levels), batch_size, seed, rank, world_size, shuffle=True,
+                         start_micro_batch=start_micro_batch)
         self.num_levels, self.phase_length = num_levels, phase_length
         level = torch.tensor(list(levels), dtype=torch.long)
-        self.num_pairs = len(level)
         # pools[k-1]: the dataset indices of levels 1..k, ascending
         self.pools = [torch.nonzero(level <= k).flatten() for k in range(1, num_levels + 1)]
         self.level_sizes = [int((level == k).sum()) for k in range(1, num_levels + 1)]
