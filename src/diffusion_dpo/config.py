@@ -104,6 +104,25 @@ class LoraSettings:
 
 
 @dataclass
+class CurriculumConfig:
+    """Curriculum-DPO's data curriculum (arXiv 2405.13637): pairs split by difficulty into `levels`, easiest
+    first; training starts on level 1 and adds the next level every `steps_per_level` optimizer steps, sampling
+    uniformly from every level added so far. See docs/curriculum.md (train/curriculum.py)."""
+
+    enabled: bool = False
+    """Order the pairs by the curriculum (off: every pair from the start, as plain DPO)."""
+    difficulty: Literal["rank_difference", "score_gap"] = "rank_difference"
+    """'rank_difference' (paper): a pair's rank difference among its prompt's M images, from the data's
+    rank_difference and images_per_prompt columns (generate-pairs --strategy all-ranked); level k holds rank
+    differences in ((M-1)(B-k)/B, (M-1)(B-k+1)/B]. 'score_gap' (the public code): the data's margin column
+    (score gap), cut into `levels` equal-width bins between the smallest and largest gap, the largest first."""
+    levels: int = 5
+    """B, the number of difficulty levels, >= 1 (paper and code: 5)."""
+    steps_per_level: int = 400
+    """K, optimizer steps before the next level is added, >= 1 (paper: 400; code: 500)."""
+
+
+@dataclass
 class TrainConfig:
     method: Literal["dpo", "sft", "ipo", "hinge", "cdpo", "rdpo", "kto", "mapo", "simpo"] = "dpo"
     """The loss: 'dpo' Diffusion-DPO (Wallace et al. 2024, eq. 14); 'sft' diffusion loss on the preferred image only;
@@ -163,6 +182,8 @@ class TrainConfig:
     """Timesteps are drawn uniformly from [low, high) (clipped to the scheduler's num_train_timesteps)."""
     log_every: int = 1
     """Send metrics to the tracker every N optimizer steps, >= 1 (metrics.jsonl gets every step)."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """Curriculum-DPO's easy-to-hard order of pairs (off by default)."""
 
 
 @dataclass
@@ -254,7 +275,8 @@ class RunConfig:
                         ("data.num_workers", d.num_workers), ("train.warmup_steps", t.warmup_steps),
                         ("train.checkpoint_every", t.checkpoint_every))
         at_least_one = (("train.checkpoints_total_limit", t.checkpoints_total_limit), ("train.log_every", t.log_every),
-                        ("data.max_pairs", d.max_pairs))
+                        ("data.max_pairs", d.max_pairs), ("train.curriculum.levels", t.curriculum.levels),
+                        ("train.curriculum.steps_per_level", t.curriculum.steps_per_level))
         for bound, pairs, ok in (("> 0", positive, lambda v: v > 0), (">= 0", non_negative, lambda v: v >= 0),
                                  (">= 1", at_least_one, lambda v: v >= 1)):
             for key, value in pairs:
@@ -296,5 +318,5 @@ def save_config(cfg: Any, path: str | Path) -> None:
     save_yaml(cfg, path)
 
 
-__all__ = ["ModelConfig", "DataConfig", "LoraSettings", "TrainConfig", "LossConfig", "LOSS_KEYS", "OutputConfig",
+__all__ = ["ModelConfig", "DataConfig", "LoraSettings", "CurriculumConfig", "TrainConfig", "LossConfig", "LOSS_KEYS", "OutputConfig",
            "RunConfig", "load_config", "save_config", "from_dict", "to_dict", "apply_override"]

@@ -12,12 +12,18 @@ Strategies (keep a pair only if winner score - loser score >= margin, and > 0):
     best-worst   the best and the worst image of each prompt: one pair per prompt
     all          every one of the K*(K-1)/2 pairs of a prompt
     random       K//2 disjoint random pairs per prompt (a random.Random seeded by (seed, prompt index))
+    all-ranked   every pair, as `all`, each row also recording rank_difference (the loser's rank minus the
+                 winner's, ranks by score within the prompt, 0 = best, score ties broken by image index) and
+                 images_per_prompt: Curriculum-DPO's pairs (arXiv 2405.13637), whose curriculum reads them
+                 (train.curriculum, train/curriculum.py). Its code's thresholds: margin 0.02 for HPS v2.1 and
+                 text alignment, 0.2 for aesthetics (shared/REFERENCE.md section 5; docs/feedback.md)
 
 Output:
     <out>/images/PPPPP_II.png   every sampled image (evaluate.sampling.image_name)
     <out>/samples.jsonl         every image: prompt_index, image_index, prompt, seed, file, score
     <out>/pairs.jsonl           the toolkit's manifest: prompt, chosen, rejected (relative paths), score_chosen,
-                                score_rejected, margin, seeds {chosen, rejected}, image indices, key
+                                score_rejected, margin (the score gap), seeds {chosen, rejected}, image indices,
+                                key; all-ranked adds rank_difference, images_per_prompt
     <out>/generation.json       model, sampler, seed rule, judge, strategy: what made the pairs
     <out>/run.json, chunks/     resumable bookkeeping (feedback.chunks); a chunk is `chunk_size` prompts
     <out>/cache/                with write_cache: the pairs as a latent cache (cache.store format, written by
@@ -50,7 +56,7 @@ from diffusion_dpo.feedback.chunks import ChunkedRun, dumps_jsonl
 
 log = logging.getLogger("diffusion_dpo")
 
-STRATEGIES = ("best-worst", "all", "random")
+STRATEGIES = ("best-worst", "all", "random", "all-ranked")
 MANIFEST = "pairs.jsonl"
 SAMPLES = "samples.jsonl"
 RECORD = "generation.json"
@@ -69,7 +75,7 @@ def form_pairs(scores: Sequence[float], strategy: str, margin: float = 0.0,
     if strategy == "best-worst":
         order = sorted(range(k), key=lambda i: (-scores[i], i))  # index breaks score ties: deterministic
         candidates = [(order[0], order[-1])] if k >= 2 else []
-    elif strategy == "all":
+    elif strategy in ("all", "all-ranked"):
         candidates = list(itertools.combinations(range(k), 2))
     elif strategy == "random":
         perm = list(range(k))
@@ -78,12 +84,22 @@ def form_pairs(scores: Sequence[float], strategy: str, margin: float = 0.0,
     else:
         raise ConfigError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     pairs = []
-    for a, b in candidates:
+    for a, b in candidates:  # ">= margin", as `label`: a gap equal to the threshold is kept
         w, l = (a, b) if scores[a] >= scores[b] else (b, a)
         diff = scores[w] - scores[l]
         if diff > 0 and diff >= margin:
             pairs.append((w, l))
     return pairs
+
+
+def score_ranks(scores: Sequence[float]) -> list[int]:
+    """Each image's rank among its prompt's images, 0 = the highest score; equal scores ranked by image index
+    (as best-worst orders them), so ranks are a permutation and every kept pair has a rank difference >= 1."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    ranks = [0] * len(scores)
+    for r, i in enumerate(order):
+        ranks[i] = r
+    return ranks
 
 
 @dataclass
@@ -168,13 +184,15 @@ def generate_chunk(pipe: Any, prompts: Any, indices: range, judge: Any, out: Pat
     for n, p in enumerate(indices):
         scores = [samples[n * k_images + i]["score"] for i in range(k_images)]
         rng = random.Random(f"{seed}:{p}")
+        ranks = score_ranks(scores)
         for w, l in form_pairs(scores, strategy, margin, rng):
             sw, sl = samples[n * k_images + w], samples[n * k_images + l]
+            ranked = {"rank_difference": ranks[l] - ranks[w], "images_per_prompt": k_images}
             pairs.append({"prompt": sw["prompt"], "chosen": sw["file"], "rejected": sl["file"],
                           "score_chosen": sw["score"], "score_rejected": sl["score"],
                           "margin": sw["score"] - sl["score"], "seeds": {"chosen": sw["seed"], "rejected": sl["seed"]},
                           "prompt_index": p, "image_index_chosen": w, "image_index_rejected": l,
-                          "key": f"p{p:05d}_{w:02d}>{l:02d}"})
+                          "key": f"p{p:05d}_{w:02d}>{l:02d}", **(ranked if strategy == "all-ranked" else {})})
     if latents_path is not None:
         encoder = _prompt_encoder(pipe, family)
         cond = encoder([prompts.prompts[p].text for p in indices])

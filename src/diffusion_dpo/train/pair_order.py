@@ -4,6 +4,7 @@ Global micro-batch k of epoch e holds positions [k*G, (k+1)*G) of a permutation 
 where G = batch_size * num_processes; process r takes its slice [r*B, (r+1)*B). Resuming at any
 micro-batch is arithmetic (no loader replay), and 1 process x batch 2 sees exactly the pairs that
 2 processes x batch 1 see together. The last incomplete global micro-batch of an epoch is dropped.
+train.curriculum's order (train/curriculum.py, CurriculumOrder) is this order over a growing pool of pairs.
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ class PairOrder:
                              "(train.batch_size x processes): lower the batch size or add data")
         self.start = start_micro_batch
 
+    def permutation(self, n: int, epoch: int) -> torch.Tensor:
+        """The seeded shuffle of epoch `epoch` over n items (train.curriculum's pools are shuffled the same way)."""
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        return torch.randperm(n, generator=g)
+
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_pairs)
-        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-        return torch.randperm(self.num_pairs, generator=g)
+        return self.permutation(self.num_pairs, epoch)
+
+    def log_fields(self, micro_batch: int) -> dict[str, int]:
+        """Extra metrics.jsonl fields of the step starting at `micro_batch` (train.curriculum's level; none here)."""
+        return {}
 
     def position(self, micro_batch: int) -> tuple[int, int]:
         """Global micro-batch counter -> (epoch, index within the epoch)."""

@@ -25,7 +25,7 @@ from diffusion_dpo.train import checkpoint as ckpt
 from diffusion_dpo.train.batch import EpochItems, open_pairs
 from diffusion_dpo.train.interrupt import StopSignals
 from diffusion_dpo.train.optim import apply_gradients, build_lr_scheduler, build_optimizer
-from diffusion_dpo.train.pair_order import PairOrder
+from diffusion_dpo.train.curriculum import order_pairs
 from diffusion_dpo.train.run_dir import RunDir
 from diffusion_dpo.train.step import preference_step
 
@@ -137,9 +137,10 @@ class Trainer:
                 self.resume_rng = state.rng
                 log.info("resumed from %s (step %d)", state.path, self.step)
 
-        # 7. order of pairs, positioned after the last completed optimizer step
-        self.pair_order = PairOrder(len(self.dataset), cfg.train.batch_size, cfg.train.seed, acc.process_index,
-                                        acc.num_processes, start_micro_batch=self.step * cfg.train.gradient_accumulation)
+        # 7. order of pairs (train.curriculum's easy-to-hard levels, or one shuffle of all), positioned after the
+        # last completed optimizer step
+        self.pair_order = order_pairs(cfg, pairs, acc.process_index, acc.num_processes,
+                                      start_micro_batch=self.step * cfg.train.gradient_accumulation)
         self.loader = torch.utils.data.DataLoader(EpochItems(self.dataset), batch_sampler=self.pair_order,
                                                   collate_fn=pairs.collate, num_workers=cfg.data.num_workers)
         return self
@@ -241,7 +242,7 @@ class Trainer:
                 self.counts["trained_pairs"] += pairs
             self.step += 1
             record = {"step": self.step, **metrics, "grad_norm": grad_norm, "lr": self.lr_scheduler.get_last_lr()[0],
-                      "pairs": pairs, **self.counts}
+                      "pairs": pairs, **self.counts, **self.pair_order.log_fields((self.step - 1) * ga)}
             if acc.scaler is not None:
                 record["loss_scale"] = acc.scaler.get_scale()
             history.append(record)

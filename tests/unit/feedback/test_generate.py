@@ -16,7 +16,7 @@ from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.evaluate.prompts import Prompt, PromptSet
 from diffusion_dpo.evaluate.sampling import image_seed
 from diffusion_dpo.feedback.chunks import FAIL_ENV, InjectedFailure
-from diffusion_dpo.feedback.generate import form_pairs, generate_pairs
+from diffusion_dpo.feedback.generate import form_pairs, generate_pairs, score_ranks
 from diffusion_dpo.feedback.reward_judge import load_judge
 
 PROMPTS = PromptSet("test", "inline", (Prompt("a red circle"), Prompt("a blue square"), Prompt("a small green cat")))
@@ -237,6 +237,48 @@ def test_gap_equal_to_the_margin_is_kept():
     # 0.75 - 0.5 == 0.25 exactly (binary fractions): kept, as the docs say (">= margin and > 0")
     assert form_pairs([0.5, 0.75, 0.5], "best-worst", margin=0.25) == [(1, 2)]  # worst: the last of a tie
     assert form_pairs([0.5, 0.75, 0.5], "all", margin=0.25) == [(1, 0), (1, 2)]  # (0, 2): an exact tie
+
+
+def test_all_ranked_keeps_every_pair_at_or_above_the_threshold_with_its_rank_difference():
+    # binary-exact scores; ranks by score: image 1 (1.0) 0, 4 (0.625) 1, 5 (0.5625) 2, 3 (0.5) 3, 0 (0.25) 4, 2 (0) 5
+    scores = [0.25, 1.0, 0.0, 0.5, 0.625, 0.5625]
+    ranks = score_ranks(scores)
+    assert ranks == [4, 0, 5, 3, 1, 2]
+    rows = {(w, l): (ranks[l] - ranks[w], scores[w] - scores[l]) for w, l in form_pairs(scores, "all-ranked", 0.125)}
+    assert rows == {(1, 0): (4, 0.75), (0, 2): (1, 0.25), (3, 0): (1, 0.25), (4, 0): (3, 0.375), (5, 0): (2, 0.3125),
+                    (1, 2): (5, 1.0), (1, 3): (3, 0.5), (1, 4): (1, 0.375), (1, 5): (2, 0.4375), (3, 2): (2, 0.5),
+                    (4, 2): (4, 0.625), (5, 2): (3, 0.5625),
+                    (4, 3): (2, 0.125)}  # a gap equal to the threshold is kept (>=, as label's margin)
+    # (5, 3) and (4, 5) differ by 0.0625 < 0.125: dropped
+    assert score_ranks([0.5, 0.75, 0.5]) == [1, 0, 2]  # equal scores ranked by image index
+
+
+def test_all_ranked_manifest_records_rank_difference_and_trains_a_curriculum(tiny_sd, tmp_path):
+    from diffusion_dpo.config import load_config
+    from diffusion_dpo.train.trainer import train
+
+    judge = load_judge(["feedback_test_rewards:brightness"])
+    out = tmp_path / "gen"
+    generate_pairs(str(tiny_sd), PROMPTS, out, judge, images_per_prompt=3, strategy="all-ranked", seed=2, **FAST)
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert pairs
+    for pair in pairs:
+        scores = [s["score"] for s in samples if s["prompt_index"] == pair["prompt_index"]]
+        ranks = score_ranks(scores)
+        w, l = pair["image_index_chosen"], pair["image_index_rejected"]
+        assert pair["rank_difference"] == ranks[l] - ranks[w] >= 1
+        assert pair["margin"] == scores[w] - scores[l] > 0 and pair["images_per_prompt"] == 3
+    # the columns reach PairRecord.meta and the curriculum reads them: 2 levels, level 2 added after step 1
+    cfg = load_config(None, [f"model.pretrained={tiny_sd}", f"data.source={out / 'pairs.jsonl'}", "data.resolution=32",
+                             "train.max_steps=2", "train.checkpoint_every=0", "lora.rank=4", "output.report_to=none",
+                             f"output.dir={tmp_path / 'run'}", "train.curriculum.enabled=true",
+                             "train.curriculum.levels=2", "train.curriculum.steps_per_level=1"])
+    train(cfg, progress=False)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["curriculum_level"] for m in metrics] == [1, 2]
+    easy = sum(p["rank_difference"] == 2 for p in pairs)  # M = 3, B = 2: level 1 = (1, 2] = rank difference 2
+    assert [m["curriculum_pairs"] for m in metrics] == [easy, len(pairs)]
 
 
 def test_rerun_cleans_only_its_own_stale_temp_files(tiny_sd, tmp_path):
