@@ -18,7 +18,7 @@ one line naming it and the fix.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -63,10 +63,21 @@ class ReferenceWriter:
         write_json_atomic(self.folder / REFERENCE_MANIFEST, {"format_version": REFERENCE_FORMAT, "key": self.key,
                                                              "key_inputs": self.inputs, "num_pairs": self.num_pairs})
 
-    def write(self, name: str, errors: torch.Tensor, epoch: int, start: int = 0) -> None:
-        """errors (n, 2) float32 of pairs [start, start + n) of `epoch`."""
-        meta = {"key": self.key, "epoch": str(epoch), "start": str(start), "num_pairs": str(self.num_pairs)}
-        write_safetensors_atomic(self.folder / name, {"errors": errors.contiguous()}, meta, sorted_header=True)
+    def write(self, name: str, errors: torch.Tensor, epoch: int, indices: Optional[torch.Tensor] = None) -> None:
+        """errors (n, 2) float32 of `epoch`: of every pair, or of the pairs `indices` (a process's part)."""
+        tensors = {"errors": errors.contiguous()}
+        if indices is not None:
+            tensors["indices"] = indices.to(torch.int64).contiguous()
+        meta = {"key": self.key, "epoch": str(epoch), "num_pairs": str(self.num_pairs)}
+        write_safetensors_atomic(self.folder / name, tensors, meta, sorted_header=True)
+
+
+def read_part(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, errors) of a process's part, written moments ago by the same run."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    return t["indices"], t["errors"]
 
 
 def read_errors(path: Path, key: str, epoch: int, rows: int) -> torch.Tensor:

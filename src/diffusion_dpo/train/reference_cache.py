@@ -21,11 +21,12 @@ import torch
 
 from diffusion_dpo.cache.prepare import folder_stats
 from diffusion_dpo.cache.reference_store import (REFERENCE_FORMAT, ReferenceStore, ReferenceWriter, epoch_name,
-                                                 part_name, read_errors, reference_folder)
+                                                 part_name, read_part, reference_folder)
 from diffusion_dpo.config import RunConfig
 from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.runtime import ProcessInfo, torch_dtype
 from diffusion_dpo.train.batch import CachedEncoder, CachedPairs, EpochItems
+from diffusion_dpo.train.pair_order import PairOrder
 from diffusion_dpo.train.step import reference_errors
 
 log = logging.getLogger("diffusion_dpo")
@@ -93,38 +94,44 @@ def ensure_reference(cfg: RunConfig, family, scheduler, pairs, autocast: Callabl
 
 def _compute(cfg: RunConfig, family, scheduler, pairs, writer: ReferenceWriter, todo: list[int], autocast,
              dist: ProcessInfo, progress: bool) -> None:
-    """Reference forwards over this process's slice of the pairs for each epoch of `todo`, in micro-batches of
-    train.batch_size consecutive pairs, through the training encoder and train.step.reference_errors."""
+    """Reference forwards over every pair for each epoch of `todo`, through the training encoder and
+    train.step.reference_errors, in the micro-batches training forms in that epoch (train.pair_order: the epoch's
+    permutation cut into train.batch_size pairs, whatever the process count), so a run with this batch size gets
+    the errors its live reference forward would compute, bit for bit. Process r takes micro-batches k % W == r."""
     from tqdm.auto import tqdm
 
     n, bs = writer.num_pairs, cfg.train.batch_size
-    lo, hi = dist.rank * n // dist.world_size, (dist.rank + 1) * n // dist.world_size
     dtype = torch_dtype(reference_dtype_name(cfg), "model.reference_dtype")
     unet = family.load_network(torch.float32).to(dtype).to(dist.device).requires_grad_(False)
     encoder = CachedEncoder(cfg, family, dist.device, pairs.dataset)
     items = EpochItems(pairs.dataset)
-    bar = tqdm(total=len(todo) * (hi - lo), desc="reference errors", unit="pair", disable=not progress,
-               dynamic_ncols=True)
+    mine = lambda chunks: chunks[dist.rank::dist.world_size]  # noqa: E731
+    total = sum(len(c) for c in mine(torch.arange(n).split(bs))) * len(todo)
+    bar = tqdm(total=total, desc="reference errors", unit="pair", disable=not progress, dynamic_ncols=True)
     for e in todo:
-        rows = []
-        for start in range(lo, hi, bs):
-            raw = pairs.collate([items[(e, i)] for i in range(start, min(start + bs, hi))])
-            batch = encoder(raw)
+        order = PairOrder(n, 1, cfg.train.seed).order(e)  # the trainer's permutation of epoch e
+        indices, rows = [], []
+        for chunk in mine(order.split(bs)):
+            batch = encoder(pairs.collate([items[(e, int(i))] for i in chunk]))
             with torch.no_grad(), autocast():
                 w, l = reference_errors(lambda predict, device: predict(unet), family, scheduler, batch,
                                         cfg.train.error_reduction)
+            indices.append(chunk)
             rows.append(torch.stack([w, l], dim=1).float().cpu())  # (b, 2)
-            bar.update(batch.size)
+            bar.update(len(chunk))
+        found = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
         errors = torch.cat(rows) if rows else torch.zeros(0, 2)
         if dist.world_size == 1:
-            writer.write(epoch_name(e), errors, e)
+            writer.write(epoch_name(e), torch.zeros(n, 2).index_copy_(0, found, errors), e)
             continue
-        writer.write(part_name(e, dist.rank), errors, e, lo)
+        writer.write(part_name(e, dist.rank), errors, e, found)
         dist.barrier()
-        if dist.is_main:  # merge the slices in rank order
+        if dist.is_main:  # scatter every process's rows into one file
+            merged = torch.zeros(n, 2)
             parts = [writer.folder / part_name(e, r) for r in range(dist.world_size)]
-            bounds = [r * n // dist.world_size for r in range(dist.world_size + 1)]
-            merged = torch.cat([read_errors(p, writer.key, e, bounds[r + 1] - bounds[r]) for r, p in enumerate(parts)])
+            for p in parts:
+                part_indices, part_errors = read_part(p)
+                merged.index_copy_(0, part_indices, part_errors)
             writer.write(epoch_name(e), merged, e)
             for p in parts:
                 p.unlink()
