@@ -114,4 +114,5 @@ class ReferenceStore:
     def lookup(self, epochs: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference errors (B,) of winners and losers of the pairs `indices` drawn as `epochs` (int64 (B,))."""
         rows = self.errors[epochs, indices]  # (B, 2)
-        return rows[:, 0], rows[:, 1]
+        # contiguous, as the live forward's: a strided mean sums in another order (last bit of err_ref_*)
+        return rows[:, 0].contiguous(), rows[:, 1].contiguous()
