@@ -168,3 +168,14 @@ def test_cached_reference_needs_a_cache(tmp_path, tiny_sd, data):
             if not a.startswith("data.cache_dir")]
     with pytest.raises(ConfigError, match="needs a prepared latent cache.*data.cache_dir"):
         Trainer(load_config(None, args)).setup()
+
+
+def test_a_run_that_prepares_the_cache_trains_like_one_that_finds_it(tmp_path, tiny_sd, data):
+    """Loading the encoders (first use of data.cache_dir) or the reference network (first use of a cached
+    reference) must not advance the global RNG the LoRA initialisation draws from."""
+    cache = tmp_path / "cache"
+    first = _run(tiny_sd, data, tmp_path / "first", cache, "train.max_steps=3")
+    again = _run(tiny_sd, data, tmp_path / "again", cache, "train.max_steps=3")
+    assert [r["loss"] for r in first] == [r["loss"] for r in again]
+    wa, wb = _weights(tmp_path / "first", "lora"), _weights(tmp_path / "again", "lora")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
