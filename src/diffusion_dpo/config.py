@@ -184,6 +184,15 @@ class TrainConfig:
     """Send metrics to the tracker every N optimizer steps, >= 1 (metrics.jsonl gets every step)."""
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     """Curriculum-DPO's easy-to-hard order of pairs (off by default)."""
+    reference: Optional[Literal["live", "cached", "none"]] = None
+    """Where the reference errors come from. 'live': a reference forward in every step (default for losses that
+    use a reference); 'cached': computed once per pair and epoch of per-pair randomness (reference_epochs) before
+    training and stored beside the latent cache, so a step runs the policy only (needs a prepared cache:
+    data.cache_dir or data.format=cache); 'none': no reference at all (only, and by default, for the
+    reference-free losses sft, mapo, simpo). See docs/losses.md, "Reference strategies"."""
+    reference_epochs: int = 1
+    """train.reference=cached: epochs of per-pair randomness (noise, timestep, caption dropout, latent sampling)
+    whose reference errors are stored, >= 1. Epoch e >= this reuses the draws of epoch e mod reference_epochs."""
 
 
 @dataclass
@@ -215,6 +224,29 @@ LOSS_KEYS: dict[str, tuple[str, ...]] = {
     "rdpo": ("label_smoothing",), "kto": ("kto_desirable_weight", "kto_undesirable_weight"),
     "mapo": ("mapo_weight", "mapo_snr", "mapo_scale"), "simpo": ("simpo_gamma",),
 }
+
+
+# The losses that use no reference model (losses.LOSSES[m].needs_reference is False; a test keeps the two in step).
+REFERENCE_FREE = ("sft", "mapo", "simpo")
+
+
+def reference_strategy(train: TrainConfig) -> str:
+    """train.reference with its default resolved: 'none' for a reference-free loss, else 'live'."""
+    if train.reference is not None:
+        return train.reference
+    return "none" if train.method in REFERENCE_FREE else "live"
+
+
+def _validate_reference(t: TrainConfig) -> None:
+    free = t.method in REFERENCE_FREE
+    if t.reference == "none" and not free:
+        raise ConfigError(f"train.reference=none needs a reference-free loss ({', '.join(REFERENCE_FREE)}), but "
+                          f"train.method {t.method!r} compares with the reference: use train.reference=live or cached")
+    if t.reference in ("live", "cached") and free:
+        raise ConfigError(f"train.reference={t.reference} but train.method {t.method!r} uses no reference: remove "
+                          "train.reference (it is 'none' for this loss) or choose a loss that uses one")
+    if t.reference_epochs < 1:
+        raise ConfigError(f"train.reference_epochs must be >= 1, got {t.reference_epochs}")
 
 
 def _validate_loss(method: str, loss: LossConfig) -> None:
@@ -263,6 +295,7 @@ class RunConfig:
         if t.beta <= 0 and t.method not in ("sft", "mapo"):  # the losses that read beta
             raise ConfigError(f"train.beta must be > 0 for method {t.method!r}, got {t.beta}")
         _validate_loss(t.method, self.loss)
+        _validate_reference(t)
         for key, value in (("train.batch_size", t.batch_size), ("train.gradient_accumulation", t.gradient_accumulation),
                            ("train.max_steps", t.max_steps), ("data.resolution", d.resolution), ("lora.rank", self.lora.rank)):
             if value < 1:
@@ -297,6 +330,9 @@ class RunConfig:
             raise ConfigError(f"train.timestep_range must satisfy 0 <= low < high, got {t.timestep_range}")
         if self.model.reference_on_cpu and t.finetune != "full":
             raise ConfigError("model.reference_on_cpu only applies to train.finetune=full (LoRA needs no reference copy)")
+        if self.model.reference_on_cpu and reference_strategy(t) != "live":
+            raise ConfigError(f"model.reference_on_cpu needs train.reference=live (with {reference_strategy(t)!r} no "
+                              "reference network is kept during training): remove model.reference_on_cpu")
 
     @property
     def warmup(self) -> int:
@@ -318,5 +354,6 @@ def save_config(cfg: Any, path: str | Path) -> None:
     save_yaml(cfg, path)
 
 
-__all__ = ["ModelConfig", "DataConfig", "LoraSettings", "CurriculumConfig", "TrainConfig", "LossConfig", "LOSS_KEYS", "OutputConfig",
-           "RunConfig", "load_config", "save_config", "from_dict", "to_dict", "apply_override"]
+__all__ = ["ModelConfig", "DataConfig", "LoraSettings", "CurriculumConfig", "TrainConfig", "LossConfig", "LOSS_KEYS",
+           "REFERENCE_FREE", "OutputConfig", "RunConfig", "reference_strategy", "load_config", "save_config",
+           "from_dict", "to_dict", "apply_override"]

@@ -19,10 +19,18 @@ def test_bench_tiny_runs_every_variant(tmp_path, capsys):
                  "a/b peak memory", "(p) prepare once", "prepare / in-step encoding per pair:", "break-even passes:"):
         assert line in text
     results = json.loads(out.read_text())
-    assert sorted(results["results"]) == ["a", "b", "c", "d", "p"]
-    for v in "abcd":
+    assert sorted(results["results"]) == ["a", "b", "c", "d", "e", "f", "p"]
+    for v in "abcdef":
         r = results["results"][v]
         assert r["pairs_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["gflop_per_step"] > 0
+    # (e) cached and (f) no reference run no reference forward: (a)'s FLOPs minus one forward of 2B images
+    flops = {v: results["results"][v]["gflop_per_step"] for v in "adef"}
+    assert flops["e"] == pytest.approx(flops["f"], rel=1e-3)
+    # LoRA: frozen weights, so the backward computes input gradients only, about one forward: a = 3 forwards, e = 2
+    assert flops["a"] - flops["e"] == pytest.approx(flops["a"] / 3, rel=0.1)
+    for line in ("(e) ours: cached latents, LoRA, cached reference", "(f) ours: cached latents, LoRA, no reference",
+                 "e/a pairs/s", "e/c pairs/s", "f/a pairs/s", "f/c pairs/s"):
+        assert line in text
 
     # prepare's cost and the break-even number of passes = prepare s/pair / in-step s/pair saved
     p = results["results"]["p"]

@@ -11,6 +11,9 @@ own child process (child.py: clean peak-memory numbers), warms up, and times sev
   c  official design    as the official Diffusion-DPO code does per step: decode both JPEGs, resize/crop,
                         VAE-encode both images, run the text encoder, full fine-tuning with a full frozen copy
                         (official.py)
+  e  ours, LoRA, cached  (a) with train.reference=cached: the reference errors of every pair computed once in
+                        set-up (untimed), the step runs the policy only
+  f  ours, LoRA, none    (a) with a reference-free loss (train.method=simpo, train.reference=none): no reference
   d  bare minimum       LoRA policy forward + backward and reference forward on precomputed tensors,
                         written as plainly as possible (the floor our step (a) is compared with; steps.py)
   p  prepare vs step    what `prepare` costs per pair (diffusion_dpo.cache.prepare, after a warm-up), next to what
@@ -18,8 +21,8 @@ own child process (child.py: clean peak-memory numbers), warms up, and times sev
                         Trainer.batch_encoder) on the raw images minus the same on the cache (prepare_cost.py)
 
 Measured (measure.py): pairs/s, seconds per step, peak memory (child RSS on CPU, max allocated on CUDA), FLOPs
-per step (torch's FlopCounterMode), MFU on a GPU; runner.py adds the ratios a/c, a/d, a/b and prepare's
-break-even passes. Every DPO logit here is losses.dpo_logit.
+per step (torch's FlopCounterMode), MFU on a GPU; runner.py adds the ratios a/c, a/d, a/b, e/a, e/c, f/a, f/c
+and prepare's break-even passes. Every DPO logit here is losses.dpo_logit.
 """
 
 VARIANTS = {
@@ -27,6 +30,8 @@ VARIANTS = {
     "b": "ours: cached latents, full + frozen copy",
     "c": "official: JPEG+VAE+text encoder per step, full + frozen copy",
     "d": "bare minimum: LoRA fwd+bwd + ref fwd",
+    "e": "ours: cached latents, LoRA, cached reference errors",
+    "f": "ours: cached latents, LoRA, no reference (simpo)",
     "p": "prepare once vs encode in every step",
 }
 """Variant letter -> what it times (the label of its printed row)."""

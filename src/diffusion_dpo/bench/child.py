@@ -26,7 +26,8 @@ def child_main(job_json: str) -> int:
         from diffusion_dpo.bench.official import official_step
         from diffusion_dpo.bench.steps import bare_step, our_step
 
-        step = {"a": our_step, "b": our_step, "c": official_step, "d": bare_step}[job["variant"]](job, device)
+        step = {"a": our_step, "b": our_step, "c": official_step, "d": bare_step, "e": our_step,
+                "f": our_step}[job["variant"]](job, device)
         result = time_step(step, job, device, base_rss)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0

@@ -84,11 +84,16 @@ def least_disturbed(variant: str, old: dict | None, new: dict) -> dict:
 
 
 def ratios(results: dict) -> dict[str, float]:
-    """The comparisons the summary prints, from the variants that ran: a/c and a/d throughput, a/b peak memory,
+    """The comparisons the summary prints, from the variants that ran: a/c, a/d, e/a, e/c, f/a, f/c throughput,
+    a/b peak memory,
     and (p) prepare's cost over the in-step encoding and its break-even passes (absent when it never pays)."""
     out: dict[str, float] = {}
     if "a" in results and "c" in results:
         out["a/c pairs/s"] = results["a"]["pairs_per_s"] / results["c"]["pairs_per_s"]
+    for fast in "ef":  # the steps without a reference forward, against live (a) and the official design (c)
+        for base in "ac":
+            if fast in results and base in results:
+                out[f"{fast}/{base} pairs/s"] = results[fast]["pairs_per_s"] / results[base]["pairs_per_s"]
     if "a" in results and "d" in results:
         out["a/d pairs/s"] = results["a"]["pairs_per_s"] / results["d"]["pairs_per_s"]
     if "a" in results and "b" in results:

@@ -18,19 +18,22 @@ def tweak_unet(unet, job: dict):
 
 
 def our_step(job: dict, device) -> Callable[[], None]:
-    """(a) / (b): the trainer's own set-up and inner loop body (train/trainer.py): Trainer.micro_step encodes the
-    batch and calls train.step.preference_step, the one step function of training and evaluation."""
+    """(a) / (b) / (e) / (f): the trainer's own set-up and inner loop body (train/trainer.py): Trainer.micro_step
+    encodes the batch and calls train.step.preference_step, the one step function of training and evaluation.
+    (e): train.reference=cached (the store is computed in set-up, untimed); (f): simpo, no reference."""
     from diffusion_dpo.config import load_config
     from diffusion_dpo.train.trainer import Trainer
 
-    finetune = "lora" if job["variant"] == "a" else "full"
+    finetune = "full" if job["variant"] == "b" else "lora"
+    strategy = {"e": ["train.reference=cached"], "f": ["train.method=simpo"]}.get(job["variant"], [])
     cfg = load_config(None, [f"model.pretrained={job['model']}", f"data.source={job['cache']}",
                              f"data.resolution={job['resolution']}", f"train.batch_size={job['pairs']}",
                              f"train.finetune={finetune}", f"lora.rank={job['lora_rank']}", "train.max_steps=100000",
                              "train.checkpoint_every=0", f"train.mixed_precision='{job['mixed_precision']}'",
                              f"train.lean_autograd={str(job.get('lean_autograd', True)).lower()}",
                              f"train.gradient_checkpointing={str(job.get('gradient_checkpointing', False)).lower()}",
-                             f"train.seed={job['seed']}", "output.report_to=none", f"output.dir={job['out']}"])
+                             f"train.seed={job['seed']}", "output.report_to=none", f"output.dir={job['out']}",
+                             *strategy])
     tr = Trainer(cfg).setup()
     tweak_unet(tr.accelerator.unwrap_model(tr.unet), job)
     if job["fused_adamw"]:

@@ -73,7 +73,7 @@ def _wait(t: torch.Tensor) -> None:
         torch.cuda.synchronize(t.device)
 
 
-def _folder_stats(root: Path, subfolders: tuple[str, ...] | None = None) -> list:
+def folder_stats(root: Path, subfolders: tuple[str, ...] | None = None) -> list:
     """[relative path, size, mtime_ns] of every file that determines the encoders' outputs."""
     folders = [root / s for s in subfolders] if subfolders else [root]
     out = []
@@ -93,10 +93,10 @@ def key_inputs(cfg: RunConfig, spec, data_fingerprint: str, storage_dtype: str) 
                              "family": spec.family, "vae": m.vae}
     if Path(m.pretrained).is_dir():  # a local folder: its encoder files, not just its name
         model["pretrained"] = str(Path(m.pretrained).resolve())
-        model["files"] = _folder_stats(Path(m.pretrained), MODEL_PARTS)
+        model["files"] = folder_stats(Path(m.pretrained), MODEL_PARTS)
     if m.vae and Path(m.vae).is_dir():
         model["vae"] = str(Path(m.vae).resolve())
-        model["vae_files"] = _folder_stats(Path(m.vae))
+        model["vae_files"] = folder_stats(Path(m.vae))
     random_crop = d.crop == "random"
     transforms = {
         "resolution": d.resolution, "crop": d.crop, "random_flip": d.random_flip,
@@ -337,5 +337,9 @@ def ensure_cache(cfg: RunConfig, accelerator=None, storage_dtype: str = "float16
     """For `train` with data.cache_dir set: the cache folder of this config, prepared first if it is
     missing or incomplete (every process must call this; they share the encoding)."""
     dist = ProcessInfo.from_accelerate(accelerator) if accelerator is not None else None
-    return prepare_cache(cfg, storage_dtype=storage_dtype, dist=dist,
-                         progress=accelerator is None or accelerator.is_main_process)
+    device = torch.device(dist.device if dist is not None else "cpu")
+    # loading the encoders draws from the global RNG (random init before the weights are read): the trainer's
+    # LoRA init and dropout must not depend on whether this run prepared the cache or found it
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        return prepare_cache(cfg, storage_dtype=storage_dtype, dist=dist,
+                             progress=accelerator is None or accelerator.is_main_process)

@@ -1,7 +1,7 @@
 """`diffusion-dpo bench`: time training steps of our design against the official one, in one run.
 
 Flags and printing only; the benchmark itself is the library package diffusion_dpo.bench (its docstring lists
-the variants a, b, c, d and p; docs/performance.md has the figures)."""
+the variants a to f and p; docs/performance.md has the figures)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=int, default=2, help="preference pairs per step (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per variant (default 2)")
-    p.add_argument("--variants", default="abcdp", help="which variants to run, e.g. 'ac' (default abcdp)")
+    p.add_argument("--variants", default="abcdefp",
+                   help="which variants to run, e.g. 'ace' (default abcdefp; e: cached reference, f: no reference)")
     p.add_argument("--prepare-batch-size", type=int,
                    help="p: pairs per encoder call of `prepare` (default: prepare's own default for the device)")
     p.add_argument("--repeat", type=int, default=1,
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     bad = set(args.variants) - set(VARIANTS)
     if bad or not args.variants:
-        raise ConfigError(f"--variants: unknown {''.join(sorted(bad))!r}; use letters from 'abcdp'")
+        raise ConfigError(f"--variants: unknown {''.join(sorted(bad))!r}; use letters from 'abcdefp'")
     for flag, value in (("--pairs", args.pairs), ("--steps", args.steps), ("--repeat", args.repeat),
                         ("--prepare-batch-size", args.prepare_batch_size)):
         if value is not None and value < 1:
@@ -135,7 +136,7 @@ def _summary(results: dict, found: dict[str, float], arch: str, res: int, pairs:
     """The closing lines: the device, the ratios, and prepare's cost with its break-even passes."""
     device = next(iter(results.values()))["device_name"]
     lines = [f"device: {device}; arch {arch}, {res} px, {pairs} pairs/step"]
-    lines += [f"  {k}: {v:.2f}" for k, v in found.items() if k.startswith(("a/c", "a/d", "a/b"))]
+    lines += [f"  {k}: {v:.2f}" for k, v in found.items() if k.startswith(("a/c", "a/d", "a/b", "e/", "f/"))]
     if "p" in results:
         p = results["p"]
         lines.append(f"  prepare / in-step encoding per pair: {found['prepare / in-step encoding per pair']:.2f} "

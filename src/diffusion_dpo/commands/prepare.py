@@ -1,7 +1,8 @@
 """`diffusion-dpo prepare --config FILE.yaml [section.key=value ...]`: encode a dataset into a latent cache.
 
 Takes the same config as `train` (model, data, train.seed), so `train` with the same config and
-data.cache_dir finds the cache by its key. Multi-process: `accelerate launch --num_processes N
+data.cache_dir finds the cache by its key. With train.reference=cached it also computes the reference errors
+of train.reference_epochs epochs beside the cache (docs/losses.md, "Reference strategies"). Multi-process: `accelerate launch --num_processes N
 $(which diffusion-dpo) prepare ...` splits the shards across processes.
 """
 
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from diffusion_dpo.cache.prepare import prepare_cache
-    from diffusion_dpo.config import load_config
+    from diffusion_dpo.config import load_config, reference_strategy
     from diffusion_dpo.errors import ConfigError
     from diffusion_dpo.runtime import ProcessInfo, setup_logging
 
@@ -43,6 +44,15 @@ def run(args: argparse.Namespace) -> int:
     folder = prepare_cache(cfg, storage_dtype=args.dtype or cfg.data.cache_dtype, batch_size=args.batch_size,
                            shard_size=args.shard_size, num_workers=args.num_workers, cache_dir=args.cache_dir,
                            dist=process, progress=not args.no_progress and process.is_main)
+    if reference_strategy(cfg.train) == "cached":
+        from accelerate import Accelerator
+
+        from diffusion_dpo.train.reference_cache import prepare_reference
+
+        store = prepare_reference(cfg, folder, Accelerator(mixed_precision=cfg.train.mixed_precision),
+                                  progress=not args.no_progress and process.is_main)
+        if process.is_main:
+            print(f"reference errors: {store.epochs} epochs x {store.errors.shape[1]} pairs -> {store.folder}")
     if process.is_main:
         print(f"train from it with: data.source={folder}  (or keep data.cache_dir={folder.parent} and the same config)")
     return 0

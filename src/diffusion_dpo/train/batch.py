@@ -33,6 +33,7 @@ class PairBatch:
     noise: torch.Tensor  # (B, C, h, w): one noise per pair
     timesteps: torch.Tensor  # (B,): one timestep per pair
     pair_cond: Optional[torch.Tensor] = None  # family.pair_conditioning rows (2B, ...): SDXL time ids (2B, 6) float32
+    ref_errors: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (B,) winner, (B,) loser: train.reference=cached
 
     @property
     def size(self) -> int:
@@ -98,16 +99,20 @@ class CachedEncoder(PairEncoder):
 
 class EpochItems(torch.utils.data.Dataset):
     """Adapts a dataset indexed by int to items addressed as (epoch, index), so random transforms
-    are seeded per epoch and per pair."""
+    are seeded per epoch and per pair. With `epoch_period` E (train.reference=cached), epoch e draws as epoch
+    e mod E: the per-pair randomness repeats after the E epochs whose reference errors were stored."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, epoch_period: Optional[int] = None):
         self.dataset = dataset
+        self.epoch_period = epoch_period
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
         epoch, index = key
+        if self.epoch_period is not None:
+            epoch %= self.epoch_period
         self.dataset.set_epoch(epoch)
         item = self.dataset[index]
         if item is not None:

@@ -9,10 +9,34 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from diffusion_dpo.losses import LossOutput, PairErrors
 from diffusion_dpo.models.diffusion import per_sample_error, split_pairs, stack_pairs
 from diffusion_dpo.train.batch import PairBatch
 from diffusion_dpo.train.singles import LabelledBatch, labelled_errors
+
+
+def _stacked_inputs(family, scheduler, batch: PairBatch, device):
+    """(2B, ...) winner rows first: the same noise, timestep and text for winner and loser of a pair. Returns the
+    noisy inputs, timesteps and targets on `device` (default the batch's), the text and the pair conditioning."""
+    latents, noise, t = stack_pairs(batch.latents_w, batch.latents_l, batch.noise, batch.timesteps)
+    noisy, target = family.noisy_and_target(scheduler, latents, noise, t)
+    device = latents.device if device is None else device
+    return noisy.to(device), t.to(device), target.to(device), batch.cond.repeat_pairs(), batch.pair_cond
+
+
+def reference_errors(reference, family, scheduler, batch: PairBatch, reduction: str = "mean",
+                     device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's per-sample errors of winners and losers, (B,) each: the forward `pair_errors` runs under
+    train.reference=live, and what train.reference=cached stores once per pair and epoch (train.reference_cache)."""
+    return _reference_forward(reference, family, _stacked_inputs(family, scheduler, batch, device), reduction)
+
+
+def _reference_forward(reference, family, inputs, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    noisy, t, target, cond2, pair_cond = inputs
+    ref_pred = reference(lambda net: family.predict(net, noisy, t, cond2, pair_cond), noisy.device)
+    return split_pairs(per_sample_error(ref_pred, target, reduction))
 
 
 def pair_errors(policy, reference, family, scheduler, batch: PairBatch, reduction: str = "mean",
@@ -21,26 +45,24 @@ def pair_errors(policy, reference, family, scheduler, batch: PairBatch, reductio
 
     With losers: winner and loser rows are stacked (2B, ...) and the same noisy inputs go through the
     reference (no grad, when with_reference) and the policy. Without: only the winners go through the policy.
-    `device`: where the networks run when the batch is noised elsewhere (implicit evaluation noises on the
-    CPU, so its results do not depend on the device); default the batch's device."""
+    The reference errors are read from the batch instead when it carries them (batch.ref_errors:
+    train.reference=cached). `device`: where the networks run when the batch is noised elsewhere (implicit
+    evaluation noises on the CPU, so its results do not depend on the device); default the batch's device."""
     if not losers:
         latents, noise, t = batch.latents_w, batch.noise, batch.timesteps
         pair_cond = None if batch.pair_cond is None else batch.pair_cond[: batch.size]
-    else:
-        # (2B, ...) winner rows first: the same noise and timestep for winner and loser of a pair
-        latents, noise, t = stack_pairs(batch.latents_w, batch.latents_l, batch.noise, batch.timesteps)
-        pair_cond = batch.pair_cond
-    noisy, target = family.noisy_and_target(scheduler, latents, noise, t)
-    device = latents.device if device is None else device
-    noisy, t, target = noisy.to(device), t.to(device), target.to(device)
-    if not losers:
+        noisy, target = family.noisy_and_target(scheduler, latents, noise, t)
+        device = latents.device if device is None else device
+        noisy, t, target = noisy.to(device), t.to(device), target.to(device)
         pred = family.predict(policy, noisy, t, batch.cond, pair_cond)
         return PairErrors(per_sample_error(pred, target, reduction))
-    cond2 = batch.cond.repeat_pairs()  # (2B, ...): the same text for winner and loser
+    inputs = _stacked_inputs(family, scheduler, batch, device)
+    noisy, t, target, cond2, pair_cond = inputs
     ref_w = ref_l = None
-    if with_reference:
-        ref_pred = reference(lambda net: family.predict(net, noisy, t, cond2, pair_cond), device)
-        ref_w, ref_l = split_pairs(per_sample_error(ref_pred, target, reduction))
+    if with_reference and batch.ref_errors is not None:  # computed before training, on these very inputs
+        ref_w, ref_l = (e.to(noisy.device) for e in batch.ref_errors)
+    elif with_reference:
+        ref_w, ref_l = _reference_forward(reference, family, inputs, reduction)
     pred = family.predict(policy, noisy, t, cond2, pair_cond)
     policy_w, policy_l = split_pairs(per_sample_error(pred, target, reduction))
     return PairErrors(policy_w, policy_l, ref_w, ref_l)

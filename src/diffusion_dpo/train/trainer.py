@@ -15,12 +15,12 @@ from typing import Any, Optional
 
 import torch
 
-from diffusion_dpo.config import RunConfig, to_dict
+from diffusion_dpo.config import RunConfig, reference_strategy, to_dict
 from diffusion_dpo.errors import DataError, NonFiniteLossError, TrainingInterrupted
 from diffusion_dpo.losses import build_loss, check_data
 from diffusion_dpo.models.families import detect_spec, family_of
 from diffusion_dpo.models.loading import spec_dict
-from diffusion_dpo.runtime import torch_dtype
+from diffusion_dpo.runtime import ProcessInfo, torch_dtype
 from diffusion_dpo.train import checkpoint as ckpt
 from diffusion_dpo.train.batch import EpochItems, open_pairs
 from diffusion_dpo.train.interrupt import StopSignals
@@ -85,6 +85,14 @@ class Trainer:
 
         check_fills_batch(len(self.dataset), cfg.train.batch_size, acc.num_processes, pairs.source_stats)
         self.batch_encoder = pairs.encoder(cfg, self.family, self.device)
+        # train.reference=cached: the reference's errors of every pair, computed before the policy loads (its own
+        # network is freed after) or read from the store beside the cache
+        self.reference_store = None
+        if reference_strategy(cfg.train) == "cached":
+            from diffusion_dpo.train.reference_cache import ensure_reference
+
+            self.reference_store = ensure_reference(cfg, self.family, self.noise_scheduler, pairs, acc.autocast,
+                                                    ProcessInfo.from_accelerate(acc), self.progress and self.is_main)
 
         # 4. trained network and reference policy
         self.unet = self.family.load_network(torch.float32)
@@ -104,7 +112,7 @@ class Trainer:
 
             lean_autograd.apply(self.unet)
         self.reference = None
-        if self.loss_fn.needs_reference:
+        if reference_strategy(cfg.train) == "live":  # 'none' and 'cached' keep no reference network
             from diffusion_dpo.models.reference import Reference
 
             ref_dtype = torch_dtype(m.reference_dtype or m.frozen_dtype, "model.reference_dtype")
@@ -138,11 +146,17 @@ class Trainer:
                 log.info("resumed from %s (step %d)", state.path, self.step)
 
         # 7. order of pairs (train.curriculum's easy-to-hard levels, or one shuffle of all), positioned after the
-        # last completed optimizer step
+        # last completed optimizer step; with cached reference errors epochs repeat with the store's period
         self.pair_order = order_pairs(cfg, pairs, acc.process_index, acc.num_processes,
                                       start_micro_batch=self.step * cfg.train.gradient_accumulation)
-        self.loader = torch.utils.data.DataLoader(EpochItems(self.dataset), batch_sampler=self.pair_order,
+        period = None if self.reference_store is None else self.reference_store.epochs
+        self.loader = torch.utils.data.DataLoader(EpochItems(self.dataset, period), batch_sampler=self.pair_order,
                                                   collate_fn=pairs.collate, num_workers=cfg.data.num_workers)
+        spans = -(-cfg.train.max_steps * cfg.train.gradient_accumulation // self.pair_order.per_epoch)
+        if period is not None and spans > period:
+            log.info("train.reference=cached: the run spans %d epochs, the stored reference errors %d: epoch e draws "
+                     "the noise and timesteps of epoch e mod %d (docs/losses.md, Reference strategies)", spans, period,
+                     period)
         return self
 
     def micro_step(self, raw: dict[str, Any]):
@@ -150,6 +164,8 @@ class Trainer:
         if batch is None:  # every pair of this micro-batch was corrupt: keep processes in step with a zero loss
             zero = sum(p.sum() for p in self.params) * 0.0
             return zero, {}, 0
+        if self.reference_store is not None:
+            batch.ref_errors = self.reference_store.lookup(raw["epochs"], raw["indices"])
         with self.accelerator.autocast():
             out = preference_step(self.unet, self.reference, self.loss_fn, self.family, self.noise_scheduler, batch,
                                   self.cfg.train.error_reduction)
