@@ -119,22 +119,25 @@ def _setup_error(args) -> str:
     return message
 
 
+def _broken(stored, corrupt) -> tuple[Path, str]:
+    """Corrupt the stored epoch file with `corrupt(path)`; the one-line setup error that follows."""
+    path, args = stored
+    corrupt(path)
+    return path, _setup_error(args)
+
+
 @pytest.mark.fault(input="reference store file truncated (`train.reference=cached`)",
                    behaviour="one-line error naming the file: delete it and rerun")
 def test_truncated_store_file_is_one_line(stored):
-    path, args = stored
-    path.write_bytes(path.read_bytes()[:40])
-    message = _setup_error(args)
+    path, message = _broken(stored, lambda p: p.write_bytes(p.read_bytes()[:40]))
     assert str(path) in message and "cannot be read" in message and "delete it and rerun" in message
 
 
 @pytest.mark.fault(input="reference store file of another store copied into its place",
                    behaviour="one-line error naming the file, the keys and the fix")
 def test_store_file_with_another_key_is_one_line(stored):
-    path, args = stored
-    t = load_file(str(path))
-    save_file(t, str(path), {"key": "0123456789abcdef", "epoch": "0", "num_pairs": "8"})
-    message = _setup_error(args)
+    path, message = _broken(stored, lambda p: save_file(load_file(str(p)), str(p),
+                                                        {"key": "0123456789abcdef", "epoch": "0", "num_pairs": "8"}))
     assert str(path) in message and "belongs to another store" in message and "0123456789abcdef" in message
 
 
