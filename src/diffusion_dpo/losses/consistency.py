@@ -15,15 +15,15 @@ logit is 0 and the loss is ln 2.
 
 from __future__ import annotations
 
-from typing import Any
-
 from diffusion_dpo.losses.dpo import DPOLoss
 
 
 class ConsistencyDPOLoss(DPOLoss):
-    """DPOLoss on consistency distances; its loss.* keys (huber_c, guidance_range, solver_steps) shape the
-    distances (train.consistency), not the logit."""
+    """DPOLoss on consistency distances. Its loss.* settings (defaults: Curriculum-DPO's code) shape the distances
+    train.consistency computes, not the logit: huber_c the pseudo-Huber constant c, guidance_range the interval w is
+    drawn from, solver_steps the DDIM solver's steps over the training timesteps."""
 
-    @classmethod
-    def from_settings(cls, beta: float, **settings: Any) -> "ConsistencyDPOLoss":
-        return cls(beta)
+    def __init__(self, beta: float, huber_c: float = 0.001, guidance_range: tuple[float, float] = (5.0, 15.0),
+                 solver_steps: int = 50):
+        super().__init__(beta)
+        self.huber_c, self.guidance_range, self.solver_steps = huber_c, tuple(guidance_range), solver_steps

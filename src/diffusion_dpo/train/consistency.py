@@ -30,22 +30,21 @@ import torch
 
 from diffusion_dpo.config import RunConfig
 from diffusion_dpo.errors import ConfigError
-from diffusion_dpo.losses import PairErrors
+from diffusion_dpo.losses import PairErrors, build_loss
 from diffusion_dpo.models.consistency import consistency_output, guided_ddim_step, pseudo_huber, solver_timesteps
 from diffusion_dpo.models.diffusion import pair_generator, split_pairs
 from diffusion_dpo.models.encode import TextConditioning
 from diffusion_dpo.models.loading import freeze
 from diffusion_dpo.runtime import torch_dtype
 
-DEFAULTS = {"huber_c": 0.001, "guidance_range": (5.0, 15.0), "solver_steps": 50}
-"""loss.* settings of consistency_dpo when unset (Curriculum-DPO's code)."""
 _GUIDANCE_STREAM = 0x5EED_C0DE
 """Offset of the per-pair generator seed w is drawn from (a stream apart from the family's draws)."""
 
 
 def settings(cfg: RunConfig) -> dict[str, Any]:
-    """huber_c, guidance_range, solver_steps: the loss.* values, defaults where unset."""
-    return {k: v if (v := getattr(cfg.loss, k)) is not None else d for k, d in DEFAULTS.items()}
+    """huber_c, guidance_range, solver_steps: the loss.* values, the loss's defaults where unset."""
+    loss = build_loss(cfg.train.method, cfg.train.beta, cfg.loss)  # a ConsistencyDPOLoss: the settings' one home
+    return {"huber_c": loss.huber_c, "guidance_range": loss.guidance_range, "solver_steps": loss.solver_steps}
 
 
 def draw_guidance(seed: int, epochs: torch.Tensor, indices: torch.Tensor, low: float, high: float) -> torch.Tensor:
