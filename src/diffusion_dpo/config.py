@@ -40,8 +40,7 @@ class ModelConfig:
     lcm_guidance_scale: float = 8.0
     """LCM UNets only: guidance scale fed through the guidance embedding (time_cond_proj_dim)."""
     teacher: Optional[str] = None
-    """train.method=consistency_dpo only (required there): the frozen teacher's diffusers pipeline folder or hub id
-    (its UNet and scheduler; text encoder, tokenizer and VAE are the trained model's)."""
+    """consistency_dpo only (required there): the frozen teacher's pipeline folder or hub id (its UNet is used)."""
 
 
 @dataclass
@@ -90,6 +89,11 @@ class DataConfig:
     """From a cache: draw latents from the stored VAE distribution like the official code ('sample') or use its mean."""
 
 
+# The LCM-LoRA target set (diffusers' train_lcm_distill_lora_sd_wds.py; Curriculum-DPO's LCM runs)
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
 @dataclass
 class LoraSettings:
     rank: int = 8
@@ -99,7 +103,7 @@ class LoraSettings:
     dropout: float = 0.0
     """Dropout on the LoRA input, in [0, 1)."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet module names that receive an adapter."""
+    """UNet module names that receive an adapter (unset with train.method=consistency_dpo: LCM_LORA_TARGETS)."""
     init_weights: Literal["default", "gaussian"] = "default"
     """'default' starts the B matrices at zero, so the policy begins exactly at the reference."""
     export_kohya: bool = False
@@ -222,8 +226,7 @@ class LossConfig:
     huber_c: Optional[float] = None
     """consistency_dpo: constant c of the pseudo-Huber distance sqrt(d^2 + c^2) - c, > 0 (default 0.001)."""
     guidance_range: Optional[tuple[float, float]] = None
-    """consistency_dpo: w ~ U[low, high] per pair, the teacher's guidance cond + w (cond - uncond), 0 <= low <= high
-    (default (5, 15); w is the pipeline's guidance scale minus 1)."""
+    """consistency_dpo: w ~ U[low, high] per pair (teacher: cond + w (cond - uncond)), 0 <= low <= high; default (5, 15)."""
     solver_steps: Optional[int] = None
     """consistency_dpo: DDIM solver steps over the training timesteps, >= 1 (default 50: skip 20 of 1000)."""
 
@@ -261,8 +264,7 @@ def _validate_reference(t: TrainConfig) -> None:
 
 
 def _validate_teacher(t: TrainConfig, m: ModelConfig) -> None:
-    """consistency_dpo needs a teacher, a live reference and a latent consistency model (an explicit non-LCM
-    family is refused here; an auto-detected one when the trainer is set up)."""
+    """consistency_dpo: a teacher, a live reference, no explicit non-LCM family (an auto-detected one: at setup)."""
     if t.method != "consistency_dpo":
         if m.teacher is not None:
             raise ConfigError(f"model.teacher is set but train.method {t.method!r} does not use it (only "
@@ -294,8 +296,7 @@ def _validate_loss(method: str, loss: LossConfig) -> None:
         raise ConfigError(f"loss.label_smoothing must be in {bound} for train.method {method!r}, got {eps}")
     if loss.simpo_gamma is not None and loss.simpo_gamma < 0:
         raise ConfigError(f"loss.simpo_gamma must be >= 0, got {loss.simpo_gamma}")
-    g = loss.guidance_range
-    if g is not None and not 0 <= g[0] <= g[1]:
+    if (g := loss.guidance_range) is not None and not 0 <= g[0] <= g[1]:
         raise ConfigError(f"loss.guidance_range must satisfy 0 <= low <= high, got {g}")
     for key in ("kto_desirable_weight", "kto_undesirable_weight", "mapo_weight", "mapo_snr", "mapo_scale", "huber_c",
                 "solver_steps"):
@@ -322,6 +323,11 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     loss: LossConfig = field(default_factory=LossConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def resolve_defaults(self, given: dict) -> None:
+        """Defaults that depend on other keys, where `given` (YAML + overrides) sets none: consistency_dpo's LoRA set."""
+        if self.train.method == "consistency_dpo" and "target_modules" not in given.get("lora", {}):
+            self.lora.target_modules = list(LCM_LORA_TARGETS)
 
     def validate(self) -> None:
         """Cross-field checks; raise ConfigError naming the key and the fix."""
@@ -389,6 +395,6 @@ def save_config(cfg: Any, path: str | Path) -> None:
     save_yaml(cfg, path)
 
 
-__all__ = ["ModelConfig", "DataConfig", "LoraSettings", "CurriculumConfig", "TrainConfig", "LossConfig", "LOSS_KEYS",
+__all__ = ["LCM_LORA_TARGETS", "ModelConfig", "DataConfig", "LoraSettings", "CurriculumConfig", "TrainConfig", "LossConfig", "LOSS_KEYS",
            "REFERENCE_FREE", "OutputConfig", "RunConfig", "reference_strategy", "load_config", "save_config",
            "from_dict", "to_dict", "apply_override"]

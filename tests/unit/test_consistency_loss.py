@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion_dpo.config import LossConfig, load_config
+from diffusion_dpo.config import LCM_LORA_TARGETS, LossConfig, load_config
 from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.losses import ConsistencyDPOLoss, PairErrors, build_loss
 
@@ -48,3 +48,11 @@ def test_bad_settings_are_refused(override, key):
 def test_teacher_without_the_method_is_refused():
     with pytest.raises(ConfigError, match="model.teacher is set but train.method 'dpo'"):
         load_config(None, ["model.teacher=t"])
+
+
+def test_lora_targets_default_to_the_lcm_lora_set_only_for_this_method_and_only_when_unset():
+    cfg = load_config(None, ["train.method=consistency_dpo", "model.teacher=t"])
+    assert cfg.lora.target_modules == list(LCM_LORA_TARGETS) and "time_emb_proj" in cfg.lora.target_modules
+    explicit = load_config(None, ["train.method=consistency_dpo", "model.teacher=t", "lora.target_modules=[to_q]"])
+    assert explicit.lora.target_modules == ["to_q"]
+    assert load_config(None, []).lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]  # dpo: unchanged

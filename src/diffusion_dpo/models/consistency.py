@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import torch
 
-LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
-                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
-"""The LCM-LoRA target set (diffusers' train_lcm_distill_lora_sd_wds.py; Curriculum-DPO's LCM runs)."""
-
-
 def solver_timesteps(index: torch.Tensor, num_train_timesteps: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Solver indices n (N,) -> (start timesteps s_n, target timesteps t_n), int64 (N,): s_n = (n + 1) k - 1,
     t_n = max(s_n - k, 0) with k = num_train_timesteps // steps (the code's DDIMSolver and its `topk`)."""
