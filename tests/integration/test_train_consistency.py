@@ -67,3 +67,10 @@ def test_lcm_teacher_is_refused(tmp_path, tiny_lcm, pickapic, capsys):
     assert main(_args(tmp_path, tiny_lcm, pickapic, f"model.teacher={tiny_lcm}")) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "model.teacher" in err[0]
+
+
+def test_run_from_a_prepared_cache_starts_at_ln2(tmp_path, tiny_lcm, tiny_sd, pickapic):
+    assert main(_args(tmp_path / "run", tiny_lcm, pickapic, f"model.teacher={tiny_sd}", "train.beta=400",
+                      f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=1")) == 0
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["loss"] == pytest.approx(0.693147, abs=1e-5) and row["err_policy_w"] > 0

@@ -81,11 +81,15 @@ def load_teacher(cfg: RunConfig, family, device):
     text conditioning differs from the model's (it reads the model's prompt embeddings)."""
     from diffusion_dpo.models.families import detect_spec, family_of
 
-    t_family = family_of(detect_spec(cfg.model.teacher, cfg.model.revision))
+    t_family = family_of(detect_spec(cfg.model.teacher))
     if t_family.has_guidance_embedding or type(t_family).text_encoder_parts != type(family).text_encoder_parts \
             or t_family.size_conditioned:
         raise ConfigError(f"model.teacher {cfg.model.teacher} is a {t_family.name} pipeline; consistency_dpo needs the "
                           f"plain diffusion model the LCM was distilled from (same text encoder as model.pretrained)")
+    if not torch.allclose(t_family.load_noise_scheduler().alphas_cumprod, family.load_noise_scheduler().alphas_cumprod):
+        # the teacher step uses the model's noise schedule (the code: the teacher's; equal for an LCM and its teacher)
+        raise ConfigError(f"model.teacher {cfg.model.teacher} has another noise schedule than model.pretrained "
+                          f"{cfg.model.pretrained}: use the model the LCM was distilled from")
     teacher = t_family.load_network(torch_dtype(cfg.model.frozen_dtype, "model.frozen_dtype"))
     return t_family, freeze(teacher).to(device)
 
