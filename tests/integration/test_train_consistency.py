@@ -66,7 +66,7 @@ def test_missing_teacher_is_refused(tmp_path, tiny_lcm, pickapic, capsys):
 def test_lcm_teacher_is_refused(tmp_path, tiny_lcm, pickapic, capsys):
     assert main(_args(tmp_path, tiny_lcm, pickapic, f"model.teacher={tiny_lcm}")) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and "model.teacher" in err[0]
+    assert len(err) == 1 and f"model.teacher {tiny_lcm} is a lcm pipeline" in err[0] and "plain diffusion model" in err[0]
 
 
 def test_run_from_a_prepared_cache_starts_at_ln2(tmp_path, tiny_lcm, tiny_sd, pickapic):

@@ -78,3 +78,13 @@ def test_pseudo_huber_by_hand():
     target = torch.zeros_like(pred)
     target[1] = 0.00075  # second sample: distance 0
     assert pseudo_huber(pred, target, 0.001).tolist() == pytest.approx([0.00025, 0.0], abs=1e-9)
+
+
+def test_boundary_scalings_match_diffusers_lcm_scheduler():
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(timestep_scaling=10.0)
+    for t in (0, 19, 259, 999):
+        ours = boundary_scalings(torch.tensor([float(t)]))
+        theirs = sched.get_scalings_for_boundary_condition_discrete(torch.tensor(float(t)))
+        assert [v.item() for v in ours] == pytest.approx([float(v) for v in theirs], rel=1e-6)
