@@ -130,10 +130,6 @@ class ConsistencyEncoder:
                                   self.teacher_family.spec.prediction_type)
         return ConsistencyBatch(noisy, x_prev, start, prev, w + 1.0, cond, batch.pair_cond, self.settings["huber_c"])
 
-    @property
-    def empty_cond(self) -> TextConditioning:
-        return self.inner.empty_cond
-
 
 class ConsistencyPairs:
     """Any pairs (train.batch PixelPairs or CachedPairs), encoded for consistency_dpo: the same dataset, order and
