@@ -39,6 +39,8 @@ class ModelConfig:
     """Full fine-tuning only: keep the frozen reference UNet on the CPU and move it per step (saves GPU memory)."""
     lcm_guidance_scale: float = 8.0
     """LCM UNets only: guidance scale fed through the guidance embedding (time_cond_proj_dim)."""
+    teacher: Optional[str] = None
+    """consistency_dpo only (required there): the frozen teacher's pipeline folder or hub id (its UNet is used)."""
 
 
 @dataclass
@@ -87,6 +89,11 @@ class DataConfig:
     """From a cache: draw latents from the stored VAE distribution like the official code ('sample') or use its mean."""
 
 
+# The LCM-LoRA target set (diffusers' train_lcm_distill_lora_sd_wds.py; Curriculum-DPO's LCM runs)
+LCM_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                    "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
 @dataclass
 class LoraSettings:
     rank: int = 8
@@ -96,7 +103,7 @@ class LoraSettings:
     dropout: float = 0.0
     """Dropout on the LoRA input, in [0, 1)."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet module names that receive an adapter."""
+    """UNet module names that receive an adapter (unset with train.method=consistency_dpo: LCM_LORA_TARGETS)."""
     init_weights: Literal["default", "gaussian"] = "default"
     """'default' starts the B matrices at zero, so the policy begins exactly at the reference."""
     export_kohya: bool = False
@@ -124,10 +131,10 @@ class CurriculumConfig:
 
 @dataclass
 class TrainConfig:
-    method: Literal["dpo", "sft", "ipo", "hinge", "cdpo", "rdpo", "kto", "mapo", "simpo"] = "dpo"
+    method: Literal["dpo", "sft", "ipo", "hinge", "cdpo", "rdpo", "kto", "mapo", "simpo", "consistency_dpo"] = "dpo"
     """The loss: 'dpo' Diffusion-DPO (Wallace et al. 2024, eq. 14); 'sft' diffusion loss on the preferred image only;
-    'ipo', 'hinge', 'cdpo', 'rdpo', 'kto' (reference-based); 'mapo', 'simpo' (reference-free). Its settings are the
-    loss.* keys; docs/losses.md has each formula."""
+    'ipo', 'hinge', 'cdpo', 'rdpo', 'kto' (reference-based); 'mapo', 'simpo' (reference-free); 'consistency_dpo'
+    (latent consistency models, needs model.teacher). Its settings are the loss.* keys; docs/losses.md has each formula."""
     beta: float = 2000.0
     """DPO temperature. With error_reduction='mean' (official code) the effective temperature is beta/(2*C*H*W). See docs/losses.md."""
     error_reduction: Literal["mean", "sum"] = "mean"
@@ -216,6 +223,12 @@ class LossConfig:
     """mapo: constant s in the score s*e/(exp(s*e)-1), > 0 (official default 0.5)."""
     mapo_scale: Optional[float] = None
     """mapo: factor T on the margin inside the log-sigmoid, > 0 (official: num_train_timesteps, 1000)."""
+    huber_c: Optional[float] = None
+    """consistency_dpo: constant c of the pseudo-Huber distance sqrt(d^2 + c^2) - c, > 0 (default 0.001)."""
+    guidance_range: Optional[tuple[float, float]] = None
+    """consistency_dpo: w ~ U[low, high] per pair (teacher: cond + w (cond - uncond)), 0 <= low <= high; default (5, 15)."""
+    solver_steps: Optional[int] = None
+    """consistency_dpo: DDIM solver steps over the training timesteps, >= 1 (default 50: skip 20 of 1000)."""
 
 
 # The loss.* keys each train.method reads (losses.build_loss passes exactly these to the loss).
@@ -223,6 +236,7 @@ LOSS_KEYS: dict[str, tuple[str, ...]] = {
     "dpo": ("soft_labels",), "sft": (), "ipo": (), "hinge": (), "cdpo": ("label_smoothing",),
     "rdpo": ("label_smoothing",), "kto": ("kto_desirable_weight", "kto_undesirable_weight"),
     "mapo": ("mapo_weight", "mapo_snr", "mapo_scale"), "simpo": ("simpo_gamma",),
+    "consistency_dpo": ("huber_c", "guidance_range", "solver_steps"),
 }
 
 
@@ -249,6 +263,24 @@ def _validate_reference(t: TrainConfig) -> None:
         raise ConfigError(f"train.reference_epochs must be >= 1, got {t.reference_epochs}")
 
 
+def _validate_teacher(t: TrainConfig, m: ModelConfig) -> None:
+    """consistency_dpo: a teacher, a live reference, no explicit non-LCM family (an auto-detected one: at setup)."""
+    if t.method != "consistency_dpo":
+        if m.teacher is not None:
+            raise ConfigError(f"model.teacher is set but train.method {t.method!r} does not use it (only "
+                              "consistency_dpo does): remove model.teacher or set train.method=consistency_dpo")
+        return
+    if not m.teacher:
+        raise ConfigError("train.method=consistency_dpo needs model.teacher: set it to the teacher's diffusers "
+                          "pipeline folder or hub id (e.g. the SD model the LCM was distilled from)")
+    if m.family not in ("auto", "lcm"):
+        raise ConfigError(f"train.method=consistency_dpo trains a latent consistency model, but model.family is "
+                          f"{m.family!r}: set model.family=lcm (or auto) with an LCM pipeline, or choose another method")
+    if t.reference not in (None, "live"):
+        raise ConfigError(f"train.reference={t.reference} is not supported by train.method=consistency_dpo (its "
+                          "reference distances need the reference's own target each step): use train.reference=live")
+
+
 def _validate_loss(method: str, loss: LossConfig) -> None:
     """Keys set for another loss, and out-of-range values, named with the fix."""
     values = dataclasses.asdict(loss)
@@ -264,7 +296,10 @@ def _validate_loss(method: str, loss: LossConfig) -> None:
         raise ConfigError(f"loss.label_smoothing must be in {bound} for train.method {method!r}, got {eps}")
     if loss.simpo_gamma is not None and loss.simpo_gamma < 0:
         raise ConfigError(f"loss.simpo_gamma must be >= 0, got {loss.simpo_gamma}")
-    for key in ("kto_desirable_weight", "kto_undesirable_weight", "mapo_weight", "mapo_snr", "mapo_scale"):
+    if (g := loss.guidance_range) is not None and not 0 <= g[0] <= g[1]:
+        raise ConfigError(f"loss.guidance_range must satisfy 0 <= low <= high, got {g}")
+    for key in ("kto_desirable_weight", "kto_undesirable_weight", "mapo_weight", "mapo_snr", "mapo_scale", "huber_c",
+                "solver_steps"):
         value = values[key]
         if value is not None and value <= 0:
             raise ConfigError(f"loss.{key} must be > 0, got {value}")
@@ -289,6 +324,11 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
+    def resolve_defaults(self, given: dict) -> None:
+        """Defaults that depend on other keys, where `given` (YAML + overrides) sets none: consistency_dpo's LoRA set."""
+        if self.train.method == "consistency_dpo" and "target_modules" not in given.get("lora", {}):
+            self.lora.target_modules = list(LCM_LORA_TARGETS)
+
     def validate(self) -> None:
         """Cross-field checks; raise ConfigError naming the key and the fix."""
         t, d = self.train, self.data
@@ -296,6 +336,7 @@ class RunConfig:
             raise ConfigError(f"train.beta must be > 0 for method {t.method!r}, got {t.beta}")
         _validate_loss(t.method, self.loss)
         _validate_reference(t)
+        _validate_teacher(t, self.model)
         for key, value in (("train.batch_size", t.batch_size), ("train.gradient_accumulation", t.gradient_accumulation),
                            ("train.max_steps", t.max_steps), ("data.resolution", d.resolution), ("lora.rank", self.lora.rank)):
             if value < 1:
@@ -354,6 +395,6 @@ def save_config(cfg: Any, path: str | Path) -> None:
     save_yaml(cfg, path)
 
 
-__all__ = ["ModelConfig", "DataConfig", "LoraSettings", "CurriculumConfig", "TrainConfig", "LossConfig", "LOSS_KEYS",
+__all__ = ["LCM_LORA_TARGETS", "ModelConfig", "DataConfig", "LoraSettings", "CurriculumConfig", "TrainConfig", "LossConfig", "LOSS_KEYS",
            "REFERENCE_FREE", "OutputConfig", "RunConfig", "reference_strategy", "load_config", "save_config",
            "from_dict", "to_dict", "apply_override"]

@@ -141,7 +141,7 @@ def test_build_loss_picks_from_the_losses_table(monkeypatch):
     monkeypatch.setitem(LOSSES, "hinge", Hinge)
     built = build_loss("hinge", 7.0)
     assert type(built) is Hinge and built.beta == 7.0
-    with pytest.raises(ConfigError, match=r"unknown train.method 'orpo'; choose one of \['cdpo', 'dpo', 'hinge', "):
+    with pytest.raises(ConfigError, match=r"unknown train.method 'orpo'; choose one of \['cdpo', 'consistency_dpo', 'dpo', 'hinge', "):
         build_loss("orpo", 1.0)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.losses.base import LossOutput, PairErrors, PreferenceLoss, check_data
 from diffusion_dpo.losses.cdpo import CDPOLoss, RobustDPOLoss
+from diffusion_dpo.losses.consistency import ConsistencyDPOLoss
 from diffusion_dpo.losses.dpo import DPOLoss, dpo_logit
 from diffusion_dpo.losses.hinge import HingeLoss
 from diffusion_dpo.losses.ipo import IPOLoss
@@ -22,7 +23,7 @@ from diffusion_dpo.losses.simpo import SimPOLoss
 
 LOSSES: dict[str, type[PreferenceLoss]] = {
     "dpo": DPOLoss, "sft": SFTLoss, "ipo": IPOLoss, "hinge": HingeLoss, "cdpo": CDPOLoss, "rdpo": RobustDPOLoss,
-    "kto": KTOLoss, "mapo": MaPOLoss, "simpo": SimPOLoss,
+    "kto": KTOLoss, "mapo": MaPOLoss, "simpo": SimPOLoss, "consistency_dpo": ConsistencyDPOLoss,
 }
 
 
@@ -38,5 +39,5 @@ def build_loss(method: str, beta: float, settings: Optional[Any] = None) -> Pref
     return LOSSES[method].from_settings(beta=beta, **{k: v for k, v in given.items() if v is not None})
 
 
-__all__ = ["CDPOLoss", "DPOLoss", "HingeLoss", "IPOLoss", "KTOLoss", "MaPOLoss", "RobustDPOLoss", "SFTLoss",
+__all__ = ["CDPOLoss", "ConsistencyDPOLoss", "DPOLoss", "HingeLoss", "IPOLoss", "KTOLoss", "MaPOLoss", "RobustDPOLoss", "SFTLoss",
            "SimPOLoss", "LossOutput", "PairErrors", "PreferenceLoss", "LOSSES", "build_loss", "check_data", "dpo_logit"]

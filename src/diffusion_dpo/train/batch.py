@@ -159,7 +159,17 @@ class CachedPairs:
 
 def open_pairs(cfg: RunConfig, family, accelerator=None):
     """The run's pairs: a prepared cache (no VAE, no text encoder in memory) or images encoded on the fly; or
-    labelled single images (train.singles.LabelledImages) from a labelled source or under data.unpair."""
+    labelled single images (train.singles.LabelledImages) from a labelled source or under data.unpair. Pairs for
+    train.method=consistency_dpo are encoded with its frozen teacher (train.consistency.ConsistencyPairs)."""
+    pairs = _open_source_pairs(cfg, family, accelerator)
+    if cfg.train.method == "consistency_dpo" and not pairs.labelled:  # labelled data: losses.check_data refuses it
+        from diffusion_dpo.train.consistency import ConsistencyPairs
+
+        return ConsistencyPairs(pairs)
+    return pairs
+
+
+def _open_source_pairs(cfg: RunConfig, family, accelerator=None):
     d, spec = cfg.data, family.spec
     cache_folder = None
     if d.format == "cache" or (d.format == "auto" and Path(d.source, "cache_manifest.json").is_file()):

@@ -14,6 +14,7 @@ import torch
 from diffusion_dpo.losses import LossOutput, PairErrors
 from diffusion_dpo.models.diffusion import per_sample_error, split_pairs, stack_pairs
 from diffusion_dpo.train.batch import PairBatch
+from diffusion_dpo.train.consistency import ConsistencyBatch, consistency_errors
 from diffusion_dpo.train.singles import LabelledBatch, labelled_errors
 
 
@@ -68,7 +69,8 @@ def pair_errors(policy, reference, family, scheduler, batch: PairBatch, reductio
     return PairErrors(policy_w, policy_l, ref_w, ref_l)
 
 
-def preference_step(policy, reference: Optional[object], loss_fn, family, scheduler, batch: PairBatch | LabelledBatch,
+def preference_step(policy, reference: Optional[object], loss_fn, family, scheduler,
+                    batch: PairBatch | LabelledBatch | ConsistencyBatch,
                     reduction: str = "mean") -> LossOutput:
     """Forward pass(es) and loss for one micro-batch (DPO: reference and policy on 2B rows; SFT: policy on B;
     a LabelledBatch of single images: train.singles.labelled_errors, chosen by the batch's type)."""
@@ -77,5 +79,6 @@ def preference_step(policy, reference: Optional[object], loss_fn, family, schedu
     return loss_fn(errors)
 
 
-ERRORS = {PairBatch: pair_errors, LabelledBatch: labelled_errors}
-"""Batch type -> its per-sample errors (the encoder chosen in setup decides the type, so the trainer never branches)."""
+ERRORS = {PairBatch: pair_errors, LabelledBatch: labelled_errors, ConsistencyBatch: consistency_errors}
+"""Batch type -> its per-sample errors (the encoder chosen in setup decides the type, so the trainer never branches;
+consistency_dpo's distances: train.consistency)."""

@@ -126,7 +126,14 @@ class ModelFamily(ABC):
                          timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents, noise (N, C, h, w), timesteps (N,) -> noisy network input and training target, both (N, C, h, w)."""
 
+    @property
+    def has_guidance_embedding(self) -> bool:
+        """The network takes the guidance scale as an input (a latent consistency UNet's time_cond_proj_dim)."""
+        return self.spec.time_cond_proj_dim is not None
+
     @abstractmethod
     def predict(self, net, noisy: torch.Tensor, timesteps: torch.Tensor, cond: TextConditioning,
-                pair_cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """One forward of `net` (policy or reference) on N rows; `pair_cond`: pair_conditioning's rows (or a slice)."""
+                pair_cond: Optional[torch.Tensor], guidance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One forward of `net` (policy or reference) on N rows; `pair_cond`: pair_conditioning's rows (or a slice);
+        `guidance`: per-row guidance scales (N,) for a network with a guidance embedding (default: the family's
+        guidance_scale; pipeline convention, embedded as (scale - 1) * 1000)."""

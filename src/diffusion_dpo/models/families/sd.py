@@ -32,24 +32,25 @@ class SDFamily(ModelFamily):
         """DDPM forward process x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps; target eps or v (scheduler.prediction_type)."""
         return scheduler.add_noise(latents, noise, timesteps), prediction_target(scheduler, latents, noise, timesteps)
 
-    def predict(self, net, noisy, timesteps, cond, pair_cond=None):
+    def predict(self, net, noisy, timesteps, cond, pair_cond=None, guidance=None):
         dtype = next(net.parameters()).dtype  # works for DDP-wrapped networks too (no .dtype there)
         return net(noisy.to(dtype), timesteps, encoder_hidden_states=cond.prompt_embeds.to(dtype),
                    added_cond_kwargs=self.added_cond(cond, pair_cond, dtype),
-                   timestep_cond=self.timestep_cond(noisy, dtype),
+                   timestep_cond=self.timestep_cond(noisy, dtype, guidance),
                    return_dict=False)[0]
 
     def added_cond(self, cond: TextConditioning, pair_cond: Optional[torch.Tensor], dtype) -> Optional[dict]:
         """The UNet's added conditioning (SDXL: pooled text + time ids); none for SD."""
         return None
 
-    def timestep_cond(self, noisy: torch.Tensor, dtype) -> Optional[torch.Tensor]:
+    def timestep_cond(self, noisy: torch.Tensor, dtype, guidance: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """A latent consistency UNet (time_cond_proj_dim set, whatever the family) gets the guidance-scale
-        embedding of `guidance_scale` (model.lcm_guidance_scale), as LatentConsistencyModelPipeline computes it."""
+        embedding of `guidance_scale` (model.lcm_guidance_scale), or of the per-row scales `guidance` (N,), as
+        LatentConsistencyModelPipeline computes it."""
         dim = self.spec.time_cond_proj_dim
         if dim is None:
             return None
-        w = torch.full((noisy.shape[0],), self.guidance_scale, device=noisy.device)
+        w = torch.full((noisy.shape[0],), self.guidance_scale, device=noisy.device) if guidance is None else guidance
         return guidance_embedding(w, dim).to(noisy.device, dtype)
 
 
