@@ -32,11 +32,12 @@ usage: reproduce_drawbench.sh [--family sd|lcm] [--task aesthetics|hps|text_alig
   --margin        pair threshold (default: the task's, 0.2 aesthetics, 0.02 hps / text_alignment)
   --train-override  extra `section.key=value` for both trainings (repeatable)
   --tiny          test sizes: 32 px, 2 sampling steps, 4 training steps, 2 curriculum levels of 2 steps
+  --dry-run       print the commands instead of running them
 EOF
 }
 
 family=sd task=all out="" base="" teacher="" prompts=drawbench limit="" pair_images=50 eval_images=10
-reward="" metric="" margin="" device="" dtype="" tiny=0
+reward="" metric="" margin="" device="" dtype="" tiny=0 dry=0
 overrides=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -56,20 +57,21 @@ while [[ $# -gt 0 ]]; do
         --dtype) dtype="$2"; shift 2 ;;
         --train-override) overrides+=("$2"); shift 2 ;;
         --tiny) tiny=1; shift ;;
+        --dry-run) dry=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-configs="$here/../configs"
+configs="$(cd "$here/.." && pwd)/configs"
 read -r -a ddpo <<< "${DIFFUSION_DPO:-diffusion-dpo}"
 read -r -a python <<< "${PYTHON:-python}"
 
 case "$family" in
     sd) base="${base:-stable-diffusion-v1-5/stable-diffusion-v1-5}"; config_family=sd15; preset=drawbench-sd ;;
     lcm) base="${base:-SimianLuo/LCM_Dreamshaper_v7}"; teacher="${teacher:-Lykon/dreamshaper-7}"
-         config_family=lcm; preset=drawbench-lcm; overrides=("model.teacher=$teacher" "${overrides[@]}") ;;
+         config_family=lcm; preset=drawbench-lcm; overrides=("model.teacher=$teacher" ${overrides[@]+"${overrides[@]}"}) ;;
     *) echo "error: --family $family: choose sd or lcm" >&2; exit 2 ;;
 esac
 case "$task" in
@@ -90,8 +92,13 @@ if [[ $tiny == 1 ]]; then
     sampling+=(--resolution 32 --steps 2)
     overrides=(data.resolution=32 train.max_steps=4 train.batch_size=1 train.checkpoint_every=0 lora.rank=4 lora.alpha=4
                'train.mixed_precision="no"' model.frozen_dtype=float32 train.gradient_checkpointing=false
-               train.curriculum.levels=2 train.curriculum.steps_per_level=2 output.report_to=none "${overrides[@]}")
+               train.curriculum.levels=2 train.curriculum.steps_per_level=2 output.report_to=none ${overrides[@]+"${overrides[@]}"})
 fi
+
+# run CMD...: run it, or with --dry-run print it (shell-quoted, one line)
+run() {
+    if [[ $dry == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
 
 results=()
 for t in "${tasks[@]}"; do
@@ -103,19 +110,19 @@ for t in "${tasks[@]}"; do
     r="${reward:-$task_reward}" m="${metric:-${reward:-$task_reward}}" g="${margin:-$task_margin}"
     dir="$out/$t"
     echo "== $t: pairs ($pair_images images per prompt, reward $r, margin $g)"
-    "${ddpo[@]}" generate-pairs --base "$base" "${sampling[@]}" -k "$pair_images" --reward "$r" \
-        --strategy all-ranked --margin "$g" --out "$dir/pairs" --no-progress "${run_flags[@]}"
+    run "${ddpo[@]}" generate-pairs --base "$base" "${sampling[@]}" -k "$pair_images" --reward "$r" \
+        --strategy all-ranked --margin "$g" --out "$dir/pairs" --no-progress ${run_flags[@]+"${run_flags[@]}"}
     config="$configs/drawbench_${config_family}_dpo_${t}.yaml"
-    common=(--config "$config" "model.pretrained=$base" "data.source=$dir/pairs/pairs.jsonl" "${overrides[@]}")
+    common=(--config "$config" "model.pretrained=$base" "data.source=$dir/pairs/pairs.jsonl" ${overrides[@]+"${overrides[@]}"})
     echo "== $t: train DPO"
-    "${ddpo[@]}" train "${common[@]}" "output.dir=$dir/dpo"
+    run "${ddpo[@]}" train "${common[@]}" "output.dir=$dir/dpo"
     echo "== $t: train Curriculum-DPO"
-    "${ddpo[@]}" train "${common[@]}" train.curriculum.enabled=true "output.dir=$dir/cdpo"
+    run "${ddpo[@]}" train "${common[@]}" train.curriculum.enabled=true "output.dir=$dir/cdpo"
     echo "== $t: sample base, dpo, cdpo ($eval_images images per prompt) and score with $m"
-    "${ddpo[@]}" evaluate --base "$base" --tuned "dpo=$dir/dpo" --tuned "cdpo=$dir/cdpo" "${sampling[@]}" \
+    run "${ddpo[@]}" evaluate --base "$base" --tuned "dpo=$dir/dpo" --tuned "cdpo=$dir/cdpo" "${sampling[@]}" \
         --images-per-prompt "$eval_images" --metrics "$m" --samples "$dir/samples" --out "$dir/report" \
-        --quiet "${run_flags[@]}"
+        --quiet ${run_flags[@]+"${run_flags[@]}"}
     results+=("$t=$dir/report/results.json")
 done
 
-"${python[@]}" "$here/drawbench_table.py" --family "$family" --out "$out" "${results[@]}"
+run "${python[@]}" "$here/drawbench_table.py" --family "$family" --out "$out" "${results[@]}"

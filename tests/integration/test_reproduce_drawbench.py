@@ -75,3 +75,32 @@ def test_unknown_task_is_refused(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: --task pickscore: choose aesthetics, hps, text_alignment or all")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family, config, preset, base", [
+    ("sd", "drawbench_sd15_dpo", "drawbench-sd", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("lcm", "drawbench_lcm_dpo", "drawbench-lcm", "SimianLuo/LCM_Dreamshaper_v7")])
+def test_dry_run_shows_the_real_checkpoint_protocol(tmp_path, family, config, preset, base):
+    """The defaults on the real checkpoints (printed, not run): K = 50, each task's reward and threshold, the
+    shipped recipe, DPO then Curriculum-DPO, the DrawBench preset with 10 images per prompt, one table."""
+    proc = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--family", family, "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [x.split() for x in proc.stdout.splitlines() if not x.startswith("==")]
+    assert len(lines) == 3 * 4 + 1 and not (tmp_path / "r").exists()
+    for i, (task, reward, margin) in enumerate([("aesthetics", "aesthetic", "0.2"), ("hps", "hpsv21", "0.02"),
+                                                ("text_alignment", "text_alignment", "0.02")]):
+        gen, dpo, cdpo, evaluate = lines[4 * i: 4 * i + 4]
+        assert gen[1:3] == ["generate-pairs", "--base"] and gen[3] == base
+        for flag, value in [("--prompts", "drawbench"), ("--preset", preset), ("-k", "50"), ("--reward", reward),
+                            ("--strategy", "all-ranked"), ("--margin", margin)]:
+            assert gen[gen.index(flag) + 1] == value, flag
+        assert dpo[dpo.index("--config") + 1] == str(REPO / "configs" / f"{config}_{task}.yaml")
+        assert (REPO / "configs" / f"{config}_{task}.yaml").is_file()
+        assert cdpo == dpo[:-1] + ["train.curriculum.enabled=true", dpo[-1].replace("/dpo", "/cdpo")]
+        assert ("model.teacher=Lykon/dreamshaper-7" in dpo) == (family == "lcm")
+        for flag, value in [("--preset", preset), ("--images-per-prompt", "10"), ("--metrics", reward)]:
+            assert evaluate[evaluate.index(flag) + 1] == value, flag
+    table = lines[-1]
+    assert table[1].endswith("drawbench_table.py") and table[table.index("--family") + 1] == family
+    assert [a.split("=")[0] for a in table[-3:]] == ["aesthetics", "hps", "text_alignment"]
