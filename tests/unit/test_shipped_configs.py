@@ -124,3 +124,42 @@ def test_deviations_from_the_official_launchers_are_all_documented():
             assert (name, key) in table, f"{name} {key} = {ours!r}, official {launcher_value!r}: not in docs/recipes.md"
             assert table[(name, key)] == (ours, launcher_value), f"docs/recipes.md row for {name} {key} is stale"
             assert "DIFFERS" in _yaml_comment(path, key), f"{name} {key}: the YAML line needs a DIFFERS comment"
+
+
+# ----------------------------------------------------------------------------------------------
+# The DrawBench recipes (Curriculum-DPO's rows): values from ../shared/REFERENCE.md section 5 ("R5" in the
+# YAML comment of each line that sets one).
+DRAWBENCH_TASKS = ("aesthetics", "hps", "text_alignment")
+_DRAWBENCH_COMMON = {"train.finetune": "lora", "train.optimizer": "adamw", "train.weight_decay": 1e-4,
+                     "train.max_grad_norm": 1.0, "train.lr_scheduler": "constant", "train.mixed_precision": "fp16",
+                     "train.learning_rate": 1e-5, "train.batch_size": 16}
+DRAWBENCH = {
+    "sd15": {**_DRAWBENCH_COMMON, "train.method": "dpo", "train.beta": 2000.0, "lora.rank": 8, "lora.alpha": 8.0,
+             "lora.init_weights": "gaussian", "lora.target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+             "data.caption_dropout": 0.25, "data.resolution": 512},
+    "lcm": {**_DRAWBENCH_COMMON, "train.method": "consistency_dpo", "train.beta": 400.0, "lora.rank": 64,
+            "model.teacher": "Lykon/dreamshaper-7", "model.pretrained": "SimianLuo/LCM_Dreamshaper_v7",
+            "loss.huber_c": 0.001, "loss.guidance_range": (5.0, 15.0), "loss.solver_steps": 50, "data.resolution": 768},
+}
+
+
+@pytest.mark.parametrize("family", sorted(DRAWBENCH))
+@pytest.mark.parametrize("task", DRAWBENCH_TASKS)
+def test_drawbench_recipes_carry_the_curriculum_dpo_settings(family, task):
+    from diffusion_dpo.config import LCM_LORA_TARGETS
+
+    path = Path(__file__).parents[2] / "configs" / f"drawbench_{family}_dpo_{task}.yaml"
+    cfg = load_config(path)
+    for key, expected in DRAWBENCH[family].items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        assert (tuple(value) if isinstance(expected, tuple) else value) == expected, key
+        assert "R5" in _yaml_comment(path, key), f"{path.name} {key}: no source comment"
+    if family == "lcm":
+        assert tuple(cfg.lora.target_modules) == LCM_LORA_TARGETS and "R5" in _yaml_comment(path, "lora.target_modules")
+    assert f"drawbench_{family}_{task}/pairs.jsonl" in cfg.data.source
+    # the DPO baseline as shipped; Curriculum-DPO is the documented override, the paper's B = 5, K = 400
+    assert not cfg.train.curriculum.enabled
+    cur = load_config(path, ["train.curriculum.enabled=true"]).train.curriculum
+    assert cur.enabled and (cur.levels, cur.steps_per_level, cur.difficulty) == (5, 400, "rank_difference")
+    assert cfg.train.max_steps == cur.levels * cur.steps_per_level  # the last level gets its K steps
