@@ -175,11 +175,17 @@ class Comparison:
             lock = d.out / "logs" / "setup.lock"
             while not try_lock(lock):  # another worker is building this seed's pairs
                 time.sleep(5)
+            done = d.out / "logs" / "setup.done"
             try:
                 d._check_settings()
-                self.console.rule(f"[bold]seed {seed}: base, pairs, cache -> {d.out}")
-                d.stage_base(), d.stage_pairs(), d.stage_prepare()
-                d.sample(self._specs(d, ["base"]))
+                d.stage_base()
+                # once complete, not rerun: resuming generate-pairs rewrites the manifest, which changes the cache
+                # key under the trainings other workers may be starting
+                if not done.is_file():
+                    self.console.rule(f"[bold]seed {seed}: base, pairs, cache -> {d.out}")
+                    d.stage_pairs(), d.stage_prepare()
+                    d.sample(self._specs(d, ["base"]))
+                    done.touch()
             finally:
                 lock.unlink(missing_ok=True)
             self.demos[seed] = d
