@@ -225,7 +225,8 @@ class Comparison:
         while pending:
             left = []
             for seed, loss, value in pending:
-                lock = self.demo(seed).out / "logs" / f"{run_name(loss, value)}.lock"
+                # the lock's path, not self.demo(seed): that would wait while another worker sets the seed up
+                lock = Path(demo_settings(self.c, seed).output_dir) / "logs" / f"{run_name(loss, value)}.lock"
                 if not try_lock(lock):
                     left.append((seed, loss, value))
                     continue
