@@ -59,6 +59,13 @@ def test_unknown_loss_is_refused(tmp_path, capsys):
     assert not (tmp_path / "c").exists()  # refused before any work
 
 
+@pytest.mark.fault(input="`demo --seeds`/`--losses` without `--compare-losses`", behaviour="exit 2: says they belong to --compare-losses")
+def test_compare_flags_without_compare_losses_are_refused(tmp_path, capsys):
+    assert main(["demo", "--seeds", "0", "1", "--output-dir", str(tmp_path / "d")]) == 2
+    assert "--compare-losses" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
 def _row(setting: str, win: float, fidelity_change: float, judge: float = 0.5) -> dict:
     return {"setting": setting, "win_vs_base": {"win_rate": win}, "fidelity_change": fidelity_change,
             "judge_mean": judge}
