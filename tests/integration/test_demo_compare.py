@@ -37,7 +37,8 @@ def test_quick_compare_writes_table_and_grid(quick_compare):
         assert 0 < r["seconds_per_step"] < 60
         assert 100 < r["peak_rss_mb"] < 64_000  # a whole training process (torch + the miniature model), in MiB
     md = (quick_compare / "comparison.md").read_text()
-    assert "| dpo | - | 0 |" in md and "| sft | - | 0 |" in md
+    for r in rows.values():
+        assert f"| {r['loss']} | - | 0 | {r['judge_mean']:.3f} ({r['judge_base_mean']:.3f}) |" in md
     from PIL import Image
 
     with Image.open(quick_compare / "grid_seed0.png") as grid:

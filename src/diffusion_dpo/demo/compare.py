@@ -209,7 +209,7 @@ class Comparison:
         d.sample(self._specs(d, [name]))
         judge, base = self.score(seed, name), self.score(seed, "base")
         row = {"loss": loss, "setting": None if value is None else f"{SWEEPS[loss][0]}={value:g}", "seed": seed,
-               "run": name, "judge_mean": float(judge["judge"].mean()),
+               "run": name, "judge_mean": float(judge["judge"].mean()), "judge_base_mean": float(base["judge"].mean()),
                "win_vs_base": stats.win_rate(judge["judge"], base["judge"], 2000, seed=0),
                "fidelity_percent": 100.0 * float(judge["fidelity"].mean()),
                "fidelity_base_percent": 100.0 * float(base["fidelity"].mean()), **measure}
@@ -345,31 +345,34 @@ def markdown(result: dict) -> str:
              f"{d['eval_images']} images, same seeds for every model; win rates per prompt with 95% bootstrap "
              f"intervals; s/step = training loop wall time / steps on {s['threads']} torch threads (load average "
              f"before/after in comparison.json); peak RSS = VmHWM of the training process.", "",
-             "| loss | setting | seed | judge win vs base [95% CI] | win vs DPO [95% CI] | fidelity (vs base) "
-             "| s/step | peak RSS MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| loss | setting | seed | judge mean (base) | judge win vs base [95% CI] | win vs DPO [95% CI] | "
+             "fidelity (vs base) | s/step | peak RSS MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (list(result_losses(rows)).index(r["loss"]), r["seed"])):
-        lines.append(f"| {r['loss']} | {r['setting'] or '-'} | {r['seed']} | {_pct(r['win_vs_base'])} | "
+        lines.append(f"| {r['loss']} | {r['setting'] or '-'} | {r['seed']} | {r['judge_mean']:.3f} "
+                     f"({r['judge_base_mean']:.3f}) | {_pct(r['win_vs_base'])} | "
                      f"{_pct(r.get('win_vs_dpo'))} | {r['fidelity_percent']:.1f}% ({r['fidelity_change']:+.1f}) | "
                      f"{r['seconds_per_step']:.3f} | {r['peak_rss_mb']:.0f} |")
-    lines += ["", "Mean over seeds:", "", "| loss | setting | seeds | judge win vs base, mean (min-max) | win vs DPO, "
-              "mean (min-max) | fidelity change, mean | s/step, mean | peak RSS MiB, max |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "Mean over seeds:", "", "| loss | setting | seeds | judge mean | judge win vs base, mean (min-max) | "
+              "win vs DPO, mean (min-max) | fidelity change, mean | s/step, mean | peak RSS MiB, max |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for loss, group in result_losses(rows).items():
         def span(key: str) -> str:
             v = [100 * r[key]["win_rate"] for r in group if r.get(key)]
             return f"{sum(v) / len(v):.1f}% ({min(v):.0f}-{max(v):.0f})" if v else "-"
         mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
-        lines.append(f"| {loss} | {group[0]['setting'] or '-'} | {len(group)} | {span('win_vs_base')} | "
+        lines.append(f"| {loss} | {group[0]['setting'] or '-'} | {len(group)} | {mean('judge_mean'):.3f} | "
+                     f"{span('win_vs_base')} | "
                      f"{span('win_vs_dpo')} | {mean('fidelity_change'):+.1f} | {mean('seconds_per_step'):.3f} | "
                      f"{max(r['peak_rss_mb'] for r in group):.0f} |")
     lines += ["", f"Sweep on seed {result['sweep_seed']} (chosen: the best judge win rate vs base among values within "
               f"{result['fidelity_guard_points']:g} points of the base's prompt fidelity):", "",
-              "| loss | setting | judge win vs base [95% CI] | win vs DPO [95% CI] | fidelity (vs base) | chosen |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              "| loss | setting | judge mean | judge win vs base [95% CI] | win vs DPO [95% CI] | fidelity (vs base) "
+              "| chosen |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for loss, sw in result["sweep"].items():
         for r in sw["rows"]:
             chosen = r["setting"] == f"{sw['key']}={sw['chosen']:g}"
-            lines.append(f"| {loss} | {r['setting']} | {_pct(r['win_vs_base'])} | {_pct(r.get('win_vs_dpo'))} | "
+            lines.append(f"| {loss} | {r['setting']} | {r['judge_mean']:.3f} | {_pct(r['win_vs_base'])} | "
+                         f"{_pct(r.get('win_vs_dpo'))} | "
                          f"{r['fidelity_percent']:.1f}% ({r['fidelity_change']:+.1f}) | {'yes' if chosen else ''} |")
     return "\n".join(lines) + "\n"
 
