@@ -52,6 +52,27 @@ def test_quick_compare_rerun_retrains_nothing(quick_compare, capsys):
     assert {n: (quick_compare / "seed0" / n / "measure.json").stat().st_mtime_ns for n in stamps} == stamps
 
 
+def test_report_only_tables_what_is_finished_and_lists_the_rest(quick_compare):
+    stamp = (quick_compare / "seed0" / "dpo" / "measure.json").stat().st_mtime_ns
+    args = [a if a != "sft" else "mapo" for a in ARGS]  # mapo was never trained here
+    assert main(args + ["--report-only", "--output-dir", str(quick_compare)]) == 0
+    result = json.loads((quick_compare / "comparison.json").read_text())
+    assert [r["run"] for r in result["rows"]] == ["dpo"]
+    assert result["sweep"]["mapo"] == {"key": "loss.mapo_weight", "rows": [], "complete": False, "chosen": None}
+    assert result["missing"] == ["seed0/mapo-lambda1", "seed0/mapo-lambda0.1"]  # the default first
+    assert "Not finished yet (2 runs" in (quick_compare / "comparison.md").read_text()
+    assert not (quick_compare / "seed0" / "mapo-lambda0.1").exists()  # nothing trained
+    assert (quick_compare / "seed0" / "dpo" / "measure.json").stat().st_mtime_ns == stamp
+
+
+def test_sweep_runs_every_loss_default_first(tmp_path):
+    from diffusion_dpo.demo.compare import CompareSettings, Comparison
+
+    tasks = Comparison(CompareSettings(output_dir=str(tmp_path), losses=["ipo", "cdpo"])).sweep_tasks()
+    assert tasks == [(0, "ipo", 2000.0), (0, "cdpo", 0.1), (0, "ipo", 500.0), (0, "cdpo", 0.05),
+                     (0, "ipo", 8000.0), (0, "cdpo", 0.25)]
+
+
 @pytest.mark.fault(input="`demo --compare-losses --losses` with an unknown loss", behaviour="exit 2: names it and the valid losses")
 def test_unknown_loss_is_refused(tmp_path, capsys):
     assert main(["demo", "--compare-losses", "--losses", "dpo", "orpo", "--output-dir", str(tmp_path / "c")]) == 2

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "each of --seeds, tune each loss's main setting on seed 0, and write comparison.md/json "
                              "and grid_seed<s>.png (docs/losses.md); resumes like the demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="--compare-losses: seeds (default 0 1 2)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="--compare-losses: train nothing, write the table from the runs finished so far")
     parser.add_argument("--losses", nargs="+", default=None,
                         help="--compare-losses: losses to train (default: every loss; dpo always runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -65,7 +67,8 @@ def compare_settings_from_args(args: argparse.Namespace):
     s = settings_from_args(args)  # validates --steps as for the demo
     return CompareSettings(output_dir=args.output_dir, seeds=args.seeds or [0, 1, 2],
                            losses=args.losses or default_losses(),
-                           quick=args.quick, train_steps=args.steps, threads=args.threads, progress=s.progress)
+                           quick=args.quick, train_steps=args.steps, threads=args.threads, progress=s.progress,
+                           report_only=args.report_only)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
         from diffusion_dpo.demo.compare import compare_losses
 
         return 0 if compare_losses(compare_settings_from_args(args))["rows"] else 1
-    if args.seeds is not None or args.losses is not None:
+    if args.seeds is not None or args.losses is not None or args.report_only:
         from diffusion_dpo.errors import ConfigError
 
-        raise ConfigError("--seeds and --losses belong to --compare-losses; add it, or use --seed for one demo run")
+        raise ConfigError("--seeds, --losses and --report-only belong to --compare-losses; add it, or use --seed "
+                          "for one demo run")
     results = run_demo(settings_from_args(args))
     return 0 if results else 1

@@ -70,6 +70,8 @@ class CompareSettings:
     """Images per held-out prompt (the demo samples 8; 4 halves the sampling of 9 losses x 3 seeds)."""
     threads: int = 2
     progress: bool = False
+    report_only: bool = False
+    """Train nothing: write the table from the runs finished so far (workers may still be running)."""
 
     def __post_init__(self) -> None:
         from diffusion_dpo.errors import ConfigError
@@ -206,7 +208,8 @@ class Comparison:
         name = run_name(loss, value)
         overrides = training_overrides(d.s, d.base, loss, name, setting_override(loss, value))
         measure = train_in_child(overrides, d.out / name, self.c.threads)
-        d.sample(self._specs(d, [name]))
+        if not self.c.report_only:  # (report_only: only finished runs get here, samples complete)
+            d.sample(self._specs(d, [name]))
         judge, base = self.score(seed, name), self.score(seed, "base")
         row = {"loss": loss, "setting": None if value is None else f"{SWEEPS[loss][0]}={value:g}", "seed": seed,
                "run": name, "judge_mean": float(judge["judge"].mean()), "judge_base_mean": float(base["judge"].mean()),
@@ -255,15 +258,44 @@ class Comparison:
 
     # ----------------------------------------------------------------------------------------------------
     def sweep_tasks(self) -> list[tuple[int, str, float]]:
-        return [(SWEEP_SEED, x, v) for x in self.c.losses if x in SWEEPS for v in sweep_values(self.c, x)]
+        """Every loss's default value first (the middle one), then the others: a run cut short still has a
+        seed-0 row for every loss."""
+        losses = [x for x in self.c.losses if x in SWEEPS]
+        n = max((len(sweep_values(self.c, x)) for x in losses), default=0)
+        order = sorted(range(n), key=lambda i: (i != 1, i))
+        return [(SWEEP_SEED, x, sweep_values(self.c, x)[i]) for i in order for x in losses
+                if i < len(sweep_values(self.c, x))]
+
+    def finished(self, task: tuple[int, str, float | None]) -> bool:
+        """Trained to the full step count and sampled (what run() would redo nothing of)."""
+        from diffusion_dpo.demo.world import heldout_prompts
+
+        seed, loss, value = task
+        s = demo_settings(self.c, seed)
+        folder, name = Path(s.output_dir), run_name(loss, value)
+        summary, samples = folder / name / "train_summary.json", folder / "samples" / name / "samples.jsonl"
+        if not ((folder / name / "measure.json").is_file() and summary.is_file() and samples.is_file()):
+            return False
+        images = len(heldout_prompts()[: s.eval_prompts]) * s.eval_images
+        return (json.loads(summary.read_text()).get("steps") == s.train_steps
+                and len(samples.read_text().splitlines()) == images)
+
+    def ready(self, task: tuple[int, str, float | None]) -> bool:
+        return not self.c.report_only or self.finished(task)
 
     def sweep(self) -> dict[str, dict]:
-        """Each swept loss on SWEEP_SEED (all its runs done): every value's row and the chosen value."""
+        """Each swept loss on SWEEP_SEED: every value's row and the chosen value (report_only: among the values
+        finished so far, marked incomplete)."""
         out: dict[str, dict] = {}
-        for seed, loss, value in self.sweep_tasks():
-            out.setdefault(loss, {"key": SWEEPS[loss][0], "rows": []})["rows"].append(self.run(seed, loss, value))
+        for task in self.sweep_tasks():
+            entry = out.setdefault(task[1], {"key": SWEEPS[task[1]][0], "rows": [], "complete": True})
+            if self.ready(task):
+                entry["rows"].append(self.run(*task))
+            else:
+                entry["complete"] = False
         for entry in out.values():
-            entry["chosen"] = choose(entry["rows"])
+            entry["rows"].sort(key=lambda r: float(r["setting"].split("=", 1)[1]))
+            entry["chosen"] = choose(entry["rows"]) if entry["rows"] else None
         return out
 
     def compare(self) -> dict:
@@ -276,26 +308,34 @@ class Comparison:
         # tuned losses on every seed with the values the sweep chose
         dpo = [(seed, "dpo", None) for seed in dict.fromkeys([SWEEP_SEED, *self.c.seeds])]
         untuned = [(seed, x, None) for seed in self.c.seeds for x in self.c.losses if x != "dpo" and x not in SWEEPS]
-        self.do(dpo + untuned + self.sweep_tasks())
+        first = dpo + untuned + self.sweep_tasks()
+        if not self.c.report_only:
+            self.do(first)
         sweep = self.sweep()
-        tasks = [(seed, x, sweep[x]["chosen"] if x in sweep else None) for seed in self.c.seeds for x in self.c.losses]
-        self.do(tasks)
-        rows = [self.run(*task) for task in tasks]  # every one done: read back
+        tasks = [(seed, x, sweep[x]["chosen"] if x in sweep else None) for seed in self.c.seeds for x in self.c.losses
+                 if x not in sweep or sweep[x]["chosen"] is not None]
+        if not self.c.report_only:
+            self.do(tasks)
+        rows = [self.run(*task) for task in tasks if self.ready(task)]  # done: read back
+        missing = [f"seed{s}/{run_name(x, v)}" for s, x, v in dict.fromkeys(first + tasks) if not self.ready((s, x, v))]
+        missing += [f"seed{s}/{x} (after its sweep)" for s in self.c.seeds if s != SWEEP_SEED for x in sweep
+                    if sweep[x]["chosen"] is None]  # the sweep seed's row is one of the sweep's runs, listed above
         result = {"settings": {**asdict(self.c), "demo": asdict(demo_settings(self.c, self.c.seeds[0]))},
                   "sweep_seed": SWEEP_SEED, "fidelity_guard_points": FIDELITY_GUARD, "sweep": sweep, "rows": rows,
-                  "wall_seconds": round(time.perf_counter() - t0, 1)}
+                  "missing": missing, "wall_seconds": round(time.perf_counter() - t0, 1)}
         result["settings"]["demo"].pop("seed"), result["settings"]["demo"].pop("output_dir")
         (self.out / "comparison.json").write_text(json.dumps(result, indent=1, default=float))
+        from diffusion_dpo.demo.compare_table import markdown
+
         (self.out / "comparison.md").write_text(markdown(result))
-        for seed in self.c.seeds:
-            self.write_grid(seed, sweep)
+        for seed in sorted({r["seed"] for r in rows}):
+            self.write_grid(seed, [r["run"] for r in rows if r["seed"] == seed])
         self.console.print((self.out / "comparison.md").read_text())
         return result
 
-    def write_grid(self, seed: int, sweep: dict) -> Path:
-        names = ["base", "dpo"] + [run_name(x, sweep[x]["chosen"] if x in sweep else None)
-                                   for x in self.c.losses if x != "dpo"]
-        sets = {n.split("-")[0]: self.score(seed, n)["samples"] for n in names}
+    def write_grid(self, seed: int, runs: list[str]) -> Path:
+        """Rows base / DPO / each loss's run (`runs`, DPO first), image 0 of the same held-out prompts."""
+        sets = {n.split("-")[0]: self.score(seed, n)["samples"] for n in ["base", *runs]}
         return self.demo(seed).write_grid(sets, self.out / f"grid_seed{seed}.png")
 
 
@@ -329,60 +369,6 @@ def choose(rows: list[dict]) -> float:
     ok = [r for r in rows if r["fidelity_change"] >= -FIDELITY_GUARD] or rows
     best = max(ok, key=lambda r: (r["win_vs_base"]["win_rate"], r["judge_mean"]))
     return float(best["setting"].split("=", 1)[1])
-
-
-def _pct(w: dict | None) -> str:
-    return "-" if w is None else f"{100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}, {100 * w['ci_high']:.0f}]"
-
-
-def markdown(result: dict) -> str:
-    """comparison.md: the per-seed table, the mean over seeds per loss, the sweep."""
-    s, rows = result["settings"], result["rows"]
-    d = s["demo"]
-    lines = [f"Demo world, seeds {' '.join(map(str, s['seeds']))}; every loss: {d['train_steps']} steps x "
-             f"{d['batch_size']} pairs, LoRA rank {d['rank']} on {'/'.join(d['target_modules'])}, lr "
-             f"{d['learning_rate']:g} {d['lr_scheduler']}; held-out: {d['eval_prompts'] or 27} prompts x "
-             f"{d['eval_images']} images, same seeds for every model; win rates per prompt with 95% bootstrap "
-             f"intervals; s/step = training loop wall time / steps on {s['threads']} torch threads (load average "
-             f"before/after in comparison.json); peak RSS = VmHWM of the training process.", "",
-             "| loss | setting | seed | judge mean (base) | judge win vs base [95% CI] | win vs DPO [95% CI] | "
-             "fidelity (vs base) | s/step | peak RSS MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in sorted(rows, key=lambda r: (list(result_losses(rows)).index(r["loss"]), r["seed"])):
-        lines.append(f"| {r['loss']} | {r['setting'] or '-'} | {r['seed']} | {r['judge_mean']:.3f} "
-                     f"({r['judge_base_mean']:.3f}) | {_pct(r['win_vs_base'])} | "
-                     f"{_pct(r.get('win_vs_dpo'))} | {r['fidelity_percent']:.1f}% ({r['fidelity_change']:+.1f}) | "
-                     f"{r['seconds_per_step']:.3f} | {r['peak_rss_mb']:.0f} |")
-    lines += ["", "Mean over seeds:", "", "| loss | setting | seeds | judge mean | judge win vs base, mean (min-max) | "
-              "win vs DPO, mean (min-max) | fidelity change, mean | s/step, mean | peak RSS MiB, max |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for loss, group in result_losses(rows).items():
-        def span(key: str) -> str:
-            v = [100 * r[key]["win_rate"] for r in group if r.get(key)]
-            return f"{sum(v) / len(v):.1f}% ({min(v):.0f}-{max(v):.0f})" if v else "-"
-        mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
-        lines.append(f"| {loss} | {group[0]['setting'] or '-'} | {len(group)} | {mean('judge_mean'):.3f} | "
-                     f"{span('win_vs_base')} | "
-                     f"{span('win_vs_dpo')} | {mean('fidelity_change'):+.1f} | {mean('seconds_per_step'):.3f} | "
-                     f"{max(r['peak_rss_mb'] for r in group):.0f} |")
-    lines += ["", f"Sweep on seed {result['sweep_seed']} (chosen: the best judge win rate vs base among values within "
-              f"{result['fidelity_guard_points']:g} points of the base's prompt fidelity):", "",
-              "| loss | setting | judge mean | judge win vs base [95% CI] | win vs DPO [95% CI] | fidelity (vs base) "
-              "| chosen |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for loss, sw in result["sweep"].items():
-        for r in sw["rows"]:
-            chosen = r["setting"] == f"{sw['key']}={sw['chosen']:g}"
-            lines.append(f"| {loss} | {r['setting']} | {r['judge_mean']:.3f} | {_pct(r['win_vs_base'])} | "
-                         f"{_pct(r.get('win_vs_dpo'))} | "
-                         f"{r['fidelity_percent']:.1f}% ({r['fidelity_change']:+.1f}) | {'yes' if chosen else ''} |")
-    return "\n".join(lines) + "\n"
-
-
-def result_losses(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows grouped by loss, in first-seen order."""
-    out: dict[str, list[dict]] = {}
-    for r in rows:
-        out.setdefault(r["loss"], []).append(r)
-    return out
 
 
 def compare_losses(settings: CompareSettings, console: Any = None) -> dict:
