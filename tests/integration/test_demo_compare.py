@@ -35,6 +35,7 @@ def test_quick_compare_writes_table_and_grid(quick_compare):
         assert 0 <= r["fidelity_percent"] <= 100
         assert r["fidelity_change"] == pytest.approx(r["fidelity_percent"] - r["fidelity_base_percent"])
         assert 0 < r["seconds_per_step"] < 60
+        assert 0 < r["cpu_seconds_per_step"] < 60
         assert 100 < r["peak_rss_mb"] < 64_000  # a whole training process (torch + the miniature model), in MiB
     md = (quick_compare / "comparison.md").read_text()
     for r in rows.values():

@@ -134,6 +134,13 @@ def train_in_child(overrides: list[str], out_dir: Path, threads: int) -> dict:
     return json.loads(measure.read_text())
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _child(job_json: str) -> int:
     """The child's side of train_in_child: train, then write measure.json next to train_summary.json."""
     import torch
@@ -146,9 +153,12 @@ def _child(job_json: str) -> int:
     torch.set_num_threads(job["threads"])
     cfg = load_config(None, job["overrides"])
     load_before = os.getloadavg()[0]
+    cpu_before = _cpu_seconds()
     summary = train(cfg, progress=False)
     steps = max(1, summary["steps_this_run"])
+    # wall time moves with the machine's load; CPU time much less (it includes the run's setup: model loading)
     measure = {"seconds_per_step": summary["seconds"] / steps, "steps_timed": summary["steps_this_run"],
+               "cpu_seconds_per_step": (_cpu_seconds() - cpu_before) / steps,
                "peak_rss_mb": rss_mb("VmHWM"), "threads": job["threads"],
                "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                "loss_last10": summary.get("loss_last10"), "implicit_acc_last10": summary.get("implicit_acc_last10")}
@@ -276,9 +286,11 @@ class Comparison:
         summary, samples = folder / name / "train_summary.json", folder / "samples" / name / "samples.jsonl"
         if not ((folder / name / "measure.json").is_file() and summary.is_file() and samples.is_file()):
             return False
-        images = len(heldout_prompts()[: s.eval_prompts]) * s.eval_images
+        # samples.jsonl is written before the images: each listed file must be there
+        records = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
         return (json.loads(summary.read_text()).get("steps") == s.train_steps
-                and len(samples.read_text().splitlines()) == images)
+                and len(records) == len(heldout_prompts()[: s.eval_prompts]) * s.eval_images
+                and all((samples.parent / r["file"]).is_file() for r in records))
 
     def ready(self, task: tuple[int, str, float | None]) -> bool:
         return not self.c.report_only or self.finished(task)

@@ -7,6 +7,10 @@ def _pct(w: dict | None) -> str:
     return "-" if w is None else f"{100 * w['win_rate']:.1f}% [{100 * w['ci_low']:.0f}, {100 * w['ci_high']:.0f}]"
 
 
+def _cpu(row: dict) -> str:
+    return f"{row['cpu_seconds_per_step']:.3f}" if row.get("cpu_seconds_per_step") is not None else "-"
+
+
 def markdown(result: dict) -> str:
     """comparison.md: the per-seed table, the mean over seeds per loss, the sweep."""
     s, rows = result["settings"], result["rows"]
@@ -15,15 +19,16 @@ def markdown(result: dict) -> str:
              f"{d['batch_size']} pairs, LoRA rank {d['rank']} on {'/'.join(d['target_modules'])}, lr "
              f"{d['learning_rate']:g} {d['lr_scheduler']}; held-out: {d['eval_prompts'] or 27} prompts x "
              f"{d['eval_images']} images, same seeds for every model; win rates per prompt with 95% bootstrap "
-             f"intervals; s/step = training loop wall time / steps on {s['threads']} torch threads (load average "
-             f"before/after in comparison.json); peak RSS = VmHWM of the training process.", "",
+             f"intervals; s/step = training loop wall time / steps (CPU: the training process's CPU seconds / steps, "
+             f"its setup included) on {s['threads']} torch threads (load averages in comparison.json); peak RSS = "
+             f"VmHWM of the training process.", "",
              "| loss | setting | seed | judge mean (base) | judge win vs base [95% CI] | win vs DPO [95% CI] | "
-             "fidelity (vs base) | s/step | peak RSS MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "fidelity (vs base) | s/step wall (CPU) | peak RSS MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (list(result_losses(rows)).index(r["loss"]), r["seed"])):
         lines.append(f"| {r['loss']} | {r['setting'] or '-'} | {r['seed']} | {r['judge_mean']:.3f} "
                      f"({r['judge_base_mean']:.3f}) | {_pct(r['win_vs_base'])} | "
                      f"{_pct(r.get('win_vs_dpo'))} | {r['fidelity_percent']:.1f}% ({r['fidelity_change']:+.1f}) | "
-                     f"{r['seconds_per_step']:.3f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['seconds_per_step']:.3f} ({_cpu(r)}) | {r['peak_rss_mb']:.0f} |")
     lines += ["", "Mean over seeds:", "", "| loss | setting | seeds | judge mean | judge win vs base, mean (min-max) | "
               "win vs DPO, mean (min-max) | fidelity change, mean | s/step, mean | peak RSS MiB, max |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
