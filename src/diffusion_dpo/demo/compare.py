@@ -38,7 +38,7 @@ FIDELITY_GUARD = 2.0
 
 # loss -> (the dotted key swept, its short name in run folders, values): the middle value is the default (beta =
 # the demo's 2000; the loss.* defaults of losses/) with one lower and one higher, except mapo, whose official
-# default 0.1 is the lowest (a mean-error winner loss of ~0.1 outweighs its margin term there).
+# default 0.1 is the lowest.
 SWEEPS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "ipo": ("train.beta", "beta", (500.0, 2000.0, 8000.0)),
     "hinge": ("train.beta", "beta", (500.0, 2000.0, 8000.0)),
