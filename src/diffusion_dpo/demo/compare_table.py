@@ -11,6 +11,12 @@ def _cpu(row: dict) -> str:
     return f"{row['cpu_seconds_per_step']:.3f}" if row.get("cpu_seconds_per_step") is not None else "-"
 
 
+def cpu_mean(rows: list[dict]) -> str:
+    """Mean CPU seconds per step over the rows that measured it (runs before it was recorded did not)."""
+    v = [r["cpu_seconds_per_step"] for r in rows if r.get("cpu_seconds_per_step") is not None]
+    return f"{sum(v) / len(v):.3f}" + (f" of {len(v)}" if len(v) < len(rows) else "") if v else "-"
+
+
 def markdown(result: dict) -> str:
     """comparison.md: the per-seed table, the mean over seeds per loss, the sweep."""
     s, rows = result["settings"], result["rows"]
@@ -30,7 +36,7 @@ def markdown(result: dict) -> str:
                      f"{_pct(r.get('win_vs_dpo'))} | {r['fidelity_percent']:.1f}% ({r['fidelity_change']:+.1f}) | "
                      f"{r['seconds_per_step']:.3f} ({_cpu(r)}) | {r['peak_rss_mb']:.0f} |")
     lines += ["", "Mean over seeds:", "", "| loss | setting | seeds | judge mean | judge win vs base, mean (min-max) | "
-              "win vs DPO, mean (min-max) | fidelity change, mean | s/step, mean | peak RSS MiB, max |",
+              "win vs DPO, mean (min-max) | fidelity change, mean | s/step wall (CPU), mean | peak RSS MiB, max |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for loss, group in result_losses(rows).items():
         def span(key: str) -> str:
@@ -39,7 +45,7 @@ def markdown(result: dict) -> str:
         mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
         lines.append(f"| {loss} | {group[0]['setting'] or '-'} | {len(group)} | {mean('judge_mean'):.3f} | "
                      f"{span('win_vs_base')} | "
-                     f"{span('win_vs_dpo')} | {mean('fidelity_change'):+.1f} | {mean('seconds_per_step'):.3f} | "
+                     f"{span('win_vs_dpo')} | {mean('fidelity_change'):+.1f} | {mean('seconds_per_step'):.3f} ({cpu_mean(group)}) | "
                      f"{max(r['peak_rss_mb'] for r in group):.0f} |")
     lines += ["", f"Sweep on seed {result['sweep_seed']} (chosen: the best judge win rate vs base among values within "
               f"{result['fidelity_guard_points']:g} points of the base's prompt fidelity):", "",
