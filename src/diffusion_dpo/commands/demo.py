@@ -3,6 +3,7 @@ train Diffusion-DPO and an SFT baseline, evaluate all three on held-out prompts,
 
     diffusion-dpo demo --output-dir demo_out          # about 3 minutes on 2 CPU cores (docs/demo.md)
     diffusion-dpo demo --quick --output-dir /tmp/q    # the reduced run of the test suite
+    diffusion-dpo demo --compare-losses --output-dir compare_out   # every loss, 3 seeds (docs/losses.md)
 
 Every stage resumes when interrupted: run the same command again.
 """
@@ -28,6 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps of DPO and SFT (default: 200, "
                         "quick: 100)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--compare-losses", action="store_true",
+                        help="train every loss (--losses) on the demo world with the demo DPO's pairs and budget for "
+                             "each of --seeds, tune each loss's main setting on seed 0, and write comparison.md/json "
+                             "and grid_seed<s>.png (docs/losses.md); resumes like the demo")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="--compare-losses: seeds (default 0 1 2)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="--compare-losses: train nothing, write the table from the runs finished so far")
+    parser.add_argument("--losses", nargs="+", default=None,
+                        help="--compare-losses: losses to train (default: every loss; dpo always runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -51,9 +61,28 @@ def settings_from_args(args: argparse.Namespace):
     return s
 
 
+def compare_settings_from_args(args: argparse.Namespace):
+    from diffusion_dpo.demo.compare import CompareSettings, default_losses
+
+    s = settings_from_args(args)  # validates --steps as for the demo
+    return CompareSettings(output_dir=args.output_dir, seeds=args.seeds or [0, 1, 2],
+                           losses=args.losses or default_losses(),
+                           quick=args.quick, train_steps=args.steps, threads=args.threads, progress=s.progress,
+                           report_only=args.report_only)
+
+
 def run(args: argparse.Namespace) -> int:
     from diffusion_dpo.demo.run import run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.compare_losses:
+        from diffusion_dpo.demo.compare import compare_losses
+
+        return 0 if compare_losses(compare_settings_from_args(args))["rows"] else 1
+    if args.seeds is not None or args.losses is not None or args.report_only:
+        from diffusion_dpo.errors import ConfigError
+
+        raise ConfigError("--seeds, --losses and --report-only belong to --compare-losses; add it, or use --seed "
+                          "for one demo run")
     results = run_demo(settings_from_args(args))
     return 0 if results else 1

@@ -81,7 +81,7 @@ def quick_settings(output_dir: str, seed: int = 0) -> DemoSettings:
                         train_steps=100, eval_prompts=9, eval_images=2, eval_steps=10, grid_prompts=5)
 
 
-def _overrides(s: DemoSettings, base: str, method: str) -> list[str]:
+def _overrides(s: DemoSettings, base: str, method: str, run: str | None = None) -> list[str]:
     out = Path(s.output_dir)
     targets = "[" + ",".join(s.target_modules) + "]"
     return [
@@ -94,14 +94,21 @@ def _overrides(s: DemoSettings, base: str, method: str) -> list[str]:
         f"train.timestep_range=[{s.timestep_range[0]},{s.timestep_range[1]}]",
         f"train.checkpoint_every={max(1, s.train_steps // 4)}", "train.checkpoints_total_limit=1",
         f"lora.rank={s.rank}", f"lora.target_modules={targets}",
-        f"output.dir={out / method}", "output.report_to=none",
+        f"output.dir={out / (run or method)}", "output.report_to=none",
     ]
 
 
-def training_config(s: DemoSettings, base: str, method: str):
+def training_overrides(s: DemoSettings, base: str, method: str, run: str | None = None,
+                       extra: tuple[str, ...] = ()) -> list[str]:
+    """The dotted overrides of the demo's training of `method` into <out>/<run> (default <out>/<method>), with
+    `extra` (a loss's own settings, say) last so they win."""
+    return _overrides(s, base, method, run) + list(extra)
+
+
+def training_config(s: DemoSettings, base: str, method: str, run: str | None = None, extra: tuple[str, ...] = ()):
     from diffusion_dpo.config import load_config
 
-    return load_config(None, _overrides(s, base, method))
+    return load_config(None, training_overrides(s, base, method, run, extra))
 
 
 def _prompt_set(name: str, texts: list[str]):
@@ -115,6 +122,19 @@ def fidelity_scores(images, prompts):
     from diffusion_dpo.demo.fidelity import fidelity
 
     return fidelity(images, prompts).per_image
+
+
+def demo_metrics():
+    """The demo's two metrics as evaluate rewards: the hidden-taste judge and prompt fidelity, with their infos."""
+    from diffusion_dpo.evaluate.rewards import CallableReward, load_reward
+
+    judge = load_reward(JUDGE_SPEC, batch_size=64)
+    judge.name, judge.info["metric"] = "judge", "judge"
+    judge.info.update(scale="object vividness in [0, 1]: 0 muted, 1 the pure world colour (demo.judge)")
+    fid = CallableReward(fidelity_scores, name="fidelity", batch_size=64)
+    fid.info.update(model="diffusion_dpo.demo.fidelity", scale="1 if the asked colour and shape are read "
+                    "from the pixels, else 0 (mean x 100 = fidelity %)")
+    return judge, fid
 
 
 class Demo:
@@ -223,11 +243,15 @@ class Demo:
         return _prompt_set("demo-heldout", heldout_prompts()[: self.s.eval_prompts])
 
     def stage_sample(self) -> None:
+        self.sample(self.specs())
+
+    def sample(self, specs: list) -> None:
+        """Sample `specs` on the held-out prompts into <out>/samples/<name>, the same seeds for every model."""
         from diffusion_dpo.evaluate.sampling import SamplerSettings, sample_model
 
         settings = SamplerSettings(scheduler="ddim", steps=self.s.eval_steps, guidance=self.s.guidance,
                                    resolution=SIZE)
-        for spec in self.specs():
+        for spec in specs:
             r = sample_model(spec, self.heldout(), self.out / "samples", settings=settings,
                              images_per_prompt=self.s.eval_images, seed=self.s.seed + 1000, batch_size=64,
                              progress=self.s.progress)
@@ -235,16 +259,10 @@ class Demo:
 
     def stage_report(self) -> None:
         from diffusion_dpo.evaluate import scoring, stats
-        from diffusion_dpo.evaluate.rewards import CallableReward, load_reward
 
         sets = {spec.name: scoring.read_samples(self.out / "samples" / spec.name) for spec in self.specs()}
         scoring.check_comparable(list(sets.values()))
-        judge = load_reward(JUDGE_SPEC, batch_size=64)
-        judge.name, judge.info["metric"] = "judge", "judge"
-        judge.info.update(scale="object vividness in [0, 1]: 0 muted, 1 the pure world colour (demo.judge)")
-        fid = CallableReward(fidelity_scores, name="fidelity", batch_size=64)
-        fid.info.update(model="diffusion_dpo.demo.fidelity", scale="1 if the asked colour and shape are read "
-                        "from the pixels, else 0 (mean x 100 = fidelity %)")
+        judge, fid = demo_metrics()
         scores = {r.name: {m: scoring.score_set(r, s, batch_size=64) for m, s in sets.items()} for r in (judge, fid)}
         infos = {"judge": judge.info, "fidelity": fid.info}
         entries = scoring.compare(scores, sets, infos, "base", resamples=2000, seed=0)
@@ -288,8 +306,9 @@ class Demo:
         entries, infos, scores, sets, summary = self.report_args
         write_report(self.out, entries, infos, scores, sets, "base", summary)
 
-    def write_grid(self, sets: dict) -> Path:
-        """Rows base / SFT / DPO, one column per shown held-out prompt (its image 0: the same seed in every row)."""
+    def write_grid(self, sets: dict, path: Path | None = None) -> Path:
+        """One row per sample set (base / SFT / DPO here), one column per shown held-out prompt (its image 0: the
+        same seed in every row) -> `path` (default <out>/grid.png)."""
         from PIL import Image, ImageDraw
 
         from diffusion_dpo.evaluate.scoring import load_image
@@ -314,7 +333,7 @@ class Demo:
             for k, p in enumerate(columns):
                 im = load_image(s.folder / files[p]).resize((cell, cell), Image.NEAREST)
                 grid.paste(im, (label_w + k * (cell + 2), y))
-        path = self.out / "grid.png"
+        path = path or self.out / "grid.png"
         grid.save(path)
         return path
 
