@@ -172,11 +172,10 @@ class Comparison:
     def __init__(self, settings: CompareSettings, console: Any = None):
         from rich.console import Console
 
-        self.c = settings
-        self.out = Path(settings.output_dir)
+        self.demos: dict[int, Any] = {}  # seed -> its Demo (pairs, cache, base samples)
+        self.scores: dict[tuple[int, str], dict] = {}  # (seed, run) -> judge and fidelity scores
+        self.c, self.out = settings, Path(settings.output_dir)
         self.console = console or Console(highlight=False)
-        self.demos: dict[int, Any] = {}
-        self.scores: dict[tuple[int, str], dict] = {}
 
     def demo(self, seed: int):
         """The seed's demo folder with base, pairs and cache ready (each stage resumes)."""
