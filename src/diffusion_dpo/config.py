@@ -204,13 +204,14 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    """Settings of the loss train.method names; unset (null) takes that loss's default. A key set for a loss
-    that does not use it is an error (LOSS_KEYS)."""
+    """Settings of the loss train.method names; unset (null): that loss's default; a key of another loss: an error."""
 
     label_smoothing: Optional[float] = None
     """cdpo, rdpo: probability eps that a label is flipped, in [0, 0.5] for cdpo, [0, 0.5) for rdpo (default 0.1)."""
     soft_labels: bool = False
     """dpo: use the data's per-pair preference probability as a soft target instead of the hard label."""
+    soft_label_temperature: Optional[float] = None
+    """soft_labels: T > 0 in p = sigmoid(margin / T) for data with a margin column but no pref_prob (default 1)."""
     simpo_gamma: Optional[float] = None
     """simpo: target margin gamma in logit units, >= 0 (default 0.5)."""
     kto_desirable_weight: Optional[float] = None
@@ -284,13 +285,14 @@ def _validate_teacher(t: TrainConfig, m: ModelConfig) -> None:
 def _validate_loss(method: str, loss: LossConfig) -> None:
     """Keys set for another loss, and out-of-range values, named with the fix."""
     values = dataclasses.asdict(loss)
+    if values.pop("soft_label_temperature") is not None and not loss.soft_labels:  # read with the data (train.batch)
+        raise ConfigError("loss.soft_label_temperature is set but loss.soft_labels is off: set loss.soft_labels=true or remove it")
     for key, value in values.items():
         if value is not None and value is not False and key not in LOSS_KEYS[method]:  # (0.0 == False)
             users = [m for m, keys in LOSS_KEYS.items() if key in keys]
             raise ConfigError(f"loss.{key} is set but train.method {method!r} does not use it (it is for "
                               f"{', '.join(users)}); remove loss.{key} or change train.method")
-    eps = loss.label_smoothing
-    high_ok = method == "cdpo"  # rdpo divides by 1 - 2 eps
+    eps, high_ok = loss.label_smoothing, method == "cdpo"  # rdpo divides by 1 - 2 eps
     if eps is not None and not (0.0 <= eps < 0.5 or (high_ok and eps == 0.5)):
         bound = "[0, 0.5]" if high_ok else "[0, 0.5) (rdpo divides by 1 - 2*eps)"
         raise ConfigError(f"loss.label_smoothing must be in {bound} for train.method {method!r}, got {eps}")
@@ -298,11 +300,9 @@ def _validate_loss(method: str, loss: LossConfig) -> None:
         raise ConfigError(f"loss.simpo_gamma must be >= 0, got {loss.simpo_gamma}")
     if (g := loss.guidance_range) is not None and not 0 <= g[0] <= g[1]:
         raise ConfigError(f"loss.guidance_range must satisfy 0 <= low <= high, got {g}")
-    for key in ("kto_desirable_weight", "kto_undesirable_weight", "mapo_weight", "mapo_snr", "mapo_scale", "huber_c",
-                "solver_steps"):
-        value = values[key]
-        if value is not None and value <= 0:
-            raise ConfigError(f"loss.{key} must be > 0, got {value}")
+    for key in ("kto_desirable_weight", "kto_undesirable_weight", "mapo_weight", "mapo_snr", "mapo_scale", "huber_c", "solver_steps"):
+        if values[key] is not None and values[key] <= 0:
+            raise ConfigError(f"loss.{key} must be > 0, got {values[key]}")
 
 
 @dataclass
@@ -344,7 +344,7 @@ class RunConfig:
         # values torch rejects later or that silently do nothing (a negative clip norm flips the gradient,
         # alpha 0 switches the adapter off); null keeps its documented meaning where a key allows it
         positive = (("train.learning_rate", t.learning_rate), ("train.max_grad_norm", t.max_grad_norm),
-                    ("lora.alpha", self.lora.alpha))
+                    ("lora.alpha", self.lora.alpha), ("loss.soft_label_temperature", self.loss.soft_label_temperature))
         non_negative = (("train.adam_epsilon", t.adam_epsilon), ("train.weight_decay", t.weight_decay),
                         ("data.num_workers", d.num_workers), ("train.warmup_steps", t.warmup_steps),
                         ("train.checkpoint_every", t.checkpoint_every))
@@ -356,8 +356,7 @@ class RunConfig:
             for key, value in pairs:
                 if value is not None and not ok(value):
                     raise ConfigError(f"{key} must be {bound}, got {value}")
-        for key, value in (("lora.dropout", self.lora.dropout), ("train.adam_beta1", t.adam_beta1),
-                           ("train.adam_beta2", t.adam_beta2)):
+        for key, value in (("lora.dropout", self.lora.dropout), ("train.adam_beta1", t.adam_beta1), ("train.adam_beta2", t.adam_beta2)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{key} must be in [0, 1), got {value}")
         if d.resolution % 8:

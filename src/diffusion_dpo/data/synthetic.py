@@ -150,9 +150,10 @@ def _write_pair_images(folder: Path, name: str, pair: SyntheticPair, broken_side
 
 def write_manifest(folder: str | Path, n: int, fmt: Literal["jsonl", "csv"] = "jsonl", seed: int = 0,
                    corrupt: int = 0, missing: int = 0, size: tuple[int, int] = (40, 48),
-                   rule: Rule = "bright") -> Path:
+                   rule: Rule = "bright", columns: dict[str, list] | None = None) -> Path:
     """`folder/manifest.{fmt}` with columns prompt, chosen, rejected (paths relative to `folder`, under
-    images/) and an extra `pair_id` column (carried into PairRecord.meta). `missing` pairs reference a
+    images/) and an extra `pair_id` column (carried into PairRecord.meta); `columns`: more columns, one value per
+    pair (None: that row lacks it), e.g. pref_prob or margin for soft labels. `missing` pairs reference a
     rejected file that is never written; `corrupt` pairs have a truncated image. Returns the manifest path."""
     folder = Path(folder)
     rng = np.random.default_rng(seed + 2)
@@ -167,7 +168,9 @@ def write_manifest(folder: str | Path, n: int, fmt: Literal["jsonl", "csv"] = "j
             rejected.unlink()
         rows.append({"prompt": pair.prompt, "chosen": chosen.relative_to(folder).as_posix(),
                      "rejected": rejected.relative_to(folder).as_posix(), "pair_id": name})
-    return _write_rows(folder / f"manifest.{fmt}", rows, fmt, list(rows[0]) if rows else ["prompt", "chosen", "rejected"])
+        rows[-1].update({k: v[i] for k, v in (columns or {}).items() if v[i] is not None})
+    header = ["prompt", "chosen", "rejected", "pair_id", *(columns or {})] if rows else ["prompt", "chosen", "rejected"]
+    return _write_rows(folder / f"manifest.{fmt}", rows, fmt, header)
 
 
 def _write_rows(path: Path, rows: list[dict], fmt: str, fieldnames: list[str]) -> Path:

@@ -34,6 +34,7 @@ class PairBatch:
     timesteps: torch.Tensor  # (B,): one timestep per pair
     pair_cond: Optional[torch.Tensor] = None  # family.pair_conditioning rows (2B, ...): SDXL time ids (2B, 6) float32
     ref_errors: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (B,) winner, (B,) loser: train.reference=cached
+    pref_prob: Optional[torch.Tensor] = None  # (B,) probability that w is preferred: loss.soft_labels
 
     @property
     def size(self) -> int:
@@ -42,6 +43,8 @@ class PairBatch:
 
 class PairEncoder(ABC):
     """Raw batch -> PairBatch. Subclasses say where the latent distributions and the text come from."""
+
+    pref_prob: Optional[torch.Tensor] = None  # (N,) per source index, loss.soft_labels: set by the pairs' encoder()
 
     def __init__(self, cfg: RunConfig, family, device, empty_cond: TextConditioning):
         self.cfg, self.family, self.device = cfg, family, device
@@ -66,8 +69,9 @@ class PairEncoder(ABC):
         if cfg.data.caption_dropout > 0:
             cond = cond.select(rnd["drop_caption"], self.empty_cond.to(self.device))
         pair_cond = self.family.pair_conditioning(raw, res, cfg.data.sdxl_time_ids)
+        pref_prob = None if self.pref_prob is None else self.pref_prob[raw["indices"]].to(self.device)
         return PairBatch(lat_w, lat_l, cond, rnd["noise"].to(self.device), rnd["timesteps"].to(self.device),
-                         None if pair_cond is None else pair_cond.to(self.device))
+                         None if pair_cond is None else pair_cond.to(self.device), pref_prob=pref_prob)
 
 
 class PixelEncoder(PairEncoder):
@@ -138,10 +142,13 @@ class PixelPairs:
     dataset: Any  # data.dataset.PairDataset
     collate: Callable[[list], dict]
     source_stats: Optional[dict]  # the source's counts, for check_fills_batch's message
+    pref_prob: Optional[torch.Tensor] = None  # (N,) per source index: loss.soft_labels (data.soft_labels module)
     labelled = False  # pairs, not labelled single images (train.singles.LabelledImages)
 
     def encoder(self, cfg: RunConfig, family, device) -> PairEncoder:
-        return PixelEncoder(cfg, family, device)
+        encoder = PixelEncoder(cfg, family, device)
+        encoder.pref_prob = self.pref_prob
+        return encoder
 
 
 @dataclass
@@ -172,7 +179,11 @@ def open_pairs(cfg: RunConfig, family, accelerator=None):
 def _open_source_pairs(cfg: RunConfig, family, accelerator=None):
     d, spec = cfg.data, family.spec
     cache_folder = None
-    if d.format == "cache" or (d.format == "auto" and Path(d.source, "cache_manifest.json").is_file()):
+    prepared = d.format == "cache" or (d.format == "auto" and Path(d.source, "cache_manifest.json").is_file())
+    if cfg.loss.soft_labels and (prepared or d.cache_dir):
+        raise DataError("loss.soft_labels=true cannot read a prepared latent cache (it keeps no pref_prob or margin "
+                        "column): point data.source to the pairs' manifest and remove data.cache_dir")
+    if prepared:
         if d.unpair:
             raise DataError(f"data.unpair=true cannot read the prepared cache {d.source} (it stores pairs); point "
                             "data.source to the pairs' images instead")
@@ -199,4 +210,9 @@ def _open_source_pairs(cfg: RunConfig, family, accelerator=None):
         images = ImageDataset(source, transform, seed=cfg.train.seed, on_corrupt=d.on_corrupt)
         return LabelledImages(images, with_epochs(collate_images), source.stats)
     dataset = PairDataset(source, transform, seed=cfg.train.seed, on_corrupt=d.on_corrupt)
-    return PixelPairs(dataset, with_epochs(collate_pairs), source.stats)
+    pref_prob = None
+    if cfg.loss.soft_labels:  # before any model loads: data without the column fails fast
+        from diffusion_dpo.data.soft_labels import preference_probabilities
+
+        pref_prob = preference_probabilities(source, cfg.loss.soft_label_temperature or 1.0)
+    return PixelPairs(dataset, with_epochs(collate_pairs), source.stats, pref_prob)

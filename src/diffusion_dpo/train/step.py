@@ -66,7 +66,8 @@ def pair_errors(policy, reference, family, scheduler, batch: PairBatch, reductio
         ref_w, ref_l = _reference_forward(reference, family, inputs, reduction)
     pred = family.predict(policy, noisy, t, cond2, pair_cond)
     policy_w, policy_l = split_pairs(per_sample_error(pred, target, reduction))
-    return PairErrors(policy_w, policy_l, ref_w, ref_l)
+    pref_prob = None if batch.pref_prob is None else batch.pref_prob.to(noisy.device)  # loss.soft_labels
+    return PairErrors(policy_w, policy_l, ref_w, ref_l, pref_prob)
 
 
 def preference_step(policy, reference: Optional[object], loss_fn, family, scheduler,
