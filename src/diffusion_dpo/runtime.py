@@ -89,6 +89,13 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
         raise
 
 
+def remove_temp_files(folder: str | os.PathLike) -> None:
+    """Delete the temp files (`.NAME.<pid>.tmp`) an interrupted writer left in `folder`, a folder only this
+    toolkit writes (commands writing into a user's folder delete only their own names: feedback.chunks)."""
+    for stale in Path(folder).glob(".*.tmp"):
+        stale.unlink()
+
+
 def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
     with atomic_path(path, fsync) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -107,6 +107,17 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (to_dict's output) as {"section.key": value}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def to_dict(obj: Any) -> dict:
     out = dataclasses.asdict(obj)
 

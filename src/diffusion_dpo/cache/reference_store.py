@@ -24,7 +24,7 @@ import torch
 
 from diffusion_dpo.cache.store import cache_key
 from diffusion_dpo.errors import DataError
-from diffusion_dpo.runtime import write_json_atomic, write_safetensors_atomic
+from diffusion_dpo.runtime import remove_temp_files, write_json_atomic, write_safetensors_atomic
 
 REFERENCE_FORMAT = 1
 REFERENCE_MANIFEST = "reference_manifest.json"
@@ -58,8 +58,7 @@ class ReferenceWriter:
     def start(self) -> None:
         """The folder and its manifest (main process only); stale temp files of an interrupted run go."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for stale in self.folder.glob(".*.tmp"):
-            stale.unlink()
+        remove_temp_files(self.folder)
         write_json_atomic(self.folder / REFERENCE_MANIFEST, {"format_version": REFERENCE_FORMAT, "key": self.key,
                                                              "key_inputs": self.inputs, "num_pairs": self.num_pairs})
 

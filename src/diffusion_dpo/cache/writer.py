@@ -27,7 +27,7 @@ import torch
 from diffusion_dpo.cache.store import (EMPTY_PROMPT, FORMAT_VERSION, MANIFEST, STORAGE_DTYPES, cache_key,
                                        shard_name)
 from diffusion_dpo.errors import ConfigError
-from diffusion_dpo.runtime import write_json_atomic, write_safetensors_atomic
+from diffusion_dpo.runtime import remove_temp_files, write_json_atomic, write_safetensors_atomic
 
 
 def storage_torch_dtype(name: str, what: str) -> torch.dtype:
@@ -52,8 +52,7 @@ class CacheWriter:
 
     def remove_temp_files(self) -> None:
         """Delete half-written files of an interrupted run (only one process may call this)."""
-        for stale in self.folder.glob(".*.tmp"):
-            stale.unlink()
+        remove_temp_files(self.folder)
 
     def _save(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         write_safetensors_atomic(path, tensors, metadata, sorted_header=True)

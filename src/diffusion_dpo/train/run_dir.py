@@ -40,6 +40,7 @@ import yaml
 from diffusion_dpo.config import RunConfig, to_dict
 from diffusion_dpo.errors import UserError
 from diffusion_dpo.runtime import write_text_atomic
+from diffusion_dpo.typed_config import flatten
 from diffusion_dpo.train import checkpoint as ckpt
 
 log = logging.getLogger("diffusion_dpo")
@@ -204,20 +205,10 @@ def check_ours(out: Path) -> None:
                           "files would overwrite what is there: choose a new or empty output.dir")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_differences(saved: dict, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
     """{key: (checkpoint value, this run's value)} for every key that determines the result and differs.
     A key missing on one side (written by another version) counts as its default."""
-    default, old, new = _flatten(to_dict(RunConfig())), _flatten(saved), _flatten(to_dict(cfg))
+    default, old, new = flatten(to_dict(RunConfig())), flatten(saved), flatten(to_dict(cfg))
     free = set(RESUME_FREE_KEYS)
     t = cfg.train
     if t.lr_scheduler in _SCHEDULES_WITHOUT_HORIZON and t.warmup_ratio is None:

@@ -21,6 +21,7 @@ from diffusion_dpo.losses import build_loss, check_data
 from diffusion_dpo.models.families import detect_spec, family_of
 from diffusion_dpo.models.loading import spec_dict
 from diffusion_dpo.runtime import ProcessInfo, torch_dtype
+from diffusion_dpo.typed_config import flatten
 from diffusion_dpo.train import checkpoint as ckpt
 from diffusion_dpo.train.batch import EpochItems, open_pairs
 from diffusion_dpo.train.interrupt import StopSignals
@@ -207,7 +208,8 @@ class Trainer:
             (self.out / "model_spec.json").write_text(json.dumps(spec_dict(self.spec), indent=2))
             ckpt.truncate_metrics(self.out / "metrics.jsonl", self.step)
             if self.report_to != "none":
-                acc.init_trackers("diffusion-dpo", config=_flat(to_dict(cfg)))
+                acc.init_trackers("diffusion-dpo", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                           for k, v in flatten(to_dict(cfg)).items()})
         from tqdm.auto import tqdm
 
         self.bar = bar = tqdm(total=cfg.train.max_steps, initial=self.step, desc=cfg.train.method, dynamic_ncols=True,
@@ -320,16 +322,6 @@ class Trainer:
         if self.is_main:
             write_final_outputs(self.out, self.accelerator.unwrap_model(self.unet), self.cfg, self.family, summary)
         return summary
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 def train(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
