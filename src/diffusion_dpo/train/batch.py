@@ -44,7 +44,7 @@ class PairBatch:
 class PairEncoder(ABC):
     """Raw batch -> PairBatch. Subclasses say where the latent distributions and the text come from."""
 
-    pref_prob: Optional[torch.Tensor] = None  # (N,) per source index, loss.soft_labels: set by the pairs' encoder()
+    pref_prob: Optional[torch.Tensor] = None  # (N,) per source index, loss.soft_labels (PixelEncoder's argument)
 
     def __init__(self, cfg: RunConfig, family, device, empty_cond: TextConditioning):
         self.cfg, self.family, self.device = cfg, family, device
@@ -77,8 +77,9 @@ class PairEncoder(ABC):
 class PixelEncoder(PairEncoder):
     """Images and prompts encoded on the fly by the frozen VAE and the family's text encoders."""
 
-    def __init__(self, cfg: RunConfig, family, device):
+    def __init__(self, cfg: RunConfig, family, device, pref_prob: Optional[torch.Tensor] = None):
         frozen = torch_dtype(cfg.model.frozen_dtype, "model.frozen_dtype")
+        self.pref_prob = pref_prob
         self.vae = family.load_vae(frozen, cfg.model.vae).to(device)
         self.prompt_encoder = family.prompt_encoder(frozen, device)
         super().__init__(cfg, family, device, self.prompt_encoder([""]))
@@ -146,9 +147,7 @@ class PixelPairs:
     labelled = False  # pairs, not labelled single images (train.singles.LabelledImages)
 
     def encoder(self, cfg: RunConfig, family, device) -> PairEncoder:
-        encoder = PixelEncoder(cfg, family, device)
-        encoder.pref_prob = self.pref_prob
-        return encoder
+        return PixelEncoder(cfg, family, device, self.pref_prob)
 
 
 @dataclass
