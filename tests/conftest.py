@@ -53,6 +53,20 @@ def tiny_lcm(tmp_path_factory):
     return _tiny(tmp_path_factory, "tiny_lcm", "lcm")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    """Tiny StableDiffusion3Pipeline (2-layer MMDiT; CLIP-L + CLIP-G + a tiny T5 with an in-process tokenizer;
+    16-channel VAE with a shift factor; flow-matching scheduler with shift 3.0; 32 px images, 16x16 latents)."""
+    return _tiny(tmp_path_factory, "tiny_sd3", "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """Tiny FluxPipeline (1 double + 1 single block with a guidance embedding, as the dev checkpoints; CLIP-L +
+    a tiny T5; 16-channel VAE; dynamic-shift scheduler; 32 px images, 16x16 latents packed into 8x8 tokens)."""
+    return _tiny(tmp_path_factory, "tiny_flux", "flux")
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Commands run in-process (e.g. the demo's --threads) may change torch's thread count; restore it

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from diffusion_dpo.errors import ConfigError
+from diffusion_dpo.flow_config import FlowConfig
 from diffusion_dpo.typed_config import apply_override, from_dict, load_typed, save_yaml, to_dict
 
 
@@ -25,7 +26,7 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of `pretrained`."""
     variant: Optional[str] = None
     """Weight variant to load, e.g. 'fp16' for *.fp16.safetensors."""
-    family: Literal["auto", "sd", "sdxl", "lcm"] = "auto"
+    family: Literal["auto", "sd", "sdxl", "lcm", "sd3", "flux"] = "auto"
     """Model family; 'auto' detects it from the pipeline folder."""
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     """Override the scheduler's prediction type (default: read from scheduler/scheduler_config.json)."""
@@ -323,6 +324,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     loss: LossConfig = field(default_factory=LossConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
     def resolve_defaults(self, given: dict) -> None:
         """Defaults that depend on other keys, where `given` (YAML + overrides) sets none: consistency_dpo's LoRA set."""
@@ -337,6 +339,7 @@ class RunConfig:
         _validate_loss(t.method, self.loss)
         _validate_reference(t)
         _validate_teacher(t, self.model)
+        self.flow.validate()
         for key, value in (("train.batch_size", t.batch_size), ("train.gradient_accumulation", t.gradient_accumulation),
                            ("train.max_steps", t.max_steps), ("data.resolution", d.resolution), ("lora.rank", self.lora.rank)):
             if value < 1:
@@ -381,9 +384,7 @@ class RunConfig:
         return self.train.warmup_steps
 
 
-# ----------------------------------------------------------------------------------------------
 # Reading and writing (the generic machinery is in typed_config.py)
-
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, schema: type = RunConfig) -> Any:
     """Read YAML (optional), apply dotted overrides, build and validate the typed config."""
@@ -394,6 +395,6 @@ def save_config(cfg: Any, path: str | Path) -> None:
     save_yaml(cfg, path)
 
 
-__all__ = ["LCM_LORA_TARGETS", "ModelConfig", "DataConfig", "LoraSettings", "CurriculumConfig", "TrainConfig", "LossConfig", "LOSS_KEYS",
-           "REFERENCE_FREE", "OutputConfig", "RunConfig", "reference_strategy", "load_config", "save_config",
-           "from_dict", "to_dict", "apply_override"]
+__all__ = ["FlowConfig", "LCM_LORA_TARGETS", "ModelConfig", "DataConfig", "LoraSettings", "CurriculumConfig", "TrainConfig",
+           "LossConfig", "LOSS_KEYS", "REFERENCE_FREE", "OutputConfig", "RunConfig", "reference_strategy", "load_config",
+           "save_config", "from_dict", "to_dict", "apply_override"]

@@ -108,7 +108,7 @@ def test_family_names_live_in_the_families_package():
     choices, the test-model builders and the demo (which builds its own SD model) name a family."""
     allowed = ("models/families/", "models/build.py", "config.py", "demo/")
     # "lcm" alone is also a scheduler's name (evaluate.sampling.SCHEDULERS): only comparisons with it count
-    pattern = re.compile(r"""family\s*(==|!=|in)\s|["']sdxl["']|[=!]=\s*["']lcm["']""")
+    pattern = re.compile(r"""family\s*(==|!=|in)\s|["'](sdxl|sd3|flux)["']|[=!]=\s*["']lcm["']""")
     hits = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py")
             if not str(p.relative_to(SRC / "diffusion_dpo")).startswith(allowed)
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]

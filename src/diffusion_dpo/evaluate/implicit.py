@@ -93,7 +93,7 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
     from diffusion_dpo.data.transforms import PairTransform
     from diffusion_dpo.losses import dpo_logit
     from diffusion_dpo.models.diffusion import pair_generator
-    from diffusion_dpo.models.encode import encode_images
+    from diffusion_dpo.models.encode import encode_images, scale_latents
     from diffusion_dpo.models.families import detect_spec, family_of
     from diffusion_dpo.runtime import torch_dtype as parse_dtype
     from diffusion_dpo.train.batch import PairBatch
@@ -128,7 +128,7 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
         pixels = batch["pixel_values"]  # (B, 2, 3, R, R): [:, 0] chosen, [:, 1] rejected
         mean_w, _ = encode_images(autoencoder, pixels[:, 0])
         mean_l, _ = encode_images(autoencoder, pixels[:, 1])
-        lat_w, lat_l = mean_w * spec.vae_scaling_factor, mean_l * spec.vae_scaling_factor
+        lat_w, lat_l = scale_latents(mean_w, spec), scale_latents(mean_l, spec)
         cond = encoder(batch["prompts"])  # (B, ...): one text conditioning per pair
         pair_cond = family.pair_conditioning(batch, res, data_cfg.sdxl_time_ids)  # SDXL: (2B, 6), one row per pair
         pair_cond = None if pair_cond is None else pair_cond.to(device)

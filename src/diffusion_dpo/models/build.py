@@ -12,7 +12,9 @@ from typing import Iterable, Literal
 
 import torch
 
-Family = Literal["sd", "sdxl", "lcm"]
+Family = Literal["sd", "sdxl", "lcm", "sd3", "flux"]
+FLOW_FAMILIES = ("sd3", "flux")
+"""Families build_pipeline builds as flow-matching transformer pipelines (build_flow_pipeline)."""
 
 _SPECIAL = ["<|startoftext|>", "<|endoftext|>"]
 _CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789,.!?'-:;()/&")
@@ -156,12 +158,17 @@ def build_text_encoder(hidden_size: int = 32, layers: int = 2, heads: int = 4, v
 def build_pipeline(family: Family = "sd", arch: str = "tiny", prediction_type: str = "epsilon",
                    resolution: int = 32, words: Iterable[str] = (), seed: int = 0, vae: str | None = None):
     """A complete random-init pipeline of the real classes: StableDiffusionPipeline (sd),
-    StableDiffusionXLPipeline (sdxl) or a latent-consistency StableDiffusionPipeline (lcm).
+    StableDiffusionXLPipeline (sdxl), a latent-consistency StableDiffusionPipeline (lcm), or (tiny only)
+    StableDiffusion3Pipeline (sd3) / FluxPipeline (flux) from build_flow_pipeline.
     `vae`: a build_vae kind other than the arch's own (e.g. "small" or "sd"); the UNet's sample size follows
     from the resolution and that VAE's downsampling."""
     from diffusers import (DDPMScheduler, LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionPipeline,
                            StableDiffusionXLPipeline)
 
+    if family in FLOW_FAMILIES:
+        if arch != "tiny" or vae is not None:
+            raise ValueError(f"build_pipeline builds {family} pipelines at arch 'tiny' only (real sizes: models.arch_configs)")
+        return build_flow_pipeline(family, resolution=resolution, words=words, seed=seed)
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(words)
     vocab = max(len(tokenizer), 64)
@@ -202,8 +209,93 @@ def build_pipeline(family: Family = "sd", arch: str = "tiny", prediction_type: s
 
 def save_tiny_pipeline(path: str | Path, family: Family = "sd", prediction_type: str = "epsilon",
                        resolution: int = 32, words: Iterable[str] = (), seed: int = 0) -> Path:
-    """Build a tiny pipeline and save it as a diffusers folder (safetensors); returns the path."""
+    """Build a tiny pipeline and save it as a diffusers folder (safetensors); returns the path. `prediction_type`
+    is ignored by the flow-matching families (sd3, flux: the network predicts the velocity)."""
     pipe = build_pipeline(family, "tiny", prediction_type=prediction_type, resolution=resolution, words=words, seed=seed)
     path = Path(path)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- flow matching
+T5_MAX_LENGTH = 512
+"""model_max_length of build_t5_tokenizer (the real T5-XXL tokenizers' of SD3 and Flux)."""
+
+
+def build_t5_tokenizer(words: Iterable[str] = ()):
+    """A T5TokenizerFast (a Unigram model of the `tokenizers` library, no sentencepiece, no hub) whose pieces are
+    every character, with and without the word-start marker, plus whole-word pieces for `words` scored above them,
+    so a small world's prompts tokenise one piece per word and any other text still tokenises. Ids 0/1/2 are
+    <pad>/</s>/<unk> as in T5."""
+    from transformers import T5TokenizerFast
+
+    start = "\u2581"  # sentencepiece's word-start marker
+    pieces: dict[str, float] = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, start: -2.0}
+    for ch in _CHARS:
+        pieces.setdefault(start + ch, -4.0)
+        pieces.setdefault(ch, -5.0)
+    for w in sorted({w.lower() for w in words if w and all(c in _CHARS for c in w.lower())}):
+        pieces[start + w] = -1.0
+    return T5TokenizerFast(vocab=list(pieces.items()), extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def build_t5_encoder(d_model: int = 32, layers: int = 1, heads: int = 2, vocab_size: int = 128):
+    """A random-init T5EncoderModel (the real class) from a small T5Config."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model, num_layers=layers,
+                      num_heads=heads, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                      feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config)
+
+
+def build_flow_vae(sample_size: int = 32):
+    """A tiny AutoencoderKL with the flow-matching families' 16 latent channels and a shift factor (SD3 0.0609,
+    Flux 0.1159 in the real VAEs; 0.1 here so the shift is exercised). Scale 1.0 as build_vae's small VAEs."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=32, sample_size=sample_size, scaling_factor=1.0, shift_factor=0.1)
+
+
+def build_flow_pipeline(family: Family = "sd3", resolution: int = 32, words: Iterable[str] = (), seed: int = 0):
+    """A tiny random-init StableDiffusion3Pipeline (sd3: MMDiT with 2 joint layers; CLIP-L + CLIP-G with projections,
+    T5) or FluxPipeline (flux: 1 double + 1 single stream block with the guidance embedding of the guidance-distilled
+    dev checkpoints; CLIP-L, T5), of the real classes, with a FlowMatchEulerDiscreteScheduler configured as the real
+    pipelines' (SD3: shift 3.0; Flux dev: dynamic, resolution-dependent shift). Latents are resolution / 2 pixels."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+
+    torch.manual_seed(seed)
+    clip_tok = build_clip_tokenizer(words)
+    t5_tok = build_t5_tokenizer(words)
+    vocab = max(len(clip_tok), 64)
+    vae = build_flow_vae(sample_size=resolution)
+    latent = resolution // 2
+    t5 = build_t5_encoder(d_model=32, vocab_size=max(len(t5_tok), 64))
+    if family == "sd3":
+        clip_l = build_text_encoder(hidden_size=16, vocab_size=vocab, heads=2, with_projection=True, projection_dim=16)
+        clip_g = build_text_encoder(hidden_size=24, vocab_size=vocab, heads=2, with_projection=True, projection_dim=24)
+        # joint_attention_dim = T5 width (the CLIP states, 16 + 24, are zero-padded to it); pooled = 16 + 24
+        transformer = SD3Transformer2DModel(sample_size=latent, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                            caption_projection_dim=16, pooled_projection_dim=40,
+                                            pos_embed_max_size=max(latent // 2, 8))
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3/3.5's scheduler config
+        return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
+                                        tokenizer=clip_tok, text_encoder_2=clip_g, tokenizer_2=clip_tok,
+                                        text_encoder_3=t5, tokenizer_3=t5_tok)
+    if family != "flux":
+        raise ValueError(f"build_flow_pipeline builds sd3 or flux, not {family!r}")
+    clip_l = build_text_encoder(hidden_size=16, vocab_size=vocab, heads=2)
+    # packed 2x2 tokens: in_channels = 16 latent channels x 4; rope axes sum to the head dim
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    # FLUX.1-dev's scheduler config: shift 3.0 unused, dynamic shifting over 256..4096 image tokens
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip_l, tokenizer=clip_tok, text_encoder_2=t5,
+                        tokenizer_2=t5_tok, transformer=transformer)

@@ -8,6 +8,8 @@ with data.sdxl_time_ids=pair (the default); with 'image' they are each image's o
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 
@@ -29,10 +31,13 @@ def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, tim
     raise ValueError(f"unsupported prediction_type {kind!r}")
 
 
-def per_sample_error(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """||pred - target||^2 per sample: mean over C,H,W (official code) or sum (paper pseudocode). (N, ...) -> (N,)"""
+def per_sample_error(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean",
+                     weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """||pred - target||^2 per sample: mean over C,H,W (official code) or sum (paper pseudocode), times the
+    per-sample `weight` (N,) when given (family.error_weight: flow.loss_weighting). (N, ...) -> (N,)"""
     sq = (pred.float() - target.float()).pow(2).flatten(1)
-    return sq.mean(dim=1) if reduction == "mean" else sq.sum(dim=1)
+    err = sq.mean(dim=1) if reduction == "mean" else sq.sum(dim=1)
+    return err if weight is None else err * weight.to(err.device)
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,13 +57,15 @@ def pair_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 
 def draw_pair_randomness(generators: list[torch.Generator], latent_shape: tuple[int, ...], t_low: int, t_high: int,
-                         caption_dropout: float) -> dict[str, torch.Tensor]:
-    """Per pair: noise (C,h,w), timestep in [t_low, t_high), caption-dropout coin, two latent-sampling
-    noises (winner, loser). Always drawn in the same order, whatever is used, so the streams stay aligned."""
+                         caption_dropout: float,
+                         draw_timestep: Optional[Callable[[torch.Generator], torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """Per pair: noise (C,h,w), timestep in [t_low, t_high) (or `draw_timestep(generator)`, shape (1,): the flow
+    families' sigma schemes), caption-dropout coin, two latent-sampling noises (winner, loser). Always drawn in
+    the same order, whatever is used, so the streams stay aligned."""
     noise, t, drop, eps_w, eps_l = [], [], [], [], []
     for g in generators:
         noise.append(torch.randn(latent_shape, generator=g))
-        t.append(torch.randint(t_low, t_high, (1,), generator=g))
+        t.append(torch.randint(t_low, t_high, (1,), generator=g) if draw_timestep is None else draw_timestep(g))
         drop.append(torch.rand((1,), generator=g) < caption_dropout)
         eps_w.append(torch.randn(latent_shape, generator=g))
         eps_l.append(torch.randn(latent_shape, generator=g))

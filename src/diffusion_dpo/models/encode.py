@@ -66,14 +66,21 @@ def encode_images(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return dist.mean.float(), dist.std.float()
 
 
-def sample_latents(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, noise: Optional[torch.Tensor] = None,
+def scale_latents(latents: torch.Tensor, spec) -> torch.Tensor:
+    """Unscaled VAE latents -> the network's latents, as the pipelines do: (latent - shift_factor) * scaling_factor
+    (SD3 / Flux VAEs have a shift; the UNet families' is 0). `spec`: the models.loading.ModelSpec. The one place
+    latents are scaled (the cache stores them unscaled)."""
+    return (latents - spec.vae_shift_factor) * spec.vae_scaling_factor
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, spec, noise: Optional[torch.Tensor] = None,
                    mode: str = "sample") -> torch.Tensor:
     """Scaled latents from a stored distribution: mean + std * noise ('sample', as the official code's
-    latent_dist.sample()) or the mean ('mean'); then times the VAE scaling factor."""
+    latent_dist.sample()) or the mean ('mean'); then shifted and scaled (scale_latents)."""
     if mode == "mean":
-        return mean * scaling_factor
+        return scale_latents(mean, spec)
     assert noise is not None, "sample mode needs a noise tensor"
-    return (mean + std * noise) * scaling_factor
+    return scale_latents(mean + std * noise, spec)
 
 
 def sdxl_time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, resolution: int) -> torch.Tensor:

@@ -23,15 +23,17 @@ class ModelSpec:
 
     pretrained: str
     family: str  # a name of models.families.FAMILIES; family_of(spec) gives the family object
-    prediction_type: str  # "epsilon" | "v_prediction"
+    prediction_type: str  # "epsilon" | "v_prediction" (UNet families) | "flow" (velocity of flow matching)
     pipeline_class: str
     revision: Optional[str] = None
     variant: Optional[str] = None
     vae_scaling_factor: float = 0.18215
+    vae_shift_factor: float = 0.0  # SD3 / Flux VAEs: latents = (vae latent - shift) * scale (encode.scale_latents)
     latent_channels: int = 4
     vae_downsample: int = 8
     time_cond_proj_dim: Optional[int] = None
     num_train_timesteps: int = 1000
+    guidance_embeds: bool = False  # a guidance-distilled transformer (Flux dev): the guidance value is an input
     extra: dict = field(default_factory=dict)
 
 
@@ -86,13 +88,19 @@ class PipelineConfigs:
 
     @classmethod
     def of_pipeline(cls, pipe: Any) -> "PipelineConfigs":
-        """The configs of an already loaded pipeline: its class name and its UNet's config."""
+        """The configs of an already loaded pipeline: its class name and its network's (UNet or transformer) config."""
         configs = cls.__new__(cls)
         configs.pretrained, configs.revision = str(pipe.name_or_path), None
-        configs.index = {"_class_name": type(pipe).__name__}
+        parts = {name: part for name, part in pipe.components.items() if name in ("unet", "transformer")}
+        configs.index = {"_class_name": type(pipe).__name__} | {k: ["diffusers", type(v).__name__] for k, v in parts.items()}
         configs.pipeline_class = type(pipe).__name__
-        configs._parts = {"unet": dict(pipe.unet.config)}
+        configs._parts = {name: dict(part.config) for name, part in parts.items()}
         return configs
+
+    def network_class(self, subfolder: str) -> str:
+        """The class name model_index.json gives `subfolder` ('' when it has none): e.g. SD3Transformer2DModel."""
+        entry = self.index.get(subfolder)
+        return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] else ""
 
     def part(self, subfolder: str, cls) -> dict:
         """The config of `subfolder` (unet, scheduler, vae, ...) as the diffusers class `cls` reads it."""
@@ -106,13 +114,16 @@ class PipelineConfigs:
         return self.part("unet", UNet2DConditionModel)
 
 
-def load_noise_scheduler(spec: ModelSpec):
-    """The training noise scheduler (DDPM maths) of the pipeline, whatever its sampling scheduler is."""
+def load_noise_scheduler(spec: ModelSpec, device=None):
+    """The training noise scheduler (DDPM maths) of the pipeline, whatever its sampling scheduler is; its
+    alphas_cumprod on `device` when given."""
     from diffusers import DDPMScheduler
 
     sched = load_pretrained(DDPMScheduler, spec.pretrained, "scheduler", "scheduler", spec.revision)
     if sched.config.prediction_type != spec.prediction_type:
         sched.register_to_config(prediction_type=spec.prediction_type)
+    if device is not None:
+        sched.alphas_cumprod = sched.alphas_cumprod.to(device)
     return sched
 
 

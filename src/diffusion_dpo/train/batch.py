@@ -27,7 +27,7 @@ from diffusion_dpo.runtime import torch_dtype
 class PairBatch:
     """B encoded preference pairs. Winner first everywhere a pair is stacked."""
 
-    latents_w: torch.Tensor  # (B, C, h, w), already times the VAE scaling factor
+    latents_w: torch.Tensor  # (B, C, h, w), already shifted and scaled (models.encode.scale_latents)
     latents_l: torch.Tensor  # (B, C, h, w)
     cond: TextConditioning  # (B, L, D) [+ pooled (B, D2)]: one text conditioning per pair
     noise: torch.Tensor  # (B, C, h, w): one noise per pair
@@ -63,9 +63,8 @@ class PairEncoder(ABC):
         rnd = self.family.draw_items(cfg, raw["epochs"], raw["indices"])
         mean, std, cond = self.distributions_and_text(raw)
         mode = cfg.data.latent_sampling
-        sf = spec.vae_scaling_factor
-        lat_w = sample_latents(mean[:, 0], std[:, 0], sf, rnd["latent_eps_w"].to(self.device), mode)
-        lat_l = sample_latents(mean[:, 1], std[:, 1], sf, rnd["latent_eps_l"].to(self.device), mode)
+        lat_w = sample_latents(mean[:, 0], std[:, 0], spec, rnd["latent_eps_w"].to(self.device), mode)
+        lat_l = sample_latents(mean[:, 1], std[:, 1], spec, rnd["latent_eps_l"].to(self.device), mode)
         if cfg.data.caption_dropout > 0:
             cond = cond.select(rnd["drop_caption"], self.empty_cond.to(self.device))
         pair_cond = self.family.pair_conditioning(raw, res, cfg.data.sdxl_time_ids)

@@ -62,7 +62,7 @@ class ImageEncoder:
         # latent-sampling noise
         rnd = self.family.draw_items(cfg, raw["epochs"], raw["indices"])
         mean, std = encode_images(self.vae, raw["pixel_values"].to(self.device))
-        latents = sample_latents(mean, std, spec.vae_scaling_factor, rnd["latent_eps_w"].to(self.device),
+        latents = sample_latents(mean, std, spec, rnd["latent_eps_w"].to(self.device),
                                  cfg.data.latent_sampling)
         cond = self.prompt_encoder(list(raw["prompts"]))
         if cfg.data.caption_dropout > 0:

@@ -1,7 +1,9 @@
 """Model families: one module per family behind one interface (base.ModelFamily).
 
 FAMILIES is closed and ordered: detection asks each family in turn whether a pipeline's configs are
-its own, so a more specific family (SDXL, LCM) comes before the one it specialises (SD). Adding a family
+its own, so a more specific family (SDXL, LCM) comes before the one it specialises (SD), and the transformer
+families (SD3, Flux: recognised by model_index.json's transformer class) before the UNet ones, whose checks read
+unet/config.json. Adding a family
 is one new module plus one entry here (docs/architecture.md, "How to add a model family").
 """
 
@@ -10,13 +12,16 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from diffusion_dpo.errors import ModelLoadError
+from diffusion_dpo.flow_config import FlowConfig
 from diffusion_dpo.models.families.base import ModelFamily
+from diffusion_dpo.models.families.flux import FluxFamily
 from diffusion_dpo.models.families.lcm import LCMFamily
 from diffusion_dpo.models.families.sd import SDFamily
+from diffusion_dpo.models.families.sd3 import SD3Family
 from diffusion_dpo.models.families.sdxl import SDXLFamily
 from diffusion_dpo.models.loading import ModelSpec, PipelineConfigs
 
-FAMILIES: tuple[type[ModelFamily], ...] = (SDXLFamily, LCMFamily, SDFamily)
+FAMILIES: tuple[type[ModelFamily], ...] = (SD3Family, FluxFamily, SDXLFamily, LCMFamily, SDFamily)
 """Detection order: the first family whose matches(configs) is true."""
 BY_NAME: dict[str, type[ModelFamily]] = {f.name: f for f in FAMILIES}
 
@@ -27,35 +32,46 @@ def detect_spec(pretrained: str, revision: Optional[str] = None, variant: Option
     from diffusers import AutoencoderKL, DDPMScheduler
 
     configs = PipelineConfigs(pretrained, revision)
-    unet_cfg = configs.unet()
     if family == "auto":
         found = next((f for f in FAMILIES if f.matches(configs)), None)
         if found is None:
             raise ModelLoadError(f"'{pretrained}' is a {configs.pipeline_class or 'unknown pipeline'}; supported "
-                                 "families are Stable Diffusion 1.x/2.x, SDXL and latent consistency UNets (set "
-                                 "model.family to force one)")
-        family = found.name
+                                 "families are Stable Diffusion 1.x/2.x, SDXL, latent consistency UNets, Stable "
+                                 "Diffusion 3 / 3.5 and Flux.1 (set model.family to force one)")
     elif family not in BY_NAME:
         raise ModelLoadError(f"model.family {family!r} is not a known family; choose auto or one of {sorted(BY_NAME)}")
+    else:
+        found = BY_NAME[family]
+    try:
+        fields = found.spec_fields(configs)
+    except ModelLoadError as err:
+        if family == "auto":
+            raise
+        raise ModelLoadError(f"model.family={family} does not fit '{pretrained}': it is a {configs.pipeline_class or 'pipeline'}"
+                             f" without the {found.network_folder}/ of a {found.pipeline_class}; set model.family=auto "
+                             "or point model.pretrained at such a pipeline") from err
     sched_cfg = configs.part("scheduler", DDPMScheduler)
     vae_cfg = configs.part("vae", AutoencoderKL)
-    pred = prediction_type or sched_cfg.get("prediction_type", "epsilon")
-    if pred not in ("epsilon", "v_prediction"):
-        raise ModelLoadError(f"prediction_type '{pred}' of '{pretrained}' is not supported (epsilon or v_prediction)")
+    pred = prediction_type or sched_cfg.get("prediction_type") or found.prediction_types[0]
+    if pred not in found.prediction_types:
+        raise ModelLoadError(f"prediction_type '{pred}' of '{pretrained}' is not supported by the {found.name} family "
+                             f"({' or '.join(found.prediction_types)})")
     return ModelSpec(
-        pretrained=str(pretrained), family=family, prediction_type=pred, pipeline_class=configs.pipeline_class,
+        pretrained=str(pretrained), family=found.name, prediction_type=pred, pipeline_class=configs.pipeline_class,
         revision=revision, variant=variant,
         vae_scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
+        vae_shift_factor=float(vae_cfg.get("shift_factor") or 0.0),
         latent_channels=int(vae_cfg.get("latent_channels", 4)),
         vae_downsample=2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1),
-        time_cond_proj_dim=unet_cfg.get("time_cond_proj_dim"),
         num_train_timesteps=int(sched_cfg.get("num_train_timesteps", 1000)),
+        **fields,
     )
 
 
-def family_of(spec: ModelSpec, guidance_scale: float = 8.0) -> ModelFamily:
-    """The family object of a described pipeline (guidance_scale: model.lcm_guidance_scale)."""
-    return BY_NAME[spec.family](spec, guidance_scale)
+def family_of(spec: ModelSpec, guidance_scale: float = 8.0, flow: Optional[FlowConfig] = None) -> ModelFamily:
+    """The family object of a described pipeline (guidance_scale: model.lcm_guidance_scale; flow: the run's flow
+    settings, used by the flow-matching families)."""
+    return BY_NAME[spec.family](spec, guidance_scale, flow)
 
 
 def family_of_pipeline(pipe: Any) -> type[ModelFamily]:
@@ -69,5 +85,5 @@ def family_named(name: str) -> type[ModelFamily]:
     return BY_NAME[name]
 
 
-__all__ = ["FAMILIES", "ModelFamily", "SDFamily", "SDXLFamily", "LCMFamily", "detect_spec", "family_of", "family_named",
+__all__ = ["FAMILIES", "ModelFamily", "SDFamily", "SDXLFamily", "LCMFamily", "SD3Family", "FluxFamily", "detect_spec", "family_of", "family_named",
            "family_of_pipeline"]

@@ -1,17 +1,17 @@
 """The interface every model family implements: what the trainer, the cache, evaluation and sampling ask.
 
-A family is one kind of pipeline (SD 1.x/2.x, SDXL, latent consistency; later SD3, Flux). One object per
+A family is one kind of pipeline (SD 1.x/2.x, SDXL, latent consistency; SD3 / SD3.5 and Flux.1, flow matching). One object per
 run, built from the pipeline's ModelSpec by `models.families.family_of(spec)`. The callers never branch on
 family names: they ask the object.
 
-    detection      matches(configs)                            (class method; the FAMILIES table is ordered)
+    detection      matches(configs), spec_fields(configs)      (class methods; the FAMILIES table is ordered)
     loading        load_text_encoders, load_network, load_vae, load_noise_scheduler
     prompts        encode_prompts(encoders, prompts)          -> TextConditioning (what the cache stores)
     pairs          pair_conditioning(batch, resolution, mode) -> pair_cond per-row conditioning (SDXL time ids)
     randomness     draw_randomness(generators, ...)            per-pair seeded noise / timestep / coins
-    diffusion      noisy_and_target(scheduler, latents, noise, t) -> (noisy input, training target)
+    diffusion      noisy_and_target(scheduler, latents, noise, t) -> (noisy input, training target); error_weight(t)
     network        predict(net, noisy, t, cond, pair_cond)        -> the network's prediction
-    outputs        pipeline_class, lora_targets, pipeline_text_encoders(pipe)
+    outputs        pipeline_class, network_folder, lora_layers_key, lora_targets, pipeline_text_encoders(pipe)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
+from diffusion_dpo.flow_config import FlowConfig
 from diffusion_dpo.models.diffusion import draw_pair_randomness, pair_generator
 from diffusion_dpo.models.encode import PromptEncoder, TextConditioning
 from diffusion_dpo.models.loading import ModelSpec, PipelineConfigs, freeze, load_noise_scheduler, load_pretrained, \
@@ -32,26 +33,40 @@ class ModelFamily(ABC):
     pipeline_class: ClassVar[str]
     """diffusers pipeline class name for sampling, saving LoRAs and the model card's usage lines."""
     text_encoder_parts: ClassVar[tuple[tuple[str, str, str], ...]] = (("tokenizer", "text_encoder", "CLIPTextModel"),)
-    """(tokenizer subfolder, text encoder subfolder, transformers class name) per text encoder, in order."""
+    """(tokenizer subfolder, text encoder subfolder, transformers class name) per text encoder, in order; a T5
+    encoder's tokenizer is a T5TokenizerFast, the others' a CLIPTokenizer."""
+    prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
+    """What the network may predict (the first: when the scheduler config names none); model.prediction_type."""
+    network_folder: ClassVar[str] = "unet"
+    """The trained network's pipeline subfolder: where full fine-tuning saves it (`from_pretrained` reads it)."""
+    lora_layers_key: ClassVar[str] = "unet_lora_layers"
+    """The argument of the pipeline class's save_lora_weights that takes the trained network's adapter."""
     size_conditioned: ClassVar[bool] = False
     """The network is conditioned on image sizes and crops (SDXL time ids): with data.sdxl_time_ids=pair the
     transforms give a pair one geometry (data.transforms.PairTransform same_geometry), and the cache key holds
     the mode."""
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
-    """Default LoRA target modules of the trained network (lora.target_modules's default)."""
+    """Recommended LoRA target modules of the trained network: lora.target_modules's default for the UNet families;
+    the transformer families' shipped configs set theirs (docs/flow.md)."""
     preset_guidance: ClassVar[dict[str, float]] = {}
     """Classifier-free guidance of the sampling presets (evaluate.sampling.PRESETS) where the source states one
     for this family; other presets keep the pipeline's default."""
 
-    def __init__(self, spec: ModelSpec, guidance_scale: float = 8.0):
+    def __init__(self, spec: ModelSpec, guidance_scale: float = 8.0, flow: Optional[FlowConfig] = None):
         self.spec = spec
         self.guidance_scale = guidance_scale  # embedded guidance of guidance-distilled networks (LCM)
+        self.flow = flow or FlowConfig()  # sigma sampling, loss weighting, Flux guidance (flow-matching families)
 
     # ------------------------------------------------------------------ detection
     @classmethod
     @abstractmethod
     def matches(cls, configs: PipelineConfigs) -> bool:
         """Whether the pipeline whose configs these are is of this family (asked in FAMILIES order)."""
+
+    @classmethod
+    def spec_fields(cls, configs: PipelineConfigs) -> dict[str, Any]:
+        """ModelSpec fields read from the network's config (a UNet's guidance embedding width)."""
+        return {"time_cond_proj_dim": configs.unet().get("time_cond_proj_dim")}
 
     # ------------------------------------------------------------------ loading
     def load_text_encoders(self, dtype: torch.dtype = torch.float32) -> list[tuple[Any, Any]]:
@@ -62,7 +77,8 @@ class ModelFamily(ABC):
 
         spec, out = self.spec, []
         for tok_name, enc_name, enc_cls in self.text_encoder_parts:
-            tokenizer = load_pretrained(transformers.CLIPTokenizer, spec.pretrained, tok_name, tok_name, spec.revision)
+            tok_cls = transformers.T5TokenizerFast if enc_cls == "T5EncoderModel" else transformers.CLIPTokenizer
+            tokenizer = load_pretrained(tok_cls, spec.pretrained, tok_name, tok_name, spec.revision)
             if len(tokenizer) < 10:
                 # CLIPTokenizer.from_pretrained on a folder without vocab files silently builds a 2-token tokenizer
                 raise ModelLoadError(f"'{spec.pretrained}/{tok_name}' has no usable tokenizer files (vocab.json + "
@@ -88,8 +104,9 @@ class ModelFamily(ABC):
     def load_vae(self, dtype: torch.dtype = torch.float32, vae_path: Optional[str] = None):
         return load_vae(self.spec, dtype, vae_path)
 
-    def load_noise_scheduler(self):
-        return load_noise_scheduler(self.spec)
+    def load_noise_scheduler(self, device=None):
+        """The training scheduler (DDPM maths; its alphas_cumprod on `device` when given)."""
+        return load_noise_scheduler(self.spec, device)
 
     # ------------------------------------------------------------------ prompts
     @classmethod
@@ -125,6 +142,10 @@ class ModelFamily(ABC):
     def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor,
                          timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents, noise (N, C, h, w), timesteps (N,) -> noisy network input and training target, both (N, C, h, w)."""
+
+    def error_weight(self, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample weights (N,) of the squared errors at these timesteps (flow.loss_weighting); None: weight 1."""
+        return None
 
     @property
     def has_guidance_embedding(self) -> bool:
