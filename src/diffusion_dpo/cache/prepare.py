@@ -307,6 +307,7 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
     if dist.rank == 0 and not (folder / EMPTY_PROMPT).is_file():
         writer.write_empty_prompt({name: x.to("cpu", storage) for name, x in enc.prompt_encoder([""]).tensors().items()})
 
+    t0 = time.perf_counter()
     # pass 1, the prompt table: the text encoder(s) on each distinct prompt once
     prompts_done = completed_shards(folder, key, PROMPT_PREFIX)
     for j in range(manifest["num_prompt_shards"]):
@@ -330,7 +331,6 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
     total = sum(min(shard_size, len(source) - k * shard_size) for k in todo)
     bar = tqdm(total=total, desc=f"prepare [{dist.rank}]" if dist.world_size > 1 else "prepare", unit="pair",
                disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
     for k in todo:
         start, stop = k * shard_size, min((k + 1) * shard_size, len(source))
         items = _PairItems(source, range(start, stop), transform, d.random_flip, cfg.train.seed, d.on_corrupt)
