@@ -165,3 +165,18 @@ def test_a_missing_prompt_table_file_is_an_error_naming_it(tiny_sd, repeated, tm
     (folder / "prompts-00000.safetensors").unlink()
     with pytest.raises(DataError, match=r"lacks prompts-00000.safetensors .*`diffusion-dpo prepare`"):
         CachedPairDataset(folder, detect_spec(str(tiny_sd)))
+
+
+def test_the_table_follows_the_sources_prompts_read_without_images(tmp_path):
+    """PairSource.prompts() (Arrow: the caption column alone) is every pair's prompt in pair order, ties dropped and
+    data.max_pairs applied; PromptRows keeps each exact string once, in order of first appearance."""
+    from diffusion_dpo.cache.writer import PromptRows
+    from diffusion_dpo.data.sources import open_source
+    from diffusion_dpo.data.synthetic import write_pickapic_parquet
+
+    parquet = write_pickapic_parquet(tmp_path / "t.parquet", n=10, ties=2)
+    source = open_source(load_config(None, [f"data.source={parquet}", "data.max_pairs=9"]).data)
+    assert len(source) == 9 and source.prompts() == [source[i].prompt for i in range(9)]
+    table = PromptRows(["b", "a", "b", "", "a ", "a"])
+    assert table.prompts == ["b", "a", "", "a "] and table.index == [0, 1, 0, 2, 3, 1]
+    assert table.rows == {"b": 0, "a": 1, "": 2, "a ": 3}
