@@ -308,11 +308,13 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
         writer.write_empty_prompt({name: x.to("cpu", storage) for name, x in enc.prompt_encoder([""]).tensors().items()})
 
     t0 = time.perf_counter()
+    rank_tag = f" [{dist.rank}]" if dist.world_size > 1 else ""
     # pass 1, the prompt table: the text encoder(s) on each distinct prompt once
     prompts_done = completed_shards(folder, key, PROMPT_PREFIX)
-    for j in range(manifest["num_prompt_shards"]):
-        if j % dist.world_size != dist.rank or j in prompts_done:
-            continue
+    todo = [j for j in range(manifest["num_prompt_shards"]) if j % dist.world_size == dist.rank and j not in prompts_done]
+    bar = tqdm(total=sum(len(table.prompts[j * shard_size:(j + 1) * shard_size]) for j in todo),
+               desc=f"prompts{rank_tag}", unit="prompt", disable=not progress or not todo, dynamic_ncols=True)
+    for j in todo:
         start = j * shard_size
         prompts = table.prompts[start:start + shard_size]
         tensors = encode_prompts(prompts, enc, batch_size, storage, times)
@@ -322,6 +324,8 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
             manifest["prompt_shards"] = writer.prompt_index(prompts_done)
             writer.write_manifest(manifest)
         times.write += time.perf_counter() - t_write
+        bar.update(len(prompts))
+    bar.close()
 
     # pass 2, the pairs: the VAE on both images (and their mirror images), and each pair's prompt row
     done = completed_shards(folder, key)
@@ -329,8 +333,7 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
     # flips are stored as mirrored variants (_PairItems), so the transform itself never flips
     transform = dataclasses.replace(PairTransform.from_config(d, family_of(spec).size_conditioned), random_flip=False)
     total = sum(min(shard_size, len(source) - k * shard_size) for k in todo)
-    bar = tqdm(total=total, desc=f"prepare [{dist.rank}]" if dist.world_size > 1 else "prepare", unit="pair",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=f"prepare{rank_tag}", unit="pair", disable=not progress, dynamic_ncols=True)
     for k in todo:
         start, stop = k * shard_size, min((k + 1) * shard_size, len(source))
         items = _PairItems(source, range(start, stop), transform, d.random_flip, cfg.train.seed, d.on_corrupt)
