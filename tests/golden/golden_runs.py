@@ -47,6 +47,21 @@ def _tensors_of(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _cache_tensors(folder: Path) -> dict:
+    """A cache as its reader returns it: the empty prompt, and each shard's tensors per pair (cache.store.read_shard:
+    each pair's text conditioning in its place, whether stored with the pair or in the prompt table), so the
+    golden holds what training reads, whatever the file layout. Keys are file names, not the folder's (a key
+    hashed from paths that differ per run)."""
+    from safetensors.torch import load_file
+
+    from diffusion_dpo.cache.store import EMPTY_PROMPT, read_manifest, read_shard
+
+    tensors = {f"{EMPTY_PROMPT}:{k}": v for k, v in load_file(str(folder / EMPTY_PROMPT)).items()}
+    for k, entry in enumerate(read_manifest(folder)["shards"]):
+        tensors.update({f"{entry['file']}:{name}": t for name, t in read_shard(folder, k).items()})
+    return {k: fingerprint(v) for k, v in sorted(tensors.items())}
+
+
 def pipelines(root: Path) -> dict[str, Path]:
     from diffusion_dpo.models.build import save_tiny_pipeline
 
@@ -91,8 +106,7 @@ def compute(root: Path) -> dict:
     cache = root / "cache"
     assert main(["prepare", f"model.pretrained={models['sdxl']}", f"data.source={source}", "data.resolution=32",
                  "data.random_flip=true", f"data.cache_dir={cache}", "--no-progress"]) == 0
-    # the cache folder's name is a key hashed from paths that differ per run: keep only the file names
-    goldens["cache/sdxl"] = {k.split("/", 1)[1]: fingerprint(v) for k, v in sorted(_tensors_of(cache).items())}
+    goldens["cache/sdxl"] = _cache_tensors(next(cache.iterdir()))
     # a sample image and an evaluate results.json
     prompts = root / "prompts.csv"
     prompts.write_text("prompt,category\na red cat,animals\na blue square,colors\n")

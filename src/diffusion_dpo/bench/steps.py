@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 
@@ -65,8 +64,7 @@ def bare_step(job: dict, device) -> Callable[[], None]:
     import torch
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from safetensors.torch import load_file
-
+    from diffusion_dpo.cache.store import read_shard
     from diffusion_dpo.losses import dpo_logit
     from diffusion_dpo.models.lora import add_lora
 
@@ -79,7 +77,7 @@ def bare_step(job: dict, device) -> Callable[[], None]:
     tweak_unet(unet, job)
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, fused=job["fused_adamw"] or None)
-    shard = load_file(str(sorted(Path(job["cache"]).glob("shard-*.safetensors"))[0]))
+    shard = read_shard(job["cache"], 0)  # per-pair tensors, each pair's prompt-table row in its place
     latents = torch.cat([shard["latent_mean"][:b, 0, 0], shard["latent_mean"][:b, 0, 1]]).float().to(device)  # (2B,...)
     emb = shard["prompt_embeds"][:b].float().repeat(2, 1, 1).to(device)
     noise = torch.randn_like(latents[:b]).repeat(2, 1, 1, 1)

@@ -1,5 +1,6 @@
-"""Encode a preference dataset once: VAE latent distributions of both images and the prompt's text
-conditioning, written shard by shard into a cache keyed by exactly what determines its contents.
+"""Encode a preference dataset once: VAE latent distributions of both images and the text conditioning of
+each distinct prompt (the prompt table), written shard by shard into a cache keyed by exactly what determines
+its contents.
 
     folder = prepare_cache(cfg, storage_dtype="float16")   # or: diffusion-dpo prepare --config run.yaml
     folder = ensure_cache(cfg)                              # prepare if missing or incomplete, else reuse
@@ -8,9 +9,12 @@ The encoders and transforms are the trainer's own (models.encode.PromptEncoder /
 data.transforms.PairTransform, data.dataset.decode_image), so with float32 storage and
 data.latent_sampling=mean, training from the cache computes the same losses as encoding on the fly.
 
-Resumable: shard k always covers source pairs [k*S, (k+1)*S); a finished shard is moved into place
-atomically and skipped on a rerun. Multi-process (`accelerate launch`): process r encodes shards
-k with k % world_size == r; the main process writes the final manifest.
+Two passes: the text encoder(s) over the prompt table (each distinct prompt once, rows in order of first
+appearance over the source: cache.writer.PromptRows), then the VAE over the pairs, which store their prompt's
+row. Resumable: shard k always covers source pairs [k*S, (k+1)*S), prompt-table file j rows [j*S, (j+1)*S); a
+finished file is moved into place atomically and skipped on a rerun. Multi-process (`accelerate launch`):
+process r encodes the files k with k % world_size == r of each pass; the main process writes the final manifest.
+The table depends on the source's prompts alone, so every process computes the same one without talking.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from diffusion_dpo.cache.store import EMPTY_PROMPT, MANIFEST, cache_key, completed_shards, read_manifest
-from diffusion_dpo.cache.writer import CacheWriter, storage_torch_dtype, versioned
+from diffusion_dpo.cache.store import (EMPTY_PROMPT, MANIFEST, PROMPT_PREFIX, cache_key, completed_shards,
+                                       read_manifest)
+from diffusion_dpo.cache.writer import CacheWriter, PromptRows, storage_torch_dtype, versioned
 from diffusion_dpo.config import RunConfig
 from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.models.families import family_of
@@ -52,10 +57,10 @@ class PrepareTimes:
     pairs: int = 0  # source pairs read, corrupt ones included
     images: float = 0.0  # waiting for decoded + transformed images (the DataLoader)
     vae: float = 0.0
-    text: float = 0.0
+    text: float = 0.0  # the prompt table (distinct prompts only)
     write: float = 0.0  # shard files and the manifest, fsync included
     seconds: float = 0.0  # wall time of the whole loop (the parts plus progress bar and bookkeeping)
-    batches: list[float] = field(default_factory=list)  # seconds per pair of each batch: images + VAE + text
+    batches: list[float] = field(default_factory=list)  # seconds per pair of each batch of pairs: images + VAE
 
     def per_pair(self) -> dict[str, float]:
         n = max(self.pairs, 1)
@@ -63,8 +68,11 @@ class PrepareTimes:
                 "write": self.write / n}
 
     def median_per_pair(self) -> float:
-        """Seconds per pair from the median batch plus the writes: robust to a batch slowed by another process."""
-        return sorted(self.batches)[len(self.batches) // 2] + self.write / max(self.pairs, 1) if self.batches else 0.0
+        """Seconds per pair from the median batch plus the prompt table and the writes (shared out over the pairs):
+        robust to a batch slowed by another process."""
+        if not self.batches:
+            return 0.0
+        return sorted(self.batches)[len(self.batches) // 2] + (self.text + self.write) / max(self.pairs, 1)
 
 
 def _wait(t: torch.Tensor) -> None:
@@ -165,10 +173,24 @@ def load_encoders(cfg: RunConfig, spec, device) -> Encoders:
     return Encoders(vae, family.prompt_encoder(dtype, device))
 
 
+def encode_prompts(prompts: list[str], enc: Encoders, batch_size: int, storage: torch.dtype,
+                   times: Optional[PrepareTimes] = None) -> dict[str, torch.Tensor]:
+    """The text conditioning of `prompts` (rows of the prompt table), `batch_size` prompts per encoder call."""
+    times = times if times is not None else PrepareTimes()
+    t = time.perf_counter()
+    parts = []
+    for start in range(0, len(prompts), batch_size):
+        cond = enc.prompt_encoder(prompts[start:start + batch_size])
+        parts.append({name: x.to("cpu", storage) for name, x in cond.tensors().items()})
+    times.text += time.perf_counter() - t  # .to("cpu") waited for the device
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
 def encode_shard(items: _PairItems, enc: Encoders, batch_size: int, num_workers: int, storage: torch.dtype,
-                 on_pairs: Callable[[int], None] = lambda n: None,
+                 prompt_rows: dict[str, int], on_pairs: Callable[[int], None] = lambda n: None,
                  times: Optional[PrepareTimes] = None) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Encode one shard's pairs; returns its tensors and the source indices of skipped (corrupt) pairs."""
+    """Encode one shard's pairs (their prompts' rows: `prompt_rows`); returns its tensors and the source indices
+    of skipped (corrupt) pairs."""
     from diffusion_dpo.models.encode import encode_images
 
     times = times if times is not None else PrepareTimes()
@@ -195,20 +217,15 @@ def encode_shard(items: _PairItems, enc: Encoders, batch_size: int, num_workers:
             mean = torch.cat([m for m, _ in encoded])  # (b*V*2, C, h, w), rows w, l per variant
             std = torch.cat([sd for _, sd in encoded])
             _wait(mean)
-            t_vae = clock()
-            cond = enc.prompt_encoder([it["prompt"] for it in kept])
-            _wait(cond.prompt_embeds)
-            times.vae, times.text = times.vae + t_vae - t, times.text + clock() - t_vae
+            times.vae += clock() - t
             new = {
                 "source_index": torch.tensor([it["index"] for it in kept], dtype=torch.int64),
+                "prompt_index": torch.tensor([prompt_rows[it["prompt"]] for it in kept], dtype=torch.int64),
                 "latent_mean": mean.unflatten(0, (b, v, 2)).to("cpu", storage),
                 "latent_std": std.unflatten(0, (b, v, 2)).to("cpu", storage),
-                "prompt_embeds": cond.prompt_embeds.to("cpu", storage),
                 "original_size": torch.stack([it["original_size"] for it in kept]),
                 "crop_top_left": torch.stack([it["crop_top_left"] for it in kept]),
             }
-            if cond.pooled_prompt_embeds is not None:
-                new["pooled_prompt_embeds"] = cond.pooled_prompt_embeds.to("cpu", storage)
             for k, tensor in new.items():
                 parts.setdefault(k, []).append(tensor)
         times.pairs += len(batch)
@@ -272,13 +289,15 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
                 "encoder_dtype": cfg.model.frozen_dtype}
     if family_of(spec).size_conditioned:
         settings["sdxl_time_ids"] = d.sdxl_time_ids
+    table = PromptRows(source.prompts())  # every process the same table: it depends on the prompts alone
     if dist.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         writer.remove_temp_files()  # half-written files of an interrupted run
         if (folder / MANIFEST).is_file():
             shard_size = read_manifest(folder)["shard_size"]  # keep the boundaries of the interrupted run
         manifest = writer.manifest(spec, spec.pretrained, settings, source.describe(), len(source), shard_size,
-                                   -(-len(source) // shard_size), completed_shards(folder, key))
+                                   -(-len(source) // shard_size), completed_shards(folder, key), len(table.prompts),
+                                   completed_shards(folder, key, PROMPT_PREFIX))
         writer.write_manifest(manifest)
     dist.barrier()
     manifest = read_manifest(folder)
@@ -286,24 +305,39 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
 
     enc = load_encoders(cfg, spec, dist.device)
     if dist.rank == 0 and not (folder / EMPTY_PROMPT).is_file():
-        empty = enc.prompt_encoder([""])
-        tensors = {"prompt_embeds": empty.prompt_embeds.to("cpu", storage)}
-        if empty.pooled_prompt_embeds is not None:
-            tensors["pooled_prompt_embeds"] = empty.pooled_prompt_embeds.to("cpu", storage)
-        writer.write_empty_prompt(tensors)
+        writer.write_empty_prompt({name: x.to("cpu", storage) for name, x in enc.prompt_encoder([""]).tensors().items()})
 
+    t0 = time.perf_counter()
+    rank_tag = f" [{dist.rank}]" if dist.world_size > 1 else ""
+    # pass 1, the prompt table: the text encoder(s) on each distinct prompt once
+    prompts_done = completed_shards(folder, key, PROMPT_PREFIX)
+    todo = [j for j in range(manifest["num_prompt_shards"]) if j % dist.world_size == dist.rank and j not in prompts_done]
+    bar = tqdm(total=sum(len(table.prompts[j * shard_size:(j + 1) * shard_size]) for j in todo),
+               desc=f"prompts{rank_tag}", unit="prompt", disable=not progress or not todo, dynamic_ncols=True)
+    for j in todo:
+        start = j * shard_size
+        prompts = table.prompts[start:start + shard_size]
+        tensors = encode_prompts(prompts, enc, batch_size, storage, times)
+        t_write = time.perf_counter()
+        prompts_done[j] = writer.write_prompt_shard(j, tensors, start, prompts)
+        if dist.rank == 0:
+            manifest["prompt_shards"] = writer.prompt_index(prompts_done)
+            writer.write_manifest(manifest)
+        times.write += time.perf_counter() - t_write
+        bar.update(len(prompts))
+    bar.close()
+
+    # pass 2, the pairs: the VAE on both images (and their mirror images), and each pair's prompt row
     done = completed_shards(folder, key)
     todo = [k for k in range(num_shards) if k % dist.world_size == dist.rank and k not in done]
     # flips are stored as mirrored variants (_PairItems), so the transform itself never flips
     transform = dataclasses.replace(PairTransform.from_config(d, family_of(spec).size_conditioned), random_flip=False)
     total = sum(min(shard_size, len(source) - k * shard_size) for k in todo)
-    bar = tqdm(total=total, desc=f"prepare [{dist.rank}]" if dist.world_size > 1 else "prepare", unit="pair",
-               disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc=f"prepare{rank_tag}", unit="pair", disable=not progress, dynamic_ncols=True)
     for k in todo:
         start, stop = k * shard_size, min((k + 1) * shard_size, len(source))
         items = _PairItems(source, range(start, stop), transform, d.random_flip, cfg.train.seed, d.on_corrupt)
-        tensors, skipped = encode_shard(items, enc, batch_size, num_workers, storage, bar.update, times)
+        tensors, skipped = encode_shard(items, enc, batch_size, num_workers, storage, table.rows, bar.update, times)
         t_write = time.perf_counter()
         done[k] = writer.write_shard(k, tensors, start, stop, skipped)
         if dist.rank == 0:  # shard index, rewritten atomically after every shard
@@ -315,11 +349,13 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
     times.seconds += elapsed
     dist.barrier()
     if dist.rank == 0:
-        done = completed_shards(folder, key)
+        done, prompts_done = completed_shards(folder, key), completed_shards(folder, key, PROMPT_PREFIX)
         missing = sorted(set(range(num_shards)) - set(done))
-        if missing:
-            raise RuntimeError(f"cache {folder}: shards {missing[:5]} are missing after every process finished")
-        manifest = writer.finish(manifest, done)
+        missing_prompts = sorted(set(range(manifest["num_prompt_shards"])) - set(prompts_done))
+        if missing or missing_prompts:
+            raise RuntimeError(f"cache {folder}: shards {missing[:5]}, prompt-table files {missing_prompts[:5]} are "
+                               "missing after every process finished")
+        manifest = writer.finish(manifest, done, prompts_done)
         kept, skipped, size = manifest["num_pairs"], manifest["num_skipped"], manifest["bytes"]
         per = times.per_pair()
         breakdown = (f"; {per['total']:.3f} s/pair: images {per['images']:.3f}, VAE {per['vae']:.3f}, text "
@@ -328,7 +364,9 @@ def prepare_cache(cfg: RunConfig, storage_dtype: str = "float16", batch_size: Op
         print(f"prepared {total} pairs in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.2f} pairs/s"
               + (f" on process 0 of {dist.world_size}" if dist.world_size > 1 else "") + breakdown
               + f"); cache: {kept} pairs, "
-              f"{skipped} corrupt skipped, {size / 2**20:.1f} MiB, {manifest['bytes_per_pair']} bytes/pair -> {folder}")
+              f"{skipped} corrupt skipped, {size / 2**20:.1f} MiB, {manifest['bytes_per_pair']} bytes/pair "
+              f"({manifest['bytes_per_pair_without_dedup']} with each pair's text stored per pair; "
+              f"{manifest['num_prompts']} distinct prompts, {manifest['pairs_per_prompt']} pairs per prompt) -> {folder}")
     dist.barrier()
     return folder
 

@@ -196,14 +196,9 @@ def generate_chunk(pipe: Any, prompts: Any, indices: range, judge: Any, out: Pat
     if latents_path is not None:
         encoder = _prompt_encoder(pipe, family)
         cond = encoder([prompts.prompts[p].text for p in indices])
-        tensors = {"latents": torch.cat(latents), "prompt_embeds": cond.prompt_embeds.cpu()}
-        if cond.pooled_prompt_embeds is not None:
-            tensors["pooled_prompt_embeds"] = cond.pooled_prompt_embeds.cpu()
+        tensors = {"latents": torch.cat(latents), **{name: t.cpu() for name, t in cond.tensors().items()}}
         if indices.start == 0:
-            empty = encoder([""])
-            tensors["empty_prompt_embeds"] = empty.prompt_embeds.cpu()
-            if empty.pooled_prompt_embeds is not None:
-                tensors["empty_pooled_prompt_embeds"] = empty.pooled_prompt_embeds.cpu()
+            tensors.update({f"empty_{name}": t.cpu() for name, t in encoder([""]).tensors().items()})
         width, height = images[0].size
         # byte-reproducible (sorted header), so a resumed run writes an uninterrupted run's bytes
         write_safetensors_atomic(latents_path, tensors, {"first_prompt": str(indices.start), "images_per_prompt":
@@ -219,7 +214,8 @@ def write_pair_cache(out: Path, run: Any, chunks: list[dict], spec: Any, encoder
     import torch
     from safetensors import safe_open
 
-    from diffusion_dpo.cache.writer import CacheWriter, storage_torch_dtype, versioned
+    from diffusion_dpo.cache.writer import CacheWriter, PromptRows, storage_torch_dtype, versioned
+    from diffusion_dpo.models.encode import TEXT_FIELDS
 
     storage = storage_torch_dtype(storage_dtype, "--cache-dtype")
     folder = out / CACHE
@@ -230,9 +226,7 @@ def write_pair_cache(out: Path, run: Any, chunks: list[dict], spec: Any, encoder
     with safe_open(str(_latents_path(out, 0)), "pt") as f:
         meta = f.metadata()
         height, width = int(meta["height"]), int(meta["width"])
-        empty = {"prompt_embeds": f.get_tensor("empty_prompt_embeds").to(storage)}
-        if "empty_pooled_prompt_embeds" in f.keys():
-            empty["pooled_prompt_embeds"] = f.get_tensor("empty_pooled_prompt_embeds").to(storage)
+        empty = {name: f.get_tensor(f"empty_{name}").to(storage) for name in TEXT_FIELDS if f"empty_{name}" in f.keys()}
     if height != width:
         raise ConfigError(f"write_cache: the cache needs square images, sampled {height}x{width}; pass --resolution")
     writer = CacheWriter(folder, versioned({
@@ -245,6 +239,10 @@ def write_pair_cache(out: Path, run: Any, chunks: list[dict], spec: Any, encoder
     writer.write_empty_prompt(empty)
 
     done: dict[int, dict] = {}
+    # the prompt table: each distinct prompt text once (first appearance in pairs.jsonl order), its conditioning
+    # taken where it first appears
+    table = PromptRows([pair["prompt"] for chunk in chunks for pair in chunk["pairs"]])
+    text_rows: list[dict] = []
     image_size = torch.tensor([[height, width], [height, width]], dtype=torch.int64)
     rows: list[dict] = []
     n = 0
@@ -254,30 +252,38 @@ def write_pair_cache(out: Path, run: Any, chunks: list[dict], spec: Any, encoder
         first = run.bounds(k).start
         with safe_open(str(_latents_path(out, k)), "pt") as f:
             k_images = int(f.metadata()["images_per_prompt"])
-            lat, embeds = f.get_tensor("latents"), f.get_tensor("prompt_embeds")
-            pooled = f.get_tensor("pooled_prompt_embeds") if "pooled_prompt_embeds" in f.keys() else None
+            lat = f.get_tensor("latents")
+            text = {name: f.get_tensor(name) for name in TEXT_FIELDS if name in f.keys()}  # (prompts of the chunk, ...)
         for pair in chunk["pairs"]:
             p = pair["prompt_index"] - first
+            if table.rows[pair["prompt"]] == len(text_rows):  # the prompt's first pair: its row of the table
+                text_rows.append({name: t[p].to(storage) for name, t in text.items()})
             w, l = p * k_images + pair["image_index_chosen"], p * k_images + pair["image_index_rejected"]
             mean = torch.stack([lat[w], lat[l]])[None].to(storage)  # (V=1, 2, C, h, w)
-            row = {"source_index": torch.tensor(n, dtype=torch.int64), "latent_mean": mean,
-                   "latent_std": torch.zeros_like(mean), "prompt_embeds": embeds[p].to(storage),
-                   "original_size": image_size.clone(), "crop_top_left": torch.zeros(1, 2, 2, dtype=torch.int64)}
-            if pooled is not None:
-                row["pooled_prompt_embeds"] = pooled[p].to(storage)
+            row = {"source_index": torch.tensor(n, dtype=torch.int64),
+                   "prompt_index": torch.tensor(table.rows[pair["prompt"]], dtype=torch.int64), "latent_mean": mean,
+                   "latent_std": torch.zeros_like(mean), "original_size": image_size.clone(),
+                   "crop_top_left": torch.zeros(1, 2, 2, dtype=torch.int64)}
             rows.append(row)
             n += 1
             if len(rows) == shard_size or n == num_pairs:  # a full shard, or the last pairs
                 tensors = {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
                 done[len(done)] = writer.write_shard(len(done), tensors, n - len(rows), n)
                 rows = []
+    prompts_done = {}
+    for j, start in enumerate(range(0, len(text_rows), shard_size)):
+        part = text_rows[start:start + shard_size]
+        prompts_done[j] = writer.write_prompt_shard(j, {name: torch.stack([r[name] for r in part]) for name in part[0]},
+                                                    start, table.prompts[start:start + shard_size])
     settings = {"resolution": height, "crop": "center", "random_flip": False, "shared_transforms": False,
                 "seed": None, "storage_dtype": storage_dtype, "encoder_dtype": encoder_dtype,
                 "latents": "sampled (generate-pairs): latent_mean = the final denoised latent / "
                            "vae_scaling_factor, latent_std = 0"}
     source = {"format": "generate-pairs", "manifest": str((out / MANIFEST).resolve()),
               "fingerprint": writer.inputs["data"]}
-    writer.finish(writer.manifest(spec, pretrained, settings, source, num_pairs, shard_size, len(done), done), done)
+    manifest = writer.manifest(spec, pretrained, settings, source, num_pairs, shard_size, len(done), done,
+                               len(table.prompts), prompts_done)
+    writer.finish(manifest, done, prompts_done)
     return folder
 
 

@@ -6,8 +6,8 @@ paths compute exactly the same tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional
 
 import torch
 
@@ -18,6 +18,15 @@ from diffusion_dpo.errors import DataError
 class TextConditioning:
     prompt_embeds: torch.Tensor  # (B, L, D)
     pooled_prompt_embeds: Optional[torch.Tensor] = None  # (B, D2), SDXL only
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name: what the cache stores per prompt (cache/store.py), whatever the family."""
+        return {name: t for name, t in vars(self).items() if t is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "TextConditioning":
+        """The conditioning held in `tensors` under the field names (other keys are ignored)."""
+        return cls(**{name: tensors[name] for name in TEXT_FIELDS if name in tensors})
 
     def repeat_pairs(self) -> "TextConditioning":
         """(B, ...) -> (2B, ...): the same conditioning for the winner rows and the loser rows."""
@@ -37,6 +46,10 @@ class TextConditioning:
             pooled = torch.where(m[:, :, 0], other.pooled_prompt_embeds.expand_as(self.pooled_prompt_embeds),
                                  self.pooled_prompt_embeds)
         return TextConditioning(embeds, pooled)
+
+
+TEXT_FIELDS = tuple(f.name for f in fields(TextConditioning))
+"""The tensor fields of a text conditioning, by name (the cache's names for them)."""
 
 
 class PromptEncoder:

@@ -97,7 +97,7 @@ class CachedEncoder(PairEncoder):
         super().__init__(cfg, family, device, dataset.empty_conditioning())
 
     def distributions_and_text(self, raw):
-        cond = TextConditioning(raw["prompt_embeds"], raw.get("pooled_prompt_embeds")).to(self.device)
+        cond = TextConditioning.from_tensors(raw).to(self.device)  # the text fields of the cached batch
         return raw["latent_mean"].to(self.device), raw["latent_std"].to(self.device), cond
 
 

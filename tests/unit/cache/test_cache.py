@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from diffusion_dpo.cache import prepare as prep
 from diffusion_dpo.cache import writer
-from diffusion_dpo.cache.store import MANIFEST, CachedPairDataset, collate_cached
+from diffusion_dpo.cache.store import MANIFEST, CachedPairDataset, collate_cached, read_shard
 from diffusion_dpo.cli import main
 from diffusion_dpo.config import load_config
 from diffusion_dpo.data.synthetic import write_mixed_size_manifest, write_pickapic_parquet
@@ -100,8 +100,12 @@ def test_cache_key_changes_when_and_only_when_contents_change(tiny_sd, tiny_sdxl
     assert key("data.sdxl_time_ids=image", model=tiny_sdxl) != key(model=tiny_sdxl)
 
 
-def test_interrupted_prepare_resumes_to_an_identical_cache(tiny_sd, parquet, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dies_at", ["prompts-00001.safetensors", "shard-00001.safetensors"])
+def test_interrupted_prepare_resumes_to_an_identical_cache(dies_at, tiny_sd, parquet, tmp_path, monkeypatch):
+    """Killed while writing the prompt table's second file, or the pairs' second shard: the rerun finishes the
+    cache one run writes."""
     whole = prep.prepare_cache(_cfg(tiny_sd, parquet, tmp_path / "a"), batch_size=3, shard_size=3, progress=False)
+    assert json.loads((whole / MANIFEST).read_text())["num_prompt_shards"] == 3  # 7 distinct prompts, 3 per file
 
     cfg = _cfg(tiny_sd, parquet, tmp_path / "b")
     real_write = writer.write_safetensors_atomic
@@ -109,7 +113,7 @@ def test_interrupted_prepare_resumes_to_an_identical_cache(tiny_sd, parquet, tmp
 
     def dying_write(path, tensors, metadata, **kw):
         calls.append(path.name)
-        if len(calls) == 3:  # empty prompt, shard 0, then die while writing shard 1: leave a half-written temp file
+        if path.name == dies_at:  # die while writing it: leave a half-written temp file
             (path.parent / f".{path.name}.999.tmp").write_bytes(b"half a shard")
             raise KeyboardInterrupt
         real_write(path, tensors, metadata, **kw)
@@ -118,7 +122,9 @@ def test_interrupted_prepare_resumes_to_an_identical_cache(tiny_sd, parquet, tmp
     with pytest.raises(KeyboardInterrupt):
         prep.prepare_cache(cfg, batch_size=3, shard_size=3, progress=False)
     folder = whole.parent.parent / "b" / whole.name
-    assert sorted(p.name for p in folder.glob("shard-*")) == ["shard-00000.safetensors"]
+    written = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert written == sorted(calls[:-1]) and dies_at not in written
+    assert ("shard-00000.safetensors" in written) == dies_at.startswith("shard")  # the prompt table comes first
     assert json.loads((folder / MANIFEST).read_text())["complete"] is False
     with pytest.raises(DataError, match="incomplete"):
         CachedPairDataset(folder, None)
@@ -320,12 +326,13 @@ def test_cache_is_the_encoders_applied_pair_by_pair(tiny_sd, clean_parquet, tmp_
     items = prep._PairItems(open_source(cfg.data), range(6), PairTransform(32, "center"), True, 0, "skip")
     from diffusion_dpo.models.encode import encode_images
 
+    per_pair = read_shard(folder, 0)  # the text conditioning in each pair's place, as format 2 stored it
     for j in range(6):
         item = items[j]
         mean, std = encode_images(enc.vae, item["pixels"].flatten(0, 1))  # (V*2, C, h, w): w, l, w flipped, l flipped
         assert torch.equal(shard["latent_mean"][j], mean.unflatten(0, (2, 2)))
         assert torch.equal(shard["latent_std"][j], std.unflatten(0, (2, 2)))
-        assert torch.equal(shard["prompt_embeds"][j], enc.prompt_encoder([item["prompt"]]).prompt_embeds[0])
+        assert torch.equal(per_pair["prompt_embeds"][j], enc.prompt_encoder([item["prompt"]]).prompt_embeds[0])
 
 
 def test_default_encoder_calls_hold_one_pair_on_cpu(tiny_sd, parquet, tmp_path, monkeypatch):

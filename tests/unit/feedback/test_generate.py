@@ -371,14 +371,26 @@ def test_prepare_and_generate_pairs_write_one_cache_format(tiny_sd, tmp_path):
     for folder, num_pairs, shards in ((prep, 5, 2), (gen, None, 1)):
         manifest, tensors, meta = read(folder)
         n = num_pairs or manifest["num_pairs"]
-        assert manifest["format_version"] == 2 and manifest["complete"] is True
-        assert manifest["key"] == cache_key(manifest["key_inputs"]) and manifest["key_inputs"]["format_version"] == 2
+        assert manifest["format_version"] == 3 and manifest["complete"] is True
+        assert manifest["key"] == cache_key(manifest["key_inputs"]) and manifest["key_inputs"]["format_version"] == 3
         assert sorted(manifest) == sorted(["format_version", "key", "key_inputs", "complete", "model", "settings",
                                            "source", "num_source_pairs", "shard_size", "num_shards", "shards",
-                                           "num_pairs", "num_skipped", "bytes", "bytes_per_pair"])
+                                           "num_prompts", "num_prompt_shards", "prompt_shards", "num_pairs",
+                                           "num_skipped", "bytes", "bytes_per_pair", "bytes_per_pair_without_dedup",
+                                           "pairs_per_prompt"])
         assert sorted(manifest["model"]) == ["family", "latent_channels", "pretrained", "revision",
                                              "vae_scaling_factor"]
-        assert sorted(tensors) == ["empty_prompt.safetensors"] + [f"shard-{k:05d}.safetensors" for k in range(shards)]
+        p_files = [f"prompts-{j:05d}.safetensors" for j in range(manifest["num_prompt_shards"])]
+        assert sorted(tensors) == ["empty_prompt.safetensors", *p_files,
+                                   *[f"shard-{k:05d}.safetensors" for k in range(shards)]]
+        # the prompt table: every distinct prompt once, row_bytes = one row of prompt_embeds (77 x 32 float16)
+        prompts = [p for f in p_files for p in json.loads(meta[f]["prompts"])]
+        assert len(prompts) == len(set(prompts)) == manifest["num_prompts"]
+        for j, (f, entry) in enumerate(zip(p_files, manifest["prompt_shards"])):
+            rows = len(json.loads(meta[f]["prompts"]))
+            assert entry == {"file": f, "start": 3 * j, "stop": 3 * j + rows, "rows": rows, "row_bytes": 77 * 32 * 2,
+                             "bytes": (folder / f).stat().st_size}
+            assert tensors[f] == {"prompt_embeds": (torch.float16, (rows, 77, 32))}
         assert meta["empty_prompt.safetensors"] == {"key": manifest["key"]}
         assert tensors["empty_prompt.safetensors"]["prompt_embeds"][0] == torch.float16
         index, start = manifest["shards"], 0
@@ -392,16 +404,15 @@ def test_prepare_and_generate_pairs_write_one_cache_format(tiny_sd, tmp_path):
                                   "kept": str(kept), "skipped": "[]"}
             t = tensors[name]
             assert {k: v[0] for k, v in t.items()} == {
-                "source_index": torch.int64, "latent_mean": torch.float16, "latent_std": torch.float16,
-                "prompt_embeds": torch.float16, "original_size": torch.int64, "crop_top_left": torch.int64}
+                "source_index": torch.int64, "prompt_index": torch.int64, "latent_mean": torch.float16,
+                "latent_std": torch.float16, "original_size": torch.int64, "crop_top_left": torch.int64}
             assert t["latent_mean"][1] == t["latent_std"][1] == (kept, 1, 2, 4, 16, 16)
-            assert t["source_index"][1] == (kept,) and t["original_size"][1] == (kept, 2, 2)
-            assert t["crop_top_left"][1] == (kept, 1, 2, 2) and t["prompt_embeds"][1][0] == kept
+            assert t["source_index"][1] == t["prompt_index"][1] == (kept,) and t["original_size"][1] == (kept, 2, 2)
+            assert t["crop_top_left"][1] == (kept, 1, 2, 2)
             start = entry["stop"]
-        assert manifest["bytes"] == sum(e["bytes"] for e in index)
+        assert manifest["bytes"] == sum(e["bytes"] for e in index + manifest["prompt_shards"])
         assert manifest["bytes_per_pair"] == round(manifest["bytes"] / n)
-    assert read(prep)[1]["shard-00000.safetensors"]["prompt_embeds"][1][1:] == \
-        read(gen)[1]["shard-00000.safetensors"]["prompt_embeds"][1][1:]
+    assert read(gen)[0]["num_prompts"] < read(gen)[0]["num_pairs"]  # 3 pairs per prompt: each stored once
     # rerun from scratch: the same bytes (only the generate manifest names its own output folder)
     again = prepared(tmp_path / "p2")
     assert again.name == prep.name and _tree(again) == _tree(prep)

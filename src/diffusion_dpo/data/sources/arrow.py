@@ -55,6 +55,11 @@ class ArrowPairSource(PairSource):
         meta["label_0"] = row["label_0"]
         return PairRecord(row["caption"], _image_ref(chosen), _image_ref(rejected), f"row{row_index}", meta)
 
+    def prompts(self) -> list[str]:
+        """The prompt column alone, read through Arrow (reading whole rows would copy every image's bytes)."""
+        table = self._ds.select_columns(["prompt" if self._layout == "pairs" else "caption"]).with_format("arrow")[:]
+        return table.column(0).take(self._rows).to_pylist()
+
 
 def _image_ref(value) -> ImageRef:
     """Raw bytes, or a `datasets.Image(decode=False)` cell {"bytes", "path"}. A null cell becomes empty

@@ -48,6 +48,10 @@ class PairSource:
     def __getitem__(self, i: int) -> PairRecord:
         raise NotImplementedError
 
+    def prompts(self) -> list[str]:
+        """Every pair's prompt, in pair order, without decoding an image (the cache's prompt table: cache/prepare.py)."""
+        return [self[i].prompt for i in range(len(self))]
+
     def describe(self) -> str:
         s = self.stats
         parts = [f"rows read {s['rows_read']}"]
