@@ -112,21 +112,19 @@ class LoraSettings:
 
 @dataclass
 class CurriculumConfig:
-    """Curriculum-DPO's data curriculum (arXiv 2405.13637): pairs split by difficulty into `levels`, easiest
-    first; training starts on level 1 and adds the next level every `steps_per_level` optimizer steps, sampling
-    uniformly from every level added so far. See docs/curriculum.md (train/curriculum.py)."""
+    """Curriculum-DPO's easy-to-hard levels of pairs (arXiv 2405.13637), the ++ paper's LoRA rank growth: docs/curriculum.md."""
 
     enabled: bool = False
     """Order the pairs by the curriculum (off: every pair from the start, as plain DPO)."""
     difficulty: Literal["rank_difference", "score_gap"] = "rank_difference"
-    """'rank_difference' (paper): a pair's rank difference among its prompt's M images, from the data's
-    rank_difference and images_per_prompt columns (generate-pairs --strategy all-ranked); level k holds rank
-    differences in ((M-1)(B-k)/B, (M-1)(B-k+1)/B]. 'score_gap' (the public code): the data's margin column
-    (score gap), cut into `levels` equal-width bins between the smallest and largest gap, the largest first."""
+    """'rank_difference' (paper): the data's rank_difference among images_per_prompt M (generate-pairs --strategy
+    all-ranked), level k = ((M-1)(B-k)/B, (M-1)(B-k+1)/B]. 'score_gap' (code): margin in `levels` equal-width bins."""
     levels: int = 5
     """B, the number of difficulty levels, >= 1 (paper and code: 5)."""
     steps_per_level: int = 400
     """K, optimizer steps before the next level is added, >= 1 (paper: 400; code: 500)."""
+    rank_schedule: Optional[list[int]] = None
+    """Curriculum-DPO++ (LoRA): level k's rank, increasing to lora.rank, <= `levels` entries, e.g. [2, 4, 8] (null: off)."""
 
 
 @dataclass
@@ -337,6 +335,9 @@ class RunConfig:
         _validate_loss(t.method, self.loss)
         _validate_reference(t)
         _validate_teacher(t, self.model)
+        if t.curriculum.rank_schedule is not None:  # its checks live with the feature
+            from diffusion_dpo.train.curriculum_model import check_config
+            check_config(self)
         for key, value in (("train.batch_size", t.batch_size), ("train.gradient_accumulation", t.gradient_accumulation),
                            ("train.max_steps", t.max_steps), ("data.resolution", d.resolution), ("lora.rank", self.lora.rank)):
             if value < 1:
