@@ -138,11 +138,28 @@ def factors_rank(factors: dict[str, torch.Tensor]) -> int:
 
 @pytest.mark.fault(input="resume with a changed `train.curriculum.rank_schedule`",
                    behaviour="exit 2: one line, it changes the shape of the trained weights")
-def test_a_changed_rank_schedule_cannot_resume(tmp_path, tiny_sd, ranked, capsys):
+def test_a_changed_rank_schedule_cannot_resume_and_a_moved_boundary_keeps_the_grown_rank(tmp_path, tiny_sd, ranked,
+                                                                                          capsys):
     out = tmp_path / "run"
-    args = [*_overrides(tiny_sd, ranked, out), "train.max_steps=1", "lora.dropout=0.0"]
-    assert main(["train", *args]) == 0
+    args = [*_overrides(tiny_sd, ranked, out), "lora.dropout=0.0"]
+    assert main(["train", *args, "train.max_steps=3"]) == 0  # step 3 trained at rank 4
     capsys.readouterr()
-    assert main(["train", *args, "train.max_steps=3", "train.curriculum.rank_schedule=[3,4]", "train.resume=force"]) == 2
+    assert main(["train", *args, "train.max_steps=4", "train.curriculum.rank_schedule=[3,4]", "train.resume=force"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.curriculum.rank_schedule" in err and "shape" in err
+    # a forced resume that moves the level boundary (rank 2 would be due at step 4 now): the adapter stays at 4
+    assert main(["train", *args, "train.max_steps=4", "train.curriculum.steps_per_level=4", "train.resume=force"]) == 0
+    assert [r["lora_rank"] for r in _metrics(out)] == [2, 2, 4, 4]
+
+
+@pytest.mark.fault(input="`train.curriculum.rank_schedule` under several processes",
+                   behaviour="exit 2 at setup: one line, one process only")
+def test_a_rank_schedule_is_refused_on_several_processes(tmp_path, tiny_sd, ranked, capsys, monkeypatch):
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))  # as under accelerate launch
+    out = tmp_path / "run"
+    assert main(["train", *_overrides(tiny_sd, ranked, out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rank_schedule runs on one process only" in err
+    assert not (out / "train_run.json").exists()  # refused before the folder is claimed

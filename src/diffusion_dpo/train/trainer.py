@@ -62,6 +62,10 @@ class Trainer:
             self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                                            log_with=None if report == "none" else report, project_dir=str(self.out))
         acc = self.accelerator
+        self.ranks = RankSchedule.of(cfg)  # train.curriculum.rank_schedule (Curriculum-DPO++): None when off
+        if self.ranks is not None and acc.num_processes > 1:
+            raise ConfigError("train.curriculum.rank_schedule runs on one process only (DDP cannot swap the "
+                              "parameters it synchronises mid-run): launch one process, or remove the rank schedule")
         self.device = acc.device
         self.is_main = acc.is_main_process
         self.run_dir = RunDir.claim(cfg, self.is_main)  # lock output.dir; refuse a foreign folder or a mismatched resume
@@ -99,16 +103,12 @@ class Trainer:
         # 4. trained network and reference policy
         self.unet = self.family.load_network(torch.float32)
         lora = cfg.train.finetune == "lora"
-        # train.curriculum.rank_schedule: the adapter starts at the first rank, at the final alpha / rank scale
-        self.ranks = RankSchedule.of(cfg)
-        if self.ranks is not None and acc.num_processes > 1:
-            raise ConfigError("train.curriculum.rank_schedule runs on one process only (DDP cannot swap the "
-                              "parameters it synchronises mid-run): launch one process, or remove the rank schedule")
         if lora:
             from diffusion_dpo.models.lora import add_lora
 
             if cfg.model.frozen_dtype != "float32":
                 self.unet.to(frozen_dtype)  # frozen base in half precision; add_lora keeps adapters in fp32
+            # with a rank schedule the adapter starts at the first rank, at the final alpha / rank scale
             rank, alpha = (cfg.lora.rank, cfg.lora.alpha) if self.ranks is None else \
                 (self.ranks.ranks[0], self.ranks.first_alpha)
             add_lora(self.unet, rank, alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.init_weights)
@@ -173,8 +173,9 @@ class Trainer:
         return self.accelerator.unwrap_model(self.unet).peft_config["default"].r
 
     def grow(self, rank: int) -> None:
-        """train.curriculum.rank_schedule: raise the LoRA rank (output unchanged) between optimizer steps."""
-        if rank != self.lora_rank():
+        """train.curriculum.rank_schedule: raise the LoRA rank (output unchanged) between optimizer steps. A rank
+        below the adapter's (a forced resume with another steps_per_level) keeps the adapter as it is."""
+        if rank > self.lora_rank():
             self.params = self.ranks.grow(self.accelerator.unwrap_model(self.unet), self.optimizer, rank)
 
     def micro_step(self, raw: dict[str, Any]):
