@@ -31,11 +31,12 @@ def ranked(tmp_path_factory):
 
 
 def _overrides(model, source, out) -> list[str]:
-    # rank 2 for steps 1-2 (level 1), rank 4 from step 3 (level 2); linear and convolution adapters; LoRA dropout
-    # (its global RNG must resume too); batch 1 x accumulation 2; a checkpoint after every step
+    # rank 2 for steps 1-2 (level 1), rank 4 from step 3 (level 2), at the scale alpha / rank = 8 / 4 = 2 throughout;
+    # linear and convolution adapters; LoRA dropout (its global RNG must resume too); batch 1 x accumulation 2; a
+    # checkpoint after every step
     return [f"model.pretrained={model}", f"data.source={source}", "data.resolution=32", "train.max_steps=5",
-            "train.learning_rate=1e-3", "train.checkpoint_every=1", "train.batch_size=1",
-            "train.gradient_accumulation=2", "lora.rank=4", "lora.dropout=0.1", "lora.target_modules=[to_q,to_v,conv1]",
+            "train.learning_rate=1e-3", "train.checkpoint_every=1", "train.batch_size=1", "train.gradient_accumulation=2",
+            "lora.rank=4", "lora.alpha=8", "lora.dropout=0.1", "lora.target_modules=[to_q,to_v,conv1]",
             "output.report_to=none", f"output.dir={out}", "train.curriculum.enabled=true", "train.curriculum.levels=2",
             "train.curriculum.steps_per_level=2", "train.curriculum.rank_schedule=[2,4]"]
 
@@ -124,7 +125,7 @@ def test_rank_grows_at_the_boundary_with_the_same_output_and_resumes_exactly(tmp
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipe.load_lora_weights(str(straight))
     (adapter,) = pipe.unet.peft_config
-    assert pipe.unet.peft_config[adapter].r == 4
+    assert pipe.unet.peft_config[adapter].r == 4 and pipe.unet.peft_config[adapter].lora_alpha == 8
     loaded = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
     assert len(loaded) == len(weights) == len(new)
     for key, value in weights.items():  # 'unet.<module>.lora_A.weight' -> '<module>.lora_A.<adapter>.weight'

@@ -50,7 +50,10 @@ def save_lora(unet, output_dir: str | Path, family: Any, export_kohya: bool = Fa
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
     pipe_cls = getattr(diffusers, family.pipeline_class)
-    pipe_cls.save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True)
+    # the adapter's config (rank, alpha) goes into the file's metadata, as diffusers' own training scripts do:
+    # without it diffusers loads alpha = rank, the wrong scale for any lora.alpha other than lora.rank
+    pipe_cls.save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True,
+                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     written = [output_dir / "pytorch_lora_weights.safetensors"]
     if export_kohya:
         written.append(save_kohya(unet, output_dir / "lora_kohya.safetensors"))
