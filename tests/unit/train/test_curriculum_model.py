@@ -99,17 +99,19 @@ def _without_adapters(unet, x):
         unet.enable_adapters()
 
 
-def test_optimizer_moves_onto_the_grown_tensor_and_the_old_block_steps_as_before():
+# torch's AdamW kernels: the per-tensor loop, the multi-tensor one, and the fused one build_optimizer picks on CUDA
+@pytest.mark.parametrize("kernel", [{"foreach": False}, {"foreach": True}, {"fused": True}])
+def test_optimizer_moves_onto_the_grown_tensor_and_the_old_block_steps_as_before(kernel):
     # A is (r, n) = (2, 3) grown to (4, 3); B is (m, r) = (3, 2) grown to (3, 4)
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(3, 2))
-    opt = torch.optim.AdamW([a, b], lr=0.1, weight_decay=0.01)
+    opt = torch.optim.AdamW([a, b], lr=0.1, weight_decay=0.01, **kernel)
     grads = [(torch.randn(2, 3), torch.randn(3, 2)) for _ in range(3)]
     for ga, gb in grads[:2]:
         a.grad, b.grad = ga, gb
         opt.step()
     reference = torch.optim.AdamW([ra := torch.nn.Parameter(a.detach().clone()),
-                                   rb := torch.nn.Parameter(b.detach().clone())], lr=0.1, weight_decay=0.01)
+                                   rb := torch.nn.Parameter(b.detach().clone())], lr=0.1, weight_decay=0.01, **kernel)
     reference.load_state_dict(copy.deepcopy(opt.state_dict()))  # the un-grown run, continued (own tensors)
     a2 = torch.nn.Parameter(torch.cat([a.detach(), torch.randn(2, 3)]))
     b2 = torch.nn.Parameter(torch.cat([b.detach(), torch.zeros(3, 2)], dim=1))
