@@ -148,9 +148,10 @@ def test_a_changed_rank_schedule_cannot_resume_and_a_moved_boundary_keeps_the_gr
     assert main(["train", *args, "train.max_steps=4", "train.curriculum.rank_schedule=[3,4]", "train.resume=force"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.curriculum.rank_schedule" in err and "shape" in err
-    # a forced resume that moves the level boundary (rank 2 would be due at step 4 now): the adapter stays at 4
-    assert main(["train", *args, "train.max_steps=4", "train.curriculum.steps_per_level=4", "train.resume=force"]) == 0
-    assert [r["lora_rank"] for r in _metrics(out)] == [2, 2, 4, 4]
+    # a forced resume that moves the level boundary (rank 2 would be due at step 4 now, rank 4 at step 5): the
+    # adapter stays at 4
+    assert main(["train", *args, "train.max_steps=5", "train.curriculum.steps_per_level=4", "train.resume=force"]) == 0
+    assert [r["lora_rank"] for r in _metrics(out)] == [2, 2, 4, 4, 4]
 
 
 @pytest.mark.fault(input="`train.curriculum.rank_schedule` under several processes",

@@ -5,10 +5,10 @@
     schedule.grow(unet, optimizer, rank)            # before a step that trains with a higher rank
 
 Level k (1-based) trains with rank_schedule[k-1] (the last entry for later levels); level k starts after
-(k-1) * steps_per_level optimizer steps, the boundaries of the data curriculum (train/curriculum.py), which it
-needs not be on. The grown adapter computes exactly the old function (models/lora.grow_lora); AdamW continues:
-the old entries keep their moments, the new ones start from zero moments (docs/curriculum.md, "The optimizer at
-a switch").
+(k-1) * steps_per_level optimizer steps, the boundaries of the data curriculum (train/curriculum.py), which need
+not be on. The grown adapter computes the old function (models/lora.grow_lora: the same product B A, up to float32
+rounding); AdamW continues: the old entries keep their moments, the new ones start from zero moments
+(docs/curriculum.md, "The optimizer at a switch").
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ def check_config(cfg: Any) -> None:
                      (len(r) > c.levels, f"has more ranks than train.curriculum.levels={c.levels}: at most one per level"),
                      (r[-1] != cfg.lora.rank, f"ends at rank {r[-1]} but lora.rank is {cfg.lora.rank}: set lora.rank="
                                               f"{r[-1]} (the final rank) or end the schedule at {cfg.lora.rank}"),
-                     (t.optimizer != "adamw", f"needs train.optimizer=adamw (its moments are grown), not {t.optimizer}")):
+                     (t.optimizer != "adamw", f"needs train.optimizer=adamw (its moments are grown), not {t.optimizer}"),
+                     ((len(r) - 1) * c.steps_per_level >= t.max_steps,  # the saved LoRA must have lora.rank
+                      f"reaches rank {r[-1]} at step {(len(r) - 1) * c.steps_per_level + 1}, after train.max_steps="
+                      f"{t.max_steps}: raise train.max_steps or lower train.curriculum.steps_per_level")):
         if bad:
             raise ConfigError(f"train.curriculum.rank_schedule={c.rank_schedule} {fix}")
 

@@ -161,6 +161,8 @@ BAD = [
     (["lora.rank=16", "train.curriculum.rank_schedule=[2,8]"], "set lora.rank=8"),
     (["lora.rank=8", "train.curriculum.levels=2", "train.curriculum.rank_schedule=[2,4,8]"], "train.curriculum.levels=2"),
     (["lora.rank=8", "train.optimizer=adafactor", "train.curriculum.rank_schedule=[2,8]"], "train.optimizer=adamw"),
+    # rank 8 would start at step 2 x 400 + 1 = 801: a run of 800 steps would save a rank-4 LoRA
+    (["lora.rank=8", "train.max_steps=800", "train.curriculum.rank_schedule=[2,4,8]"], "reaches rank 8 at step 801"),
 ]
 
 
@@ -172,6 +174,8 @@ BAD = [
                    behaviour="exit 2: one line naming the final rank / the levels")
 @pytest.mark.fault(input="`train.curriculum.rank_schedule` with an optimizer other than adamw",
                    behaviour="exit 2: one line, needs `train.optimizer=adamw`")
+@pytest.mark.fault(input="`train.curriculum.rank_schedule` whose last rank starts after `train.max_steps`",
+                   behaviour="exit 2: one line naming the step the final rank would start")
 @pytest.mark.parametrize("overrides,expected", BAD)
 def test_bad_rank_schedules_are_one_line_errors(overrides, expected, capsys, tmp_path):
     with pytest.raises(ConfigError, match="train.curriculum.rank_schedule="):
