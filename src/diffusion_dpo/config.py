@@ -8,13 +8,13 @@ config is written next to every output (`save_config`) so a run can always be re
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.flow_config import FlowConfig
+from diffusion_dpo.loss_config import LOSS_KEYS, LossConfig, validate_loss
 from diffusion_dpo.typed_config import apply_override, from_dict, load_typed, save_yaml, to_dict
 
 
@@ -113,21 +113,19 @@ class LoraSettings:
 
 @dataclass
 class CurriculumConfig:
-    """Curriculum-DPO's data curriculum (arXiv 2405.13637): pairs split by difficulty into `levels`, easiest
-    first; training starts on level 1 and adds the next level every `steps_per_level` optimizer steps, sampling
-    uniformly from every level added so far. See docs/curriculum.md (train/curriculum.py)."""
+    """Curriculum-DPO's easy-to-hard levels of pairs (arXiv 2405.13637), the ++ paper's LoRA rank growth: docs/curriculum.md."""
 
     enabled: bool = False
     """Order the pairs by the curriculum (off: every pair from the start, as plain DPO)."""
     difficulty: Literal["rank_difference", "score_gap"] = "rank_difference"
-    """'rank_difference' (paper): a pair's rank difference among its prompt's M images, from the data's
-    rank_difference and images_per_prompt columns (generate-pairs --strategy all-ranked); level k holds rank
-    differences in ((M-1)(B-k)/B, (M-1)(B-k+1)/B]. 'score_gap' (the public code): the data's margin column
-    (score gap), cut into `levels` equal-width bins between the smallest and largest gap, the largest first."""
+    """'rank_difference' (paper): the data's rank_difference among images_per_prompt M (generate-pairs --strategy
+    all-ranked), level k = ((M-1)(B-k)/B, (M-1)(B-k+1)/B]. 'score_gap' (code): margin in `levels` equal-width bins."""
     levels: int = 5
     """B, the number of difficulty levels, >= 1 (paper and code: 5)."""
     steps_per_level: int = 400
     """K, optimizer steps before the next level is added, >= 1 (paper: 400; code: 500)."""
+    rank_schedule: Optional[list[int]] = None
+    """Curriculum-DPO++ (LoRA): level k's rank, increasing to lora.rank, <= `levels` entries, e.g. [2, 4, 8] (null: off)."""
 
 
 @dataclass
@@ -203,45 +201,6 @@ class TrainConfig:
     whose reference errors are stored, >= 1. Epoch e >= this reuses the draws of epoch e mod reference_epochs."""
 
 
-@dataclass
-class LossConfig:
-    """Settings of the loss train.method names; unset (null): that loss's default; a key of another loss: an error."""
-
-    label_smoothing: Optional[float] = None
-    """cdpo, rdpo: probability eps that a label is flipped, in [0, 0.5] for cdpo, [0, 0.5) for rdpo (default 0.1)."""
-    soft_labels: bool = False
-    """dpo: use the data's per-pair preference probability as a soft target instead of the hard label."""
-    soft_label_temperature: Optional[float] = None
-    """soft_labels: T > 0 in p = sigmoid(margin / T) for data with a margin column but no pref_prob (default 1)."""
-    simpo_gamma: Optional[float] = None
-    """simpo: target margin gamma in logit units, >= 0 (default 0.5)."""
-    kto_desirable_weight: Optional[float] = None
-    """kto: weight lambda_d of desirable images, > 0 (default 1)."""
-    kto_undesirable_weight: Optional[float] = None
-    """kto: weight lambda_u of undesirable images, > 0 (default 1)."""
-    mapo_weight: Optional[float] = None
-    """mapo: weight lambda of the margin term against the winner's diffusion loss, > 0 (official default 0.1)."""
-    mapo_snr: Optional[float] = None
-    """mapo: constant s in the score s*e/(exp(s*e)-1), > 0 (official default 0.5)."""
-    mapo_scale: Optional[float] = None
-    """mapo: factor T on the margin inside the log-sigmoid, > 0 (official: num_train_timesteps, 1000)."""
-    huber_c: Optional[float] = None
-    """consistency_dpo: constant c of the pseudo-Huber distance sqrt(d^2 + c^2) - c, > 0 (default 0.001)."""
-    guidance_range: Optional[tuple[float, float]] = None
-    """consistency_dpo: w ~ U[low, high] per pair (teacher: cond + w (cond - uncond)), 0 <= low <= high; default (5, 15)."""
-    solver_steps: Optional[int] = None
-    """consistency_dpo: DDIM solver steps over the training timesteps, >= 1 (default 50: skip 20 of 1000)."""
-
-
-# The loss.* keys each train.method reads (losses.build_loss passes exactly these to the loss).
-LOSS_KEYS: dict[str, tuple[str, ...]] = {
-    "dpo": ("soft_labels",), "sft": (), "ipo": (), "hinge": (), "cdpo": ("label_smoothing",),
-    "rdpo": ("label_smoothing",), "kto": ("kto_desirable_weight", "kto_undesirable_weight"),
-    "mapo": ("mapo_weight", "mapo_snr", "mapo_scale"), "simpo": ("simpo_gamma",),
-    "consistency_dpo": ("huber_c", "guidance_range", "solver_steps"),
-}
-
-
 # The losses that use no reference model (losses.LOSSES[m].needs_reference is False; a test keeps the two in step).
 REFERENCE_FREE = ("sft", "mapo", "simpo")
 
@@ -283,29 +242,6 @@ def _validate_teacher(t: TrainConfig, m: ModelConfig) -> None:
                           "reference distances need the reference's own target each step): use train.reference=live")
 
 
-def _validate_loss(method: str, loss: LossConfig) -> None:
-    """Keys set for another loss, and out-of-range values, named with the fix."""
-    values = dataclasses.asdict(loss)
-    if values.pop("soft_label_temperature") is not None and not loss.soft_labels:  # read with the data (train.batch)
-        raise ConfigError("loss.soft_label_temperature is set but loss.soft_labels is off: set loss.soft_labels=true or remove it")
-    for key, value in values.items():
-        if value is not None and value is not False and key not in LOSS_KEYS[method]:  # (0.0 == False)
-            users = [m for m, keys in LOSS_KEYS.items() if key in keys]
-            raise ConfigError(f"loss.{key} is set but train.method {method!r} does not use it (it is for "
-                              f"{', '.join(users)}); remove loss.{key} or change train.method")
-    eps, high_ok = loss.label_smoothing, method == "cdpo"  # rdpo divides by 1 - 2 eps
-    if eps is not None and not (0.0 <= eps < 0.5 or (high_ok and eps == 0.5)):
-        bound = "[0, 0.5]" if high_ok else "[0, 0.5) (rdpo divides by 1 - 2*eps)"
-        raise ConfigError(f"loss.label_smoothing must be in {bound} for train.method {method!r}, got {eps}")
-    if loss.simpo_gamma is not None and loss.simpo_gamma < 0:
-        raise ConfigError(f"loss.simpo_gamma must be >= 0, got {loss.simpo_gamma}")
-    if (g := loss.guidance_range) is not None and not 0 <= g[0] <= g[1]:
-        raise ConfigError(f"loss.guidance_range must satisfy 0 <= low <= high, got {g}")
-    for key in ("kto_desirable_weight", "kto_undesirable_weight", "mapo_weight", "mapo_snr", "mapo_scale", "huber_c", "solver_steps"):
-        if values[key] is not None and values[key] <= 0:
-            raise ConfigError(f"loss.{key} must be > 0, got {values[key]}")
-
-
 @dataclass
 class OutputConfig:
     dir: str = "outputs/run"
@@ -336,10 +272,13 @@ class RunConfig:
         t, d = self.train, self.data
         if t.beta <= 0 and t.method not in ("sft", "mapo"):  # the losses that read beta
             raise ConfigError(f"train.beta must be > 0 for method {t.method!r}, got {t.beta}")
-        _validate_loss(t.method, self.loss)
+        validate_loss(t.method, self.loss)
         _validate_reference(t)
         _validate_teacher(t, self.model)
         self.flow.validate()
+        if t.curriculum.rank_schedule is not None:  # its checks live with the feature
+            from diffusion_dpo.train.curriculum_model import check_config
+            check_config(self)
         for key, value in (("train.batch_size", t.batch_size), ("train.gradient_accumulation", t.gradient_accumulation),
                            ("train.max_steps", t.max_steps), ("data.resolution", d.resolution), ("lora.rank", self.lora.rank)):
             if value < 1:

@@ -47,8 +47,10 @@ def _load_policy(base_spec: Any, lora: str | None, unet: str | None, dtype: torc
         from diffusion_dpo.models.lora import lora_source
 
         try:  # the diffusers LoRA format written by pipe.save_lora_weights / our save_lora
-            state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(lora_source(lora)[0])
-            policy.load_lora_adapter(state, prefix="unet", network_alphas=alphas)
+            # with the file's adapter config (save_lora records rank and alpha): else diffusers takes alpha = rank
+            state, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(lora_source(lora)[0],
+                                                                                    return_lora_metadata=True)
+            policy.load_lora_adapter(state, prefix="unet", network_alphas=alphas, metadata=metadata)
         except (OSError, ValueError, KeyError) as err:
             raise ModelLoadError(f"LoRA {lora}: cannot load: {err}") from err
         return freeze(policy), Reference(policy, lora=True)

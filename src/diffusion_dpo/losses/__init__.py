@@ -30,7 +30,7 @@ LOSSES: dict[str, type[PreferenceLoss]] = {
 def build_loss(method: str, beta: float, settings: Optional[Any] = None) -> PreferenceLoss:
     """The loss train.method names, built from train.beta and its loss.* settings (a config.LossConfig; keys
     left unset take the loss's own defaults)."""
-    from diffusion_dpo.config import LOSS_KEYS
+    from diffusion_dpo.loss_config import LOSS_KEYS
 
     if method not in LOSSES:
         raise ConfigError(f"unknown train.method {method!r}; choose one of {sorted(LOSSES)}")

@@ -50,7 +50,10 @@ def save_lora(unet, output_dir: str | Path, family: Any, export_kohya: bool = Fa
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
     pipe_cls = getattr(diffusers, family.pipeline_class)
-    pipe_cls.save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True)
+    # the adapter's config (rank, alpha) goes into the file's metadata, as diffusers' own training scripts do:
+    # without it diffusers loads alpha = rank, the wrong scale for any lora.alpha other than lora.rank
+    pipe_cls.save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True,
+                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     written = [output_dir / "pytorch_lora_weights.safetensors"]
     if export_kohya:
         written.append(save_kohya(unet, output_dir / "lora_kohya.safetensors"))
@@ -120,3 +123,47 @@ def load_lora_into_pipeline(pipe, path: str | Path) -> None:
         pipe.load_lora_weights(source)
     finally:
         logger.removeFilter(quiet)
+
+
+def grow_lora(unet, rank: int) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """Raise every LoRA adapter of `unet` to `rank` without changing the network's output (Curriculum-DPO++'s
+    model-level curriculum; docs/curriculum.md has the derivation). Returns (old, new) of each replaced parameter.
+
+    Per layer, with r the old rank: A' = [A; A_new] (rank x in), B' = [B, 0] (out x rank), so B' A' = B A + 0 A_new
+    = B A. A_new is drawn as peft draws the A of a fresh rank-`rank` adapter (kaiming-uniform, which does not
+    depend on the rank, or gaussian with std 1/rank). peft scales by alpha/r: the scale is kept as it is (alpha
+    grows with r), so the output and the gradients of the old entries stay what they were. The modules are kept
+    (only their weights replaced) so patches of their forward (models/lean_autograd.py) still apply."""
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    replaced = []
+    for layer in (m for m in unet.modules() if isinstance(m, LoraLayer)):
+        for name in list(layer.lora_A.keys()):
+            r = layer.r[name]
+            if rank == r:
+                continue
+            if rank < r:
+                raise ValueError(f"grow_lora: rank {rank} is below the adapter's rank {r}")
+            down, up = layer.lora_A[name], layer.lora_B[name]
+            a, b = down.weight, up.weight  # (r, in, *kernel), (out, r, *1)
+            new_a = torch.empty((rank, *a.shape[1:]), dtype=a.dtype, device=a.device)
+            if unet.peft_config[name].init_lora_weights == "gaussian":
+                torch.nn.init.normal_(new_a, std=1 / rank)
+            else:
+                torch.nn.init.kaiming_uniform_(new_a, a=math.sqrt(5))
+            new_b = torch.zeros((b.shape[0], rank, *b.shape[2:]), dtype=b.dtype, device=b.device)
+            with torch.no_grad():
+                new_a[:r] = a
+                new_b[:, :r] = b
+            for module, old, new, attr in ((down, a, new_a, "out"), (up, b, new_b, "in")):
+                module.weight = torch.nn.Parameter(new, requires_grad=old.requires_grad)
+                setattr(module, f"{attr}_features" if isinstance(module, torch.nn.Linear) else f"{attr}_channels", rank)
+                replaced.append((old, module.weight))
+            # scaling[name] (= alpha/r, what forward multiplies by) stays exactly as it is; the bookkeeping follows
+            layer.lora_alpha[name] = layer.lora_alpha[name] * rank / r
+            layer.r[name] = rank
+    for config in unet.peft_config.values():
+        config.lora_alpha, config.r = config.lora_alpha * rank / config.r, rank
+    return replaced

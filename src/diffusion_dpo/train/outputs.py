@@ -63,6 +63,9 @@ def model_card(cfg: RunConfig, family: ModelFamily, summary: dict) -> str:
         f"| data | `{cfg.data.source}` at {cfg.data.resolution} px |",
         f"| final loss (mean of last 10 steps) | {summary.get('loss_last10', float('nan')):.4f} |",
     ]
+    if grown := summary.get("lora_rank_schedule"):  # train.curriculum.rank_schedule (Curriculum-DPO++)
+        lines.append(f"| LoRA rank grown (Curriculum-DPO++) | ranks {grown['ranks']} from steps "
+                     f"{grown['first_step_of_each_rank']}; the file holds the final rank |")
     if "implicit_acc_last10" in summary:
         lines.append(f"| implicit accuracy (last 10 steps) | {summary['implicit_acc_last10']:.3f} |")
     if summary.get("forced_resumes"):

@@ -61,7 +61,7 @@ RESUME_FREE_KEYS = frozenset({
 # Schedules whose learning rate at a step does not depend on max_steps: extending such a run is free.
 _SCHEDULES_WITHOUT_HORIZON = ("constant", "constant_with_warmup")
 # Keys whose change makes the checkpoint's tensors or optimizer state fit no longer: not even forcible.
-_SHAPE_KEYS = ("train.finetune", "train.optimizer", "lora.rank", "lora.target_modules")
+_SHAPE_KEYS = ("train.finetune", "train.optimizer", "lora.rank", "lora.target_modules", "train.curriculum.rank_schedule")
 # errno values that mean "cannot write here" (flock-less filesystems are handled separately)
 _NOT_WRITABLE = {errno.EACCES: "not writable (permission denied)", errno.EPERM: "not writable (permission denied)",
                  errno.EROFS: "not writable (read-only file system)", errno.ENOSPC: "full (no space left on device)",

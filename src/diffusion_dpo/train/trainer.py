@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from diffusion_dpo.config import RunConfig, reference_strategy, to_dict
-from diffusion_dpo.errors import DataError, NonFiniteLossError, TrainingInterrupted
+from diffusion_dpo.errors import ConfigError, DataError, NonFiniteLossError, TrainingInterrupted
 from diffusion_dpo.losses import build_loss, check_data
 from diffusion_dpo.models.families import detect_spec, family_of
 from diffusion_dpo.models.loading import spec_dict
@@ -27,6 +27,7 @@ from diffusion_dpo.train.batch import EpochItems, open_pairs
 from diffusion_dpo.train.interrupt import StopSignals
 from diffusion_dpo.train.optim import apply_gradients, build_lr_scheduler, build_optimizer
 from diffusion_dpo.train.curriculum import order_pairs
+from diffusion_dpo.train.curriculum_model import RankSchedule
 from diffusion_dpo.train.run_dir import RunDir
 from diffusion_dpo.train.step import preference_step
 
@@ -61,6 +62,10 @@ class Trainer:
             self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                                            log_with=None if report == "none" else report, project_dir=str(self.out))
         acc = self.accelerator
+        self.ranks = RankSchedule.of(cfg)  # train.curriculum.rank_schedule (Curriculum-DPO++): None when off
+        if self.ranks is not None and acc.num_processes > 1:
+            raise ConfigError("train.curriculum.rank_schedule runs on one process only (DDP cannot swap the "
+                              "parameters it synchronises mid-run): launch one process, or remove the rank schedule")
         self.device = acc.device
         self.is_main = acc.is_main_process
         self.run_dir = RunDir.claim(cfg, self.is_main)  # lock output.dir; refuse a foreign folder or a mismatched resume
@@ -103,8 +108,10 @@ class Trainer:
 
             if cfg.model.frozen_dtype != "float32":
                 self.unet.to(frozen_dtype)  # frozen base in half precision; add_lora keeps adapters in fp32
-            add_lora(self.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules,
-                     cfg.lora.init_weights)
+            # with a rank schedule the adapter starts at the first rank, at the final alpha / rank scale
+            rank, alpha = (cfg.lora.rank, cfg.lora.alpha) if self.ranks is None else \
+                (self.ranks.ranks[0], self.ranks.first_alpha)
+            add_lora(self.unet, rank, alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.init_weights)
         self.unet.to(self.device)
         if cfg.train.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -138,6 +145,8 @@ class Trainer:
         if cfg.train.resume != "never":  # "force": RunDir.claim has checked and recorded the changes
             state = ckpt.read_latest(self.out / "checkpoints")
             if state is not None:
+                if self.ranks is not None:  # the checkpoint's adapter may have grown already: grow this one first
+                    self.grow(state.state.get("lora_rank", self.ranks.rank_after(state.state["step"])))
                 ckpt.apply(state, cfg, acc.unwrap_model(self.unet), self.optimizer, self.lr_scheduler, acc.scaler)
                 self.step = state.state["step"]
                 self.counts = {k: state.state.get(k, 0) for k in COUNTS}
@@ -159,6 +168,15 @@ class Trainer:
                      "the noise and timesteps of epoch e mod %d (docs/losses.md, Reference strategies)", spans, period,
                      period)
         return self
+
+    def lora_rank(self) -> int:
+        return self.accelerator.unwrap_model(self.unet).peft_config["default"].r
+
+    def grow(self, rank: int) -> None:
+        """train.curriculum.rank_schedule: raise the LoRA rank (output unchanged) between optimizer steps. A rank
+        below the adapter's (a forced resume with another steps_per_level) keeps the adapter as it is."""
+        if rank > self.lora_rank():
+            self.params = self.ranks.grow(self.accelerator.unwrap_model(self.unet), self.optimizer, rank)
 
     def micro_step(self, raw: dict[str, Any]):
         batch = self.batch_encoder(raw)
@@ -221,6 +239,8 @@ class Trainer:
         start_step = self.step
         history: list[dict] = []
         while self.step < cfg.train.max_steps:
+            if self.ranks is not None:
+                self.grow(self.ranks.rank_at(self.step + 1))
             sums: dict[str, torch.Tensor] = {}
             pairs = skipped = 0
             for micro in range(ga):
@@ -263,6 +283,8 @@ class Trainer:
                       "pairs": pairs, **self.counts, **self.pair_order.log_fields((self.step - 1) * ga)}
             if acc.scaler is not None:
                 record["loss_scale"] = acc.scaler.get_scale()
+            if self.ranks is not None:
+                record["lora_rank"] = self.lora_rank()
             history.append(record)
             if self.is_main:
                 with open(self.out / "metrics.jsonl", "a") as f:
@@ -305,8 +327,9 @@ class Trainer:
     def save_checkpoint(self) -> None:
         self.accelerator.wait_for_everyone()
         if self.is_main:
+            extra = self.counts if self.ranks is None else {**self.counts, "lora_rank": self.lora_rank()}
             ckpt.save(self.out / "checkpoints", self.step, self.accelerator.unwrap_model(self.unet), self.optimizer,
-                      self.lr_scheduler, self.cfg, self.counts, self.cfg.train.checkpoints_total_limit,
+                      self.lr_scheduler, self.cfg, extra, self.cfg.train.checkpoints_total_limit,
                       self.accelerator.scaler)
         self.accelerator.wait_for_everyone()
 
@@ -314,6 +337,8 @@ class Trainer:
         from diffusion_dpo.train.outputs import write_final_outputs
 
         summary = {"steps": self.step, "steps_this_run": steps_run, "seconds": round(elapsed, 2), **self.counts}
+        if self.ranks is not None:  # the model card says the rank grew, and when
+            summary["lora_rank_schedule"] = self.ranks.describe()
         if history:
             last = history[-min(len(history), 10):]
             for key in ("loss", "implicit_acc"):

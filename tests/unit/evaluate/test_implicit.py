@@ -77,6 +77,29 @@ def test_lora_policy_with_adapter_off_as_reference(tiny_sd, pairs, tmp_path):
     assert r["pairs"] == 5 and r["mean_inside"] != 0.0 and 0.0 <= r["accuracy"] <= 1.0
 
 
+def test_a_lora_policy_keeps_the_alpha_it_was_trained_with(tiny_sd, tmp_path):
+    """lora.alpha 8 at rank 4 (scale 2, as save_lora records in the file): the policy computes what the trained
+    UNet computes, not the scale-1 network diffusers builds when it takes alpha = rank."""
+    from diffusers import UNet2DConditionModel
+
+    from diffusion_dpo.evaluate.implicit import _load_policy
+    from diffusion_dpo.models.families import SDFamily, detect_spec
+    from diffusion_dpo.models.lora import add_lora, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
+    torch.manual_seed(0)
+    add_lora(unet, 4, 8.0, 0.0, ["to_q", "to_v", "conv1"], "gaussian")
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    save_lora(unet, tmp_path / "lora", SDFamily)
+    policy, _ = _load_policy(detect_spec(str(tiny_sd)), str(tmp_path / "lora"), None, torch.float32)
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 3, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(policy(x, t, ctx).sample, unet(x, t, ctx).sample, rtol=1e-5, atol=1e-6)
+
+
 def test_sdxl_runs(tiny_sdxl, pairs):
     r = implicit_accuracy(str(tiny_sdxl), str(pairs / "pairs.jsonl"), unet=str(tiny_sdxl), num_timesteps=1)
     assert r["ties"] == 5

@@ -90,7 +90,19 @@ def test_files_of_the_old_mixed_naming_load_completely(tiny_sd, tmp_path):
     _check_loaded(tiny_sd, tmp_path / "old", unet, base, trained)
 
 
-def _lora_unet(first_block: str, targets: list[str]):
+def test_saved_lora_keeps_its_alpha_in_stock_diffusers(tiny_sd, tmp_path):
+    """lora.alpha 8 at rank 4 (scale 2): the file carries the adapter config, so pipe.load_lora_weights scales by
+    8/4 and computes what the trained UNet does (without it diffusers took alpha = rank, scale 1). A LoRA grown by
+    train.curriculum.rank_schedule ends at the final alpha the same way."""
+    from diffusion_dpo.models.families import SDFamily
+    from diffusion_dpo.models.lora import save_lora
+
+    unet, base, trained = _lora_unet("CrossAttnDownBlock2D", ATTN + ["conv1"], alpha=8.0)
+    save_lora(unet, tmp_path / "out", SDFamily)
+    _check_loaded(tiny_sd, tmp_path / "out", unet, base, trained)
+
+
+def _lora_unet(first_block: str, targets: list[str], alpha=None):
     import copy
 
     from diffusers import UNet2DConditionModel
@@ -104,7 +116,7 @@ def _lora_unet(first_block: str, targets: list[str]):
                                 attention_head_dim=4, norm_num_groups=32, down_block_types=(first_block, cross),
                                 up_block_types=(up[cross], up[first_block]))
     base = copy.deepcopy(unet)
-    add_lora(unet, 4, None, 0.0, targets, "gaussian")
+    add_lora(unet, 4, alpha, 0.0, targets, "gaussian")
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
