@@ -1,4 +1,5 @@
-"""LoRA on the UNet (peft through diffusers' adapter API) and LoRA export / loading.
+"""LoRA on the trained network (a UNet, or the SD3 / Flux transformer; peft through diffusers' adapter API) and
+LoRA export / loading.
 
 The reference policy (adapters off, or a frozen copy) is models/reference.py.
 """
@@ -50,7 +51,7 @@ def save_lora(unet, output_dir: str | Path, family: Any, export_kohya: bool = Fa
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
     pipe_cls = getattr(diffusers, family.pipeline_class)
-    pipe_cls.save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True)
+    pipe_cls.save_lora_weights(output_dir, **{family.lora_layers_key: state}, safe_serialization=True)
     written = [output_dir / "pytorch_lora_weights.safetensors"]
     if export_kohya:
         written.append(save_kohya(unet, output_dir / "lora_kohya.safetensors"))

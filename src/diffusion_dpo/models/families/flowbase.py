@@ -15,8 +15,6 @@ from diffusion_dpo.models.loading import PipelineConfigs, load_pretrained
 
 
 class FlowMatchingFamily(ModelFamily):
-    transformer_class: ClassVar[str]
-    """The diffusers class of the pipeline's `transformer/` (detection and loading)."""
     t5_max_length: ClassVar[int]
     """T5 tokens per prompt: the pipeline's default max_sequence_length (what sampling with it uses)."""
     prediction_types = ("flow",)  # the velocity noise - x0 (models/flow.py)
@@ -25,14 +23,14 @@ class FlowMatchingFamily(ModelFamily):
 
     @classmethod
     def matches(cls, configs: PipelineConfigs) -> bool:
-        return configs.network_class("transformer") == cls.transformer_class
+        return configs.component_class("transformer") == cls.network_class
 
     @classmethod
     def spec_fields(cls, configs: PipelineConfigs) -> dict[str, Any]:
         """Whether the transformer embeds a guidance value (Flux dev), and the scheduler's shift settings."""
         import diffusers
 
-        transformer = configs.part("transformer", getattr(diffusers, cls.transformer_class))
+        transformer = configs.part("transformer", getattr(diffusers, cls.network_class))
         schedule = FlowSchedule.from_config(configs.part("scheduler", diffusers.FlowMatchEulerDiscreteScheduler))
         return {"guidance_embeds": bool(transformer.get("guidance_embeds", False)),
                 "extra": {"flow_schedule": vars(schedule)}}
@@ -49,7 +47,7 @@ class FlowMatchingFamily(ModelFamily):
         import diffusers
 
         spec = self.spec
-        return load_pretrained(getattr(diffusers, self.transformer_class), spec.pretrained, "transformer", "transformer",
+        return load_pretrained(getattr(diffusers, self.network_class), spec.pretrained, "transformer", "transformer",
                                spec.revision, spec.variant, torch_dtype=dtype)
 
     def load_noise_scheduler(self, device=None):
@@ -78,6 +76,9 @@ class FlowMatchingFamily(ModelFamily):
     def noisy_and_target(self, scheduler, latents, noise, timesteps):
         """x_sigma = (1 - sigma) x0 + sigma noise, target noise - x0, sigma = timestep / num_train_timesteps."""
         return noisy_and_velocity(latents, noise, sigmas_of(timesteps, self.spec.num_train_timesteps).to(latents.device))
+
+    def draw_settings(self) -> dict[str, Any]:
+        return {"flow": dict(vars(self.flow))}
 
     def error_weight(self, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
         return loss_weight(self.flow.loss_weighting, sigmas_of(timesteps, self.spec.num_train_timesteps))
