@@ -158,6 +158,22 @@ def test_training_from_cache_equals_on_the_fly(fixture, family, request, tmp_pat
 
 
 @pytest.mark.parametrize("fixture, family", FAMILIES)
+def test_cached_reference_equals_the_live_one(fixture, family, request, tmp_path, data):
+    """train.reference=cached stores the reference errors once (keyed by the flow settings too): same run."""
+    model = request.getfixturevalue(fixture)
+    common = ["train.batch_size=2", "data.latent_sampling=mean", "data.crop=center", "data.random_flip=false",
+              "train.checkpoint_every=0", "data.cache_dtype=float32", f"data.cache_dir={tmp_path / 'cache'}",
+              "flow.weighting_scheme=mode", "flow.loss_weighting=sigma_sqrt"]
+    train(_cfg(model, data, tmp_path / "live", family, *common))
+    train(_cfg(model, data, tmp_path / "cached", family, *common, "train.reference=cached"))
+    a, b = _metrics(tmp_path / "live"), _metrics(tmp_path / "cached")
+    assert [(r["loss"], r["err_ref_w"], r["err_ref_l"]) for r in a] == [(r["loss"], r["err_ref_w"], r["err_ref_l"]) for r in b]
+    train(_cfg(model, data, tmp_path / "other", family, *common, "train.reference=cached", "flow.logit_std=0.5",
+               "flow.weighting_scheme=logit_normal"))
+    assert len(list((tmp_path / "cache").glob("*/references/*"))) == 2  # other sigma draws: a second store
+
+
+@pytest.mark.parametrize("fixture, family", FAMILIES)
 def test_resumed_run_equals_uninterrupted(fixture, family, request, tmp_path, data, train_until_checkpoint):
     model = request.getfixturevalue(fixture)
     extra = ("train.batch_size=1", "train.gradient_accumulation=2", "flow.loss_weighting=cosmap")
@@ -206,3 +222,16 @@ def test_two_processes_equal_one_process(fixture, family, request, tmp_path, dat
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-3)
         assert rb["implicit_acc"] == ra["implicit_acc"]
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-3)
+
+
+@pytest.mark.fault(input="`lora.export_kohya=true` with an SD3 / Flux model", behaviour="ConfigError at setup: the "
+                   "kohya key names are UNet names; the diffusers LoRA file is the output")
+@pytest.mark.parametrize("fixture, family", FAMILIES)
+def test_kohya_export_is_refused_for_the_transformer_families(fixture, family, request, tmp_path, data, capsys):
+    from diffusion_dpo.cli import main
+
+    model = request.getfixturevalue(fixture)
+    assert main(["train", *_overrides(model, data, tmp_path / "kohya", family, "lora.export_kohya=true")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lora.export_kohya" in errors[0]
+    assert not (tmp_path / "kohya" / "checkpoints").exists()  # refused at setup, before any step

@@ -17,7 +17,7 @@ from diffusion_dpo.errors import DataError
 @dataclass
 class TextConditioning:
     prompt_embeds: torch.Tensor  # (B, L, D)
-    pooled_prompt_embeds: Optional[torch.Tensor] = None  # (B, D2), SDXL only
+    pooled_prompt_embeds: Optional[torch.Tensor] = None  # (B, D2): SDXL, SD3, Flux
 
     def repeat_pairs(self) -> "TextConditioning":
         """(B, ...) -> (2B, ...): the same conditioning for the winner rows and the loser rows."""

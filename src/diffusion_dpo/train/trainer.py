@@ -72,6 +72,7 @@ class Trainer:
         m = cfg.model
         self.spec = detect_spec(m.pretrained, m.revision, m.variant, m.family, m.prediction_type)
         self.family = family_of(self.spec, m.lcm_guidance_scale, cfg.flow)
+        self.family.check_settings(cfg)
         frozen_dtype = torch_dtype(m.frozen_dtype, "model.frozen_dtype")
         self.noise_scheduler = self.family.load_noise_scheduler(self.device)
 

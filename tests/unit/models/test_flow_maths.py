@@ -234,3 +234,16 @@ def test_policy_and_reference_receive_identical_inputs(fixture, finetune, reques
     w = torch.tensor([700.0, 80.0]).div(1000) ** -2
     torch.testing.assert_close(errors.ref_w, unweighted.ref_w * w)
     torch.testing.assert_close(errors.policy_l, unweighted.policy_l * w)
+
+
+@pytest.mark.fault(input="`data.resolution` giving an odd latent side for SD3 / Flux (2x2 patches)",
+                   behaviour="ConfigError at setup naming data.resolution and the multiple it needs")
+@pytest.mark.parametrize("fixture", ["tiny_sd3", "tiny_flux"])
+def test_resolution_must_give_even_latent_sides(fixture, request):
+    from dataclasses import replace
+
+    spec = replace(detect_spec(str(request.getfixturevalue(fixture))), vae_downsample=8)  # a real 8x VAE
+    family = family_of(spec)
+    assert family.latent_shape(1024) == (16, 128, 128)
+    with pytest.raises(ConfigError, match="data.resolution must be a multiple of 16 for .* got 520"):
+        family.check_settings(load_config(None, ["data.resolution=520"]))

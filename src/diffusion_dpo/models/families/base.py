@@ -145,6 +145,9 @@ class ModelFamily(ABC):
                          timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents, noise (N, C, h, w), timesteps (N,) -> noisy network input and training target, both (N, C, h, w)."""
 
+    def check_settings(self, cfg: Any) -> None:
+        """Refuse run settings this family cannot honour (ConfigError naming the key), at setup. `cfg`: RunConfig."""
+
     def draw_settings(self) -> dict[str, Any]:
         """Settings beyond the run's seed, timestep range and caption dropout that decide the per-pair draws and the
         errors (the stored reference errors' key): none for the UNet families; the flow families' `flow` section."""

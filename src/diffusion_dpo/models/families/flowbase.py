@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
+from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.models.diffusion import pair_generator
 from diffusion_dpo.models.families.base import ModelFamily
 from diffusion_dpo.models.flow import FlowSchedule, loss_weight, noisy_and_velocity, sigma_sampler, sigmas_of
@@ -56,6 +57,20 @@ class FlowMatchingFamily(ModelFamily):
 
         spec = self.spec
         return load_pretrained(FlowMatchEulerDiscreteScheduler, spec.pretrained, "scheduler", "scheduler", spec.revision)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, h, w), h and w even: both transformers cut latents into 2x2 patches."""
+        c, h, w = super().latent_shape(resolution)
+        if h % 2 or w % 2:
+            raise ConfigError(f"data.resolution must be a multiple of {2 * self.spec.vae_downsample} for {self.name} "
+                              f"(2x2 latent patches of a {self.spec.vae_downsample}x VAE), got {resolution}")
+        return c, h, w
+
+    def check_settings(self, cfg: Any) -> None:
+        self.latent_shape(cfg.data.resolution)  # even latent sides
+        if cfg.lora.export_kohya and cfg.train.finetune == "lora":
+            raise ConfigError(f"lora.export_kohya writes UNet key names (lora_unet_*) and does not apply to the {self.name}"
+                              " transformer: remove it (pytorch_lora_weights.safetensors loads with load_lora_weights)")
 
     def image_seq_len(self, latent_shape: tuple[int, int, int]) -> int:
         """Image tokens of one latent (2x2 patches in both families): the resolution shift's sequence length."""
