@@ -235,3 +235,18 @@ def test_kohya_export_is_refused_for_the_transformer_families(fixture, family, r
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "lora.export_kohya" in errors[0]
     assert not (tmp_path / "kohya" / "checkpoints").exists()  # refused at setup, before any step
+
+
+@pytest.mark.parametrize("fixture, family", FAMILIES)
+def test_lean_autograd_and_checkpointing_change_nothing(fixture, family, request, tmp_path, data):
+    """The trainer's default activation savers (train.lean_autograd) and gradient checkpointing on the transformers:
+    bit-identical runs."""
+    model = request.getfixturevalue(fixture)
+    common = ["train.batch_size=2", "train.max_steps=2", "train.checkpoint_every=0"]
+    train(_cfg(model, data, tmp_path / "plain", family, *common, "train.lean_autograd=false"))
+    train(_cfg(model, data, tmp_path / "lean", family, *common, "train.gradient_checkpointing=true"))
+    a, b = _metrics(tmp_path / "plain"), _metrics(tmp_path / "lean")
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]
+    wa = load_file(str(tmp_path / "plain" / "pytorch_lora_weights.safetensors"))
+    wb = load_file(str(tmp_path / "lean" / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
