@@ -173,17 +173,18 @@ def test_cached_reference_equals_the_live_one(fixture, family, request, tmp_path
     assert len(list((tmp_path / "cache").glob("*/references/*"))) == 2  # other sigma draws: a second store
 
 
-@pytest.mark.parametrize("fixture, family", FAMILIES)
-def test_resumed_run_equals_uninterrupted(fixture, family, request, tmp_path, data, train_until_checkpoint):
+@pytest.mark.parametrize("fixture, family, finetune", [(*f, "lora") for f in FAMILIES] + [("tiny_sd3", SD3Family, "full")])
+def test_resumed_run_equals_uninterrupted(fixture, family, finetune, request, tmp_path, data, train_until_checkpoint):
     model = request.getfixturevalue(fixture)
-    extra = ("train.batch_size=1", "train.gradient_accumulation=2", "flow.loss_weighting=cosmap")
+    extra = ("train.batch_size=1", "train.gradient_accumulation=2", "flow.loss_weighting=cosmap",
+             f"train.finetune={finetune}")
     train(_cfg(model, data, tmp_path / "whole", family, *extra))
     train_until_checkpoint(_cfg(model, data, tmp_path / "resumed", family, *extra), step=2)
     assert train(_cfg(model, data, tmp_path / "resumed", family, *extra))["steps_this_run"] == 2
     ra, rb = _metrics(tmp_path / "whole"), _metrics(tmp_path / "resumed")
     assert [(r["loss"], r["grad_norm"], r["lr"]) for r in rb] == [(r["loss"], r["grad_norm"], r["lr"]) for r in ra]
-    wa = load_file(str(tmp_path / "whole" / "pytorch_lora_weights.safetensors"))
-    wb = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
+    weights = "pytorch_lora_weights.safetensors" if finetune == "lora" else "transformer/diffusion_pytorch_model.safetensors"
+    wa, wb = load_file(str(tmp_path / "whole" / weights)), load_file(str(tmp_path / "resumed" / weights))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from diffusion_dpo.config import load_config
-from diffusion_dpo.flow_config import FlowConfig
 from diffusion_dpo.errors import ConfigError
+from diffusion_dpo.flow_config import FlowConfig
 from diffusion_dpo.models.encode import TextConditioning, scale_latents
 from diffusion_dpo.models.families import detect_spec, family_of
 from diffusion_dpo.models.families.flux import latent_image_ids, pack_latents, unpack_latents
