@@ -247,3 +247,15 @@ def test_resolution_must_give_even_latent_sides(fixture, request):
     assert family.latent_shape(1024) == (16, 128, 128)
     with pytest.raises(ConfigError, match="data.resolution must be a multiple of 16 for .* got 520"):
         family.check_settings(load_config(None, ["data.resolution=520"]))
+
+
+def test_lora_targets_missing_the_text_stream_are_reported(tiny_sd3, caplog):
+    family = family_of(detect_spec(str(tiny_sd3)))
+    with caplog.at_level("WARNING", logger="diffusion_dpo.models.families.flowbase"):
+        family.check_settings(load_config(None, []))  # lora.target_modules' global default: the UNet set
+    assert "['add_k_proj', 'add_q_proj', 'add_v_proj', 'to_add_out']" in caplog.text and "sd3" in caplog.text
+    caplog.clear()
+    targets = "[" + ",".join(family.lora_targets) + "]"
+    with caplog.at_level("WARNING", logger="diffusion_dpo.models.families.flowbase"):
+        family.check_settings(load_config(None, [f"lora.target_modules={targets}"]))
+    assert caplog.text == ""

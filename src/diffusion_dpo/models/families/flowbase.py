@@ -4,6 +4,7 @@ transformer. The maths is in models/flow.py; sd3.py and flux.py say how the netw
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -13,6 +14,8 @@ from diffusion_dpo.models.diffusion import pair_generator
 from diffusion_dpo.models.families.base import ModelFamily
 from diffusion_dpo.models.flow import FlowSchedule, loss_weight, noisy_and_velocity, sigma_sampler, sigmas_of
 from diffusion_dpo.models.loading import PipelineConfigs, load_pretrained
+
+log = logging.getLogger(__name__)
 
 
 class FlowMatchingFamily(ModelFamily):
@@ -68,6 +71,11 @@ class FlowMatchingFamily(ModelFamily):
 
     def check_settings(self, cfg: Any) -> None:
         self.latent_shape(cfg.data.resolution)  # even latent sides
+        missing = sorted(set(self.lora_targets) - set(cfg.lora.target_modules))
+        if cfg.train.finetune == "lora" and missing:  # e.g. the UNet default, which misses the text stream
+            log.warning("lora.target_modules %s leaves %s of the %s transformer without adapters (its recommended set: "
+                        "%s; docs/flow.md, 'LoRA targets')", list(cfg.lora.target_modules), missing, self.name,
+                        list(self.lora_targets))
         if cfg.lora.export_kohya and cfg.train.finetune == "lora":
             raise ConfigError(f"lora.export_kohya writes UNet key names (lora_unet_*) and does not apply to the {self.name}"
                               " transformer: remove it (pytorch_lora_weights.safetensors loads with load_lora_weights)")
