@@ -163,3 +163,17 @@ def test_drawbench_recipes_carry_the_curriculum_dpo_settings(family, task):
     cur = load_config(path, ["train.curriculum.enabled=true"]).train.curriculum
     assert cur.enabled and (cur.levels, cur.steps_per_level, cur.difficulty) == (5, 400, "rank_difference")
     assert cfg.train.max_steps == cur.levels * cur.steps_per_level  # the last level gets its K steps
+
+
+@pytest.mark.parametrize("name, family, beta", [("sd35_flow_dpo_lora.yaml", "SD3Family", 100.0),
+                                                ("sd35_flow_dpo.yaml", "SD3Family", 100.0),
+                                                ("flux_flow_dpo_lora.yaml", "FluxFamily", 2000.0)])
+def test_flow_configs(name, family, beta):
+    """The flow-matching recipes (docs/flow.md): the sourced betas, both MMDiT streams adapted, text cached."""
+    from diffusion_dpo.models import families
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / name)
+    assert cfg.train.beta == beta and cfg.train.error_reduction == "mean" and cfg.data.cache_dir
+    assert cfg.train.gradient_checkpointing and cfg.model.frozen_dtype == "bfloat16"
+    if cfg.train.finetune == "lora":
+        assert tuple(cfg.lora.target_modules) == getattr(families, family).lora_targets

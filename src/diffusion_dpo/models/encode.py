@@ -17,7 +17,7 @@ from diffusion_dpo.errors import DataError
 @dataclass
 class TextConditioning:
     prompt_embeds: torch.Tensor  # (B, L, D)
-    pooled_prompt_embeds: Optional[torch.Tensor] = None  # (B, D2), SDXL only
+    pooled_prompt_embeds: Optional[torch.Tensor] = None  # (B, D2): SDXL, SD3, Flux
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The fields that are set, by name: what the cache stores per prompt (cache/store.py), whatever the family."""

@@ -97,7 +97,7 @@ class PipelineConfigs:
         configs._parts = {name: dict(part.config) for name, part in parts.items()}
         return configs
 
-    def network_class(self, subfolder: str) -> str:
+    def component_class(self, subfolder: str) -> str:
         """The class name model_index.json gives `subfolder` ('' when it has none): e.g. SD3Transformer2DModel."""
         entry = self.index.get(subfolder)
         return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] else ""

@@ -1,4 +1,5 @@
-"""LoRA on the UNet (peft through diffusers' adapter API) and LoRA export / loading.
+"""LoRA on the trained network (a UNet, or the SD3 / Flux transformer; peft through diffusers' adapter API) and
+LoRA export / loading.
 
 The reference policy (adapters off, or a frozen copy) is models/reference.py.
 """
@@ -52,8 +53,10 @@ def save_lora(unet, output_dir: str | Path, family: Any, export_kohya: bool = Fa
     pipe_cls = getattr(diffusers, family.pipeline_class)
     # the adapter's config (rank, alpha) goes into the file's metadata, as diffusers' own training scripts do:
     # without it diffusers loads alpha = rank, the wrong scale for any lora.alpha other than lora.rank
-    pipe_cls.save_lora_weights(output_dir, unet_lora_layers=state, safe_serialization=True,
-                               unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    # (the keyword follows the layers' one: unet_lora_adapter_metadata, transformer_lora_adapter_metadata)
+    metadata_key = family.lora_layers_key.replace("_lora_layers", "_lora_adapter_metadata")
+    adapter = {family.lora_layers_key: state, metadata_key: unet.peft_config["default"].to_dict()}
+    pipe_cls.save_lora_weights(output_dir, **adapter, safe_serialization=True)
     written = [output_dir / "pytorch_lora_weights.safetensors"]
     if export_kohya:
         written.append(save_kohya(unet, output_dir / "lora_kohya.safetensors"))

@@ -1,5 +1,5 @@
-"""Final outputs that stock tools load: a diffusers LoRA (optionally kohya format) or a unet/ folder,
-plus a model card."""
+"""Final outputs that stock tools load: a diffusers LoRA (optionally kohya format) or the network's folder
+(unet/, or transformer/ for SD3 / Flux: family.network_folder), plus a model card."""
 
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ def write_final_outputs(out: Path, unet, cfg: RunConfig, family: ModelFamily, su
 
         written += save_lora(unet, out, family, export_kohya=cfg.lora.export_kohya)
     else:
-        unet.save_pretrained(out / "unet", safe_serialization=True)
-        written.append(out / "unet")
+        folder = family.network_folder  # what the pipeline's from_pretrained(..., unet=/transformer=) takes
+        unet.save_pretrained(out / folder, safe_serialization=True)
+        written.append(out / folder)
         if cfg.output.save_full_pipeline:
             from diffusers import DiffusionPipeline
 
-            pipe = DiffusionPipeline.from_pretrained(spec.pretrained, revision=spec.revision, unet=unet)
+            pipe = DiffusionPipeline.from_pretrained(spec.pretrained, revision=spec.revision, **{folder: unet})
             pipe.save_pretrained(out / "pipeline", safe_serialization=True)
             written.append(out / "pipeline")
     forced = forced_resumes(out)
@@ -44,9 +45,10 @@ def model_card(cfg: RunConfig, family: ModelFamily, summary: dict) -> str:
                  f"pipe.load_lora_weights(\"{cfg.output.dir}\")")
         kind = f"LoRA (rank {cfg.lora.rank}, alpha {cfg.lora.alpha or cfg.lora.rank})"
     else:
-        usage = (f"unet = UNet2DConditionModel.from_pretrained(\"{cfg.output.dir}/unet\")\n"
-                 f"pipe = {pipe}.from_pretrained(\"{spec.pretrained}\", unet=unet)")
-        kind = "full UNet fine-tune"
+        net, folder = family.network_class, family.network_folder
+        usage = (f"{folder} = {net}.from_pretrained(\"{cfg.output.dir}/{folder}\")\n"
+                 f"pipe = {pipe}.from_pretrained(\"{spec.pretrained}\", {folder}={folder})")
+        kind = "full UNet fine-tune" if folder == "unet" else f"full {net} fine-tune"
     method = {"dpo": "Diffusion-DPO (Wallace et al., CVPR 2024)", "sft": "SFT on preferred images"}.get(
         t.method, f"the {t.method} preference loss (docs/losses.md)")
     lines = [
@@ -75,6 +77,6 @@ def model_card(cfg: RunConfig, family: ModelFamily, summary: dict) -> str:
                   "| resumed at step | setting: before -> after |", "| --- | --- |"]
         for f in summary["forced_resumes"]:
             lines.append(f"| {f['step']} | {describe_changes(f['changed'])} |")
-    lines += ["", "## Use", "", "```python", f"from diffusers import {pipe}, UNet2DConditionModel", usage, "```", "",
+    lines += ["", "## Use", "", "```python", f"from diffusers import {pipe}, {family.network_class}", usage, "```", "",
               "The resolved training config is in `config.yaml`; per-step metrics in `metrics.jsonl`.", ""]
     return "\n".join(lines)

@@ -59,7 +59,7 @@ def reference_key_inputs(cfg: RunConfig, family, cache_key: str) -> dict[str, An
             "reference_dtype": reference_dtype_name(cfg), "mixed_precision": t.mixed_precision, "seed": t.seed,
             "timestep_range": [lo, min(hi, spec.num_train_timesteps)], "caption_dropout": d.caption_dropout,
             "latent_sampling": d.latent_sampling, "error_reduction": t.error_reduction,
-            "sdxl_time_ids": d.sdxl_time_ids if family.size_conditioned else None}
+            "sdxl_time_ids": d.sdxl_time_ids if family.size_conditioned else None, **family.draw_settings()}
 
 
 def ensure_reference(cfg: RunConfig, family, scheduler, pairs, autocast: Callable[[], Any] = contextlib.nullcontext,
@@ -148,9 +148,8 @@ def prepare_reference(cfg: RunConfig, cache_folder: Path, accelerator, progress:
 
     m = cfg.model
     spec = detect_spec(m.pretrained, m.revision, m.variant, m.family, m.prediction_type)
-    family = family_of(spec, m.lcm_guidance_scale)
-    scheduler = family.load_noise_scheduler()
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(accelerator.device)
+    family = family_of(spec, m.lcm_guidance_scale, cfg.flow)
+    scheduler = family.load_noise_scheduler(accelerator.device)
     dataset = CachedPairDataset(cache_folder, spec, cfg.data.latent_sampling, seed=cfg.train.seed,
                                 resolution=cfg.data.resolution)
     return ensure_reference(cfg, family, scheduler, CachedPairs(dataset, with_epochs(collate_cached)),

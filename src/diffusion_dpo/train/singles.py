@@ -97,11 +97,11 @@ def labelled_errors(policy, reference, family, scheduler, batch: LabelledBatch, 
     noisy, target = family.noisy_and_target(scheduler, batch.latents, batch.noise, batch.timesteps)
     device = batch.latents.device if device is None else device
     noisy, t, target = noisy.to(device), batch.timesteps.to(device), target.to(device)
-    d = batch.desirable.to(device)
+    d, weight = batch.desirable.to(device), family.error_weight(t)
     ref_w = ref_l = None
     if with_reference:
         ref = per_sample_error(reference(lambda net: family.predict(net, noisy, t, batch.cond, batch.pair_cond),
-                                         device), target, reduction)
+                                         device), target, reduction, weight)
         ref_w, ref_l = ref[d], ref[~d]
-    err = per_sample_error(family.predict(policy, noisy, t, batch.cond, batch.pair_cond), target, reduction)
+    err = per_sample_error(family.predict(policy, noisy, t, batch.cond, batch.pair_cond), target, reduction, weight)
     return PairErrors(err[d], err[~d], ref_w, ref_l)

@@ -37,7 +37,7 @@ def reference_errors(reference, family, scheduler, batch: PairBatch, reduction: 
 def _reference_forward(reference, family, inputs, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     noisy, t, target, cond2, pair_cond = inputs
     ref_pred = reference(lambda net: family.predict(net, noisy, t, cond2, pair_cond), noisy.device)
-    return split_pairs(per_sample_error(ref_pred, target, reduction))
+    return split_pairs(per_sample_error(ref_pred, target, reduction, family.error_weight(t)))
 
 
 def pair_errors(policy, reference, family, scheduler, batch: PairBatch, reduction: str = "mean",
@@ -56,7 +56,7 @@ def pair_errors(policy, reference, family, scheduler, batch: PairBatch, reductio
         device = latents.device if device is None else device
         noisy, t, target = noisy.to(device), t.to(device), target.to(device)
         pred = family.predict(policy, noisy, t, batch.cond, pair_cond)
-        return PairErrors(per_sample_error(pred, target, reduction))
+        return PairErrors(per_sample_error(pred, target, reduction, family.error_weight(t)))
     inputs = _stacked_inputs(family, scheduler, batch, device)
     noisy, t, target, cond2, pair_cond = inputs
     ref_w = ref_l = None
@@ -65,7 +65,7 @@ def pair_errors(policy, reference, family, scheduler, batch: PairBatch, reductio
     elif with_reference:
         ref_w, ref_l = _reference_forward(reference, family, inputs, reduction)
     pred = family.predict(policy, noisy, t, cond2, pair_cond)
-    policy_w, policy_l = split_pairs(per_sample_error(pred, target, reduction))
+    policy_w, policy_l = split_pairs(per_sample_error(pred, target, reduction, family.error_weight(t)))
     pref_prob = None if batch.pref_prob is None else batch.pref_prob.to(noisy.device)  # loss.soft_labels
     return PairErrors(policy_w, policy_l, ref_w, ref_l, pref_prob)
 

@@ -76,10 +76,10 @@ class Trainer:
         # 2. model family: everything family-specific is asked of this object
         m = cfg.model
         self.spec = detect_spec(m.pretrained, m.revision, m.variant, m.family, m.prediction_type)
-        self.family = family_of(self.spec, m.lcm_guidance_scale)
+        self.family = family_of(self.spec, m.lcm_guidance_scale, cfg.flow)
+        self.family.check_settings(cfg)
         frozen_dtype = torch_dtype(m.frozen_dtype, "model.frozen_dtype")
-        self.noise_scheduler = self.family.load_noise_scheduler()
-        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)
+        self.noise_scheduler = self.family.load_noise_scheduler(self.device)
 
         # 3. data and the one encoder that turns its raw batches into PairBatches: a prepared cache (no VAE,
         # no text encoder in memory) or images encoded on the fly

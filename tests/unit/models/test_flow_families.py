@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from diffusion_dpo.errors import ModelLoadError
 from diffusion_dpo.models.families import FAMILIES, FluxFamily, SD3Family, detect_spec, family_of, family_of_pipeline

@@ -37,6 +37,8 @@ class ModelFamily(ABC):
     encoder's tokenizer is a T5TokenizerFast, the others' a CLIPTokenizer."""
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
     """What the network may predict (the first: when the scheduler config names none); model.prediction_type."""
+    network_class: ClassVar[str] = "UNet2DConditionModel"
+    """The diffusers class of the trained network (loading; the model card's usage lines)."""
     network_folder: ClassVar[str] = "unet"
     """The trained network's pipeline subfolder: where full fine-tuning saves it (`from_pretrained` reads it)."""
     lora_layers_key: ClassVar[str] = "unet_lora_layers"
@@ -142,6 +144,14 @@ class ModelFamily(ABC):
     def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor,
                          timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latents, noise (N, C, h, w), timesteps (N,) -> noisy network input and training target, both (N, C, h, w)."""
+
+    def check_settings(self, cfg: Any) -> None:
+        """Refuse run settings this family cannot honour (ConfigError naming the key), at setup. `cfg`: RunConfig."""
+
+    def draw_settings(self) -> dict[str, Any]:
+        """Settings beyond the run's seed, timestep range and caption dropout that decide the per-pair draws and the
+        errors (the stored reference errors' key): none for the UNet families; the flow families' `flow` section."""
+        return {}
 
     def error_weight(self, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-sample weights (N,) of the squared errors at these timesteps (flow.loss_weighting); None: weight 1."""

@@ -4,19 +4,21 @@ transformer. The maths is in models/flow.py; sd3.py and flux.py say how the netw
 
 from __future__ import annotations
 
+import logging
 from typing import Any, ClassVar, Optional
 
 import torch
 
+from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.models.diffusion import pair_generator
 from diffusion_dpo.models.families.base import ModelFamily
 from diffusion_dpo.models.flow import FlowSchedule, loss_weight, noisy_and_velocity, sigma_sampler, sigmas_of
 from diffusion_dpo.models.loading import PipelineConfigs, load_pretrained
 
+log = logging.getLogger(__name__)
+
 
 class FlowMatchingFamily(ModelFamily):
-    transformer_class: ClassVar[str]
-    """The diffusers class of the pipeline's `transformer/` (detection and loading)."""
     t5_max_length: ClassVar[int]
     """T5 tokens per prompt: the pipeline's default max_sequence_length (what sampling with it uses)."""
     prediction_types = ("flow",)  # the velocity noise - x0 (models/flow.py)
@@ -25,14 +27,14 @@ class FlowMatchingFamily(ModelFamily):
 
     @classmethod
     def matches(cls, configs: PipelineConfigs) -> bool:
-        return configs.network_class("transformer") == cls.transformer_class
+        return configs.component_class("transformer") == cls.network_class
 
     @classmethod
     def spec_fields(cls, configs: PipelineConfigs) -> dict[str, Any]:
         """Whether the transformer embeds a guidance value (Flux dev), and the scheduler's shift settings."""
         import diffusers
 
-        transformer = configs.part("transformer", getattr(diffusers, cls.transformer_class))
+        transformer = configs.part("transformer", getattr(diffusers, cls.network_class))
         schedule = FlowSchedule.from_config(configs.part("scheduler", diffusers.FlowMatchEulerDiscreteScheduler))
         return {"guidance_embeds": bool(transformer.get("guidance_embeds", False)),
                 "extra": {"flow_schedule": vars(schedule)}}
@@ -49,7 +51,7 @@ class FlowMatchingFamily(ModelFamily):
         import diffusers
 
         spec = self.spec
-        return load_pretrained(getattr(diffusers, self.transformer_class), spec.pretrained, "transformer", "transformer",
+        return load_pretrained(getattr(diffusers, self.network_class), spec.pretrained, "transformer", "transformer",
                                spec.revision, spec.variant, torch_dtype=dtype)
 
     def load_noise_scheduler(self, device=None):
@@ -58,6 +60,25 @@ class FlowMatchingFamily(ModelFamily):
 
         spec = self.spec
         return load_pretrained(FlowMatchEulerDiscreteScheduler, spec.pretrained, "scheduler", "scheduler", spec.revision)
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, h, w), h and w even: both transformers cut latents into 2x2 patches."""
+        c, h, w = super().latent_shape(resolution)
+        if h % 2 or w % 2:
+            raise ConfigError(f"data.resolution must be a multiple of {2 * self.spec.vae_downsample} for {self.name} "
+                              f"(2x2 latent patches of a {self.spec.vae_downsample}x VAE), got {resolution}")
+        return c, h, w
+
+    def check_settings(self, cfg: Any) -> None:
+        self.latent_shape(cfg.data.resolution)  # even latent sides
+        missing = sorted(set(self.lora_targets) - set(cfg.lora.target_modules))
+        if cfg.train.finetune == "lora" and missing:  # e.g. the UNet default, which misses the text stream
+            log.warning("lora.target_modules %s leaves %s of the %s transformer without adapters (its recommended set: "
+                        "%s; docs/flow.md, 'LoRA targets')", list(cfg.lora.target_modules), missing, self.name,
+                        list(self.lora_targets))
+        if cfg.lora.export_kohya and cfg.train.finetune == "lora":
+            raise ConfigError(f"lora.export_kohya writes UNet key names (lora_unet_*) and does not apply to the {self.name}"
+                              " transformer: remove it (pytorch_lora_weights.safetensors loads with load_lora_weights)")
 
     def image_seq_len(self, latent_shape: tuple[int, int, int]) -> int:
         """Image tokens of one latent (2x2 patches in both families): the resolution shift's sequence length."""
@@ -78,6 +99,9 @@ class FlowMatchingFamily(ModelFamily):
     def noisy_and_target(self, scheduler, latents, noise, timesteps):
         """x_sigma = (1 - sigma) x0 + sigma noise, target noise - x0, sigma = timestep / num_train_timesteps."""
         return noisy_and_velocity(latents, noise, sigmas_of(timesteps, self.spec.num_train_timesteps).to(latents.device))
+
+    def draw_settings(self) -> dict[str, Any]:
+        return {"flow": dict(vars(self.flow))}
 
     def error_weight(self, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
         return loss_weight(self.flow.loss_weighting, sigmas_of(timesteps, self.spec.num_train_timesteps))

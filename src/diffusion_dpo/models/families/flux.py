@@ -16,7 +16,7 @@ from diffusion_dpo.models.families.sd import clip_token_ids
 class FluxFamily(FlowMatchingFamily):
     name = "flux"
     pipeline_class = "FluxPipeline"
-    transformer_class = "FluxTransformer2DModel"
+    network_class = "FluxTransformer2DModel"
     t5_max_length = 512  # FluxPipeline's max_sequence_length default
     text_encoder_parts = (("tokenizer", "text_encoder", "CLIPTextModel"),
                           ("tokenizer_2", "text_encoder_2", "T5EncoderModel"))

@@ -15,7 +15,7 @@ from diffusion_dpo.models.families.sd import clip_token_ids
 class SD3Family(FlowMatchingFamily):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
-    transformer_class = "SD3Transformer2DModel"
+    network_class = "SD3Transformer2DModel"
     t5_max_length = 256  # StableDiffusion3Pipeline's max_sequence_length default
     text_encoder_parts = (("tokenizer", "text_encoder", "CLIPTextModelWithProjection"),
                           ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection"),
