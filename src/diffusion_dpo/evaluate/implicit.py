@@ -9,13 +9,13 @@ flow-matching families give velocity errors), is averaged over a FIXED set of K 
 (ModelFamily.evaluation_timesteps: t_k = (k + 0.5) * T / K for the UNet families; for SD3 / Flux sigma * 1000 at the
 K quantiles of the family's sigma sampling, models.flow.stratified_timesteps) and one noise per (pair, k) drawn from
 `pair_generator(seed, k, pair_index)`; the same noise and timestep serve winner and loser, policy and reference.
-The tuned model is loaded as `sample` loads it (base + LoRA, or the tuned UNet / transformer folder). The pair is classified correctly
-when the averaged logit is > 0. Accuracy = the fraction of such pairs (results.json: mean_dpo_logit, and
+The tuned model is loaded as `sample` loads it (base + LoRA, or the tuned UNet / transformer folder). The pair is
+classified correctly when the averaged logit is > 0. Accuracy = the fraction of such pairs (results.json: mean_dpo_logit, and
 mean_inside, its older name, kept). beta scales the logit but never changes its sign, so the accuracy does
 not depend on beta.
-Latents are the VAE posterior means (deterministic), shifted and scaled as the pipelines do (scale_latents); the VAE
-always runs in float32, whatever `dtype` the networks use. A non-finite logit stops the evaluation naming the pair: counted
-as "wrong" it would silently lower the accuracy.
+Latents are the VAE posterior means (deterministic), shifted and scaled as the pipelines do (scale_latents); the
+VAE always runs in float32, whatever `dtype` the networks use. A non-finite logit stops the evaluation naming the
+pair: counted as "wrong" it would silently lower the accuracy.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def _load_policy(base: str, family: Any, lora: str | None, unet: str | None, dty
     from diffusion_dpo.runtime import torch_dtype
 
     if bool(lora) == bool(unet):
-        raise ConfigError("implicit accuracy needs exactly one of a LoRA folder or a tuned network (UNet / transformer) folder")
+        raise ConfigError("implicit accuracy needs exactly one of a LoRA folder or a tuned network (UNet / transformer) "
+                          "folder")
     pipe = load_sampling_pipeline(SampledModel("policy", base, lora=lora, unet=unet), "cpu", dtype)
     policy = freeze(getattr(pipe, family.network_folder))
     encoders = family.pipeline_text_encoders(pipe)
