@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.evaluate.prompts import Prompt, PromptSet
 from diffusion_dpo.evaluate.sampling import SampledModel, image_seed, sample_model
 from diffusion_dpo.feedback.generate import STRATEGIES, form_pairs, generate_pairs
@@ -57,14 +56,43 @@ def test_every_strategy_pairs_the_same_flow_samples(fixture, request, tmp_path):
     assert (one.folder / "00001_01.png").read_bytes() == (tmp_path / "all" / "images" / "00001_01.png").read_bytes()
 
 
-@pytest.mark.fault(input="`generate-pairs --write-cache` with an SD3 / Flux base",
-                   behaviour="exit 2 before sampling: not supported for flow-matching pipelines yet; says to run "
-                             "`prepare` on the pairs instead")
-def test_write_cache_is_refused_for_flow_pipelines(tiny_flux, tmp_path):
+@pytest.mark.parametrize("fixture", FLOW)
+def test_write_cache_stores_the_flow_latents_that_decode_to_the_images(fixture, request, tmp_path):
+    """--write-cache with SD3 / Flux: the images and pairs are those of a run without it; each cached latent (Flux:
+    unpacked from 2x2 tokens; unshifted and unscaled, as `prepare` stores VAE latents) decodes with the VAE to the saved
+    PNG; the cached text conditioning is what the family's PromptEncoder computes (CLIP + T5, pooled)."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from diffusion_dpo.cache.store import CachedPairDataset
+    from diffusion_dpo.models.families import detect_spec, family_of
+
+    base = request.getfixturevalue(fixture)
     judge = load_judge(["feedback_test_rewards:brightness"])
-    with pytest.raises(ConfigError, match=r"--write-cache is not supported for flow-matching pipelines yet \(FluxPipeline"):
-        generate_pairs(str(tiny_flux), PROMPTS, tmp_path / "g", judge, images_per_prompt=2, write_cache=True, **FAST)
-    assert not (tmp_path / "g").exists()
+    kw = dict(images_per_prompt=3, strategy="all", seed=2, chunk_size=1, sample_batch_size=2, **FAST)
+    plain = generate_pairs(str(base), PROMPTS, tmp_path / "plain", judge, **kw)
+    out = tmp_path / "gen"
+    result = generate_pairs(str(base), PROMPTS, out, judge, write_cache=True, cache_dtype="float32", **kw)
+    assert (out / "pairs.jsonl").read_bytes() == (tmp_path / "plain" / "pairs.jsonl").read_bytes()
+    pairs = _rows(out / "pairs.jsonl")
+    assert len(pairs) == result.pairs == plain.pairs >= 3
+    spec = detect_spec(str(base))
+    assert spec.vae_shift_factor == pytest.approx(0.1)  # the tiny VAEs have a shift: a missing "+ shift" shows
+    ds = CachedPairDataset(out / "cache", spec, "sample", seed=0, resolution=32)
+    vae = AutoencoderKL.from_pretrained(base / "vae")
+    encoder = family_of(spec).prompt_encoder()
+    for i, row in enumerate(pairs):
+        item = ds[i]
+        assert item["latent_mean"].shape == (2, 16, 16, 16)
+        with torch.no_grad():
+            pixels = vae.decode(item["latent_mean"]).sample
+        decoded = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy().astype(np.int16)
+        for j, name in enumerate(("chosen", "rejected")):
+            stored = np.asarray(Image.open(out / row[name]).convert("RGB"), dtype=np.int16)
+            assert np.abs(decoded[j] - stored).max() <= 2, (i, name)
+        cond = encoder([row["prompt"]])
+        assert torch.allclose(item["prompt_embeds"], cond.prompt_embeds[0], atol=1e-5)
+        assert torch.allclose(item["pooled_prompt_embeds"], cond.pooled_prompt_embeds[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("fixture", FLOW)

@@ -117,6 +117,10 @@ class ModelFamily(ABC):
         """K fixed timesteps spread over training's range (implicit-reward accuracy): (k + 0.5) * T / K, int64."""
         return ((torch.arange(k, dtype=torch.float64) + 0.5) * self.spec.num_train_timesteps / k).long()
 
+    def image_latents(self, latents: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """A pipeline's latents as its step-end callback holds them -> (N, C, h, w) of `latent_shape` (C, h, w)."""
+        return latents
+
     def default_resolution(self, network) -> int:
         """The pipeline's default image size in pixels: the network's sample_size latents."""
         return network.config.sample_size * self.spec.vae_downsample

@@ -56,6 +56,10 @@ class FluxFamily(FlowMatchingFamily):
         pooled = clip(clip_token_ids(clip_tok, prompts, device), output_hidden_states=False).pooler_output
         return TextConditioning(t5_states(t5_tok, t5, prompts, cls.t5_max_length, device).float(), pooled.float())
 
+    def image_latents(self, latents: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """FluxPipeline's latents are packed 2x2 tokens (N, h/2 * w/2, 4C): unpacked."""
+        return unpack_latents(latents, latent_shape[1], latent_shape[2])
+
     def default_resolution(self, network) -> int:
         """FluxPipeline's default_sample_size (128 latents) times the VAE's downsampling: its config has no sample_size."""
         return 128 * self.spec.vae_downsample
