@@ -31,10 +31,15 @@ def add_sampler_settings(g: Any) -> None:
     """Sampler flags shared by `sample`, `evaluate`, `generate-pairs` and `iterate` (`g`: a parser or group)."""
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="published settings: paper (default scheduler, 50 steps, guidance 7.5 SD / 5 SDXL), "
-                        "drawbench-sd (DDIM 30 steps 512 px), drawbench-lcm (LCM 8 steps 768 px); flags override")
-    g.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="sampler (default: the pipeline's)")
+                        "drawbench-sd (DDIM 30 steps 512 px), drawbench-lcm (LCM 8 steps 768 px), model-card (the "
+                        "checkpoint's card: SD3 Medium 28 steps / 7.0, SD3.5 Large 28 / 3.5, SD3.5 Medium 40 / 4.5, "
+                        "FLUX.1-dev 50 / 3.5, FLUX.1-schnell 4, LCM 4 / 8.0; docs/evaluation.md); flags override")
+    g.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                   help="sampler (default: the pipeline's); SD3 / Flux take only default or flow_euler")
     g.add_argument("--steps", type=int, default=None, help="inference steps (default 50)")
-    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; Flux: the embedded guidance value of a guidance-distilled "
+                        "checkpoint (FLUX.1-dev), refused for one without (schnell)")
     g.add_argument("--resolution", type=int, default=None, help="image height and width in pixels")
     g.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
     g.add_argument("--sample-batch-size", type=int, default=4, help="images per pipeline call (does not change the noise)")

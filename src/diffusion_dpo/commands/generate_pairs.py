@@ -18,7 +18,8 @@ from diffusion_dpo.commands.common import (add_feedback_arguments, add_generatio
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="pipeline to sample: diffusers folder or hub id (SD, SDXL, LCM)")
     parser.add_argument("--lora", default=None, help="LoRA folder loaded on the base")
-    parser.add_argument("--unet", default=None, help="tuned UNet folder replacing the base UNet")
+    parser.add_argument("--unet", "--transformer", dest="unet", default=None,
+                        help="tuned network folder replacing the base's (a UNet, or the SD3 / Flux transformer)")
     parser.add_argument("--out", required=True, help="output folder: images/, samples.jsonl, pairs.jsonl, generation.json")
     add_generation_arguments(parser)
     c = parser.add_argument_group("latent cache")

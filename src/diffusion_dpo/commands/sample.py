@@ -15,7 +15,9 @@ from diffusion_dpo.commands.common import add_sampling_arguments, check_counts, 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, help="base pipeline: diffusers folder or hub id")
     parser.add_argument("--lora", default=None, help="LoRA folder to load on the base (pipe.load_lora_weights)")
-    parser.add_argument("--unet", default=None, help="tuned UNet folder replacing the base UNet")
+    parser.add_argument("--unet", "--transformer", dest="unet", default=None,
+                        help="tuned network folder replacing the base's: a UNet, or the SD3 / Flux transformer (the "
+                             "folder itself or one holding unet/ or transformer/)")
     parser.add_argument("--name", default=None,
                         help="model name = output subfolder (default: 'base', or the LoRA/UNet folder name)")
     parser.add_argument("--out", required=True, help="output folder; images go to OUT/NAME/")

@@ -4,63 +4,48 @@ For each held-out preference pair, the DPO logit (losses.dpo_logit, official for
 
     dpo_logit = -beta/2 * ((err_policy(w) - err_policy(l)) - (err_ref(w) - err_ref(l)))
 
-with the errors of train.step.pair_errors (the trainer's own step), is averaged over a FIXED set of K
-timesteps t_k = (k + 0.5) * T / K and one noise per (pair, k) drawn from `pair_generator(seed, k, pair_index)`;
-the same noise and timestep serve winner and loser, policy and reference. The pair is classified correctly
-when the averaged logit is > 0. Accuracy = the fraction of such pairs (results.json: mean_dpo_logit, and
+with the errors of train.step.pair_errors (the trainer's own step: the family's noisy_and_target and predict, so
+flow-matching families give velocity errors), is averaged over a FIXED set of K timesteps
+(ModelFamily.evaluation_timesteps: t_k = (k + 0.5) * T / K for the UNet families; for SD3 / Flux sigma * 1000 at the
+K quantiles of the family's sigma sampling, models.flow.stratified_timesteps) and one noise per (pair, k) drawn from
+`pair_generator(seed, k, pair_index)`; the same noise and timestep serve winner and loser, policy and reference.
+The tuned model is loaded as `sample` loads it (base + LoRA, or the tuned UNet / transformer folder). The pair is
+classified correctly when the averaged logit is > 0. Accuracy = the fraction of such pairs (results.json: mean_dpo_logit, and
 mean_inside, its older name, kept). beta scales the logit but never changes its sign, so the accuracy does
 not depend on beta.
-Latents are the VAE posterior means (deterministic), times the VAE scaling factor; the VAE always runs in
-float32, whatever `dtype` the UNets use. A non-finite logit stops the evaluation naming the pair: counted
-as "wrong" it would silently lower the accuracy.
+Latents are the VAE posterior means (deterministic), shifted and scaled as the pipelines do (scale_latents); the
+VAE always runs in float32, whatever `dtype` the networks use. A non-finite logit stops the evaluation naming the
+pair: counted as "wrong" it would silently lower the accuracy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffusion_dpo.errors import ConfigError, ModelLoadError, NonFiniteLossError
+from diffusion_dpo.errors import ConfigError, NonFiniteLossError
 
 
-def fixed_timesteps(num_train_timesteps: int, k: int) -> torch.Tensor:
-    """K timesteps evenly spread over [0, T): (k + 0.5) * T / K, as int64."""
-    return ((torch.arange(k, dtype=torch.float64) + 0.5) * num_train_timesteps / k).long()
-
-
-def _load_policy(base_spec: Any, lora: str | None, unet: str | None, dtype: torch.dtype):
-    """(policy unet, reference callable-holder). LoRA: one network, adapter off for the reference."""
-    from diffusers import UNet2DConditionModel
-
-    from diffusion_dpo.models.loading import freeze, load_unet
+def _load_policy(base: str, family: Any, lora: str | None, unet: str | None, dtype: str):
+    """(policy network, Reference, the sampling pipeline's text encoders): the tuned model loaded exactly as `sample`
+    loads it (evaluate.sampling.load_sampling_pipeline: base + LoRA, or the tuned UNet / transformer). LoRA: one
+    network, adapter off for the reference; a tuned network: the base's, frozen, as the reference."""
+    from diffusion_dpo.evaluate.sampling import SampledModel, load_sampling_pipeline
+    from diffusion_dpo.models.loading import freeze
     from diffusion_dpo.models.reference import Reference
+    from diffusion_dpo.runtime import torch_dtype
 
     if bool(lora) == bool(unet):
-        raise ConfigError("implicit accuracy needs exactly one of a LoRA folder or a tuned UNet folder")
+        raise ConfigError("implicit accuracy needs exactly one of a LoRA folder or a tuned network (UNet / transformer) "
+                          "folder")
+    pipe = load_sampling_pipeline(SampledModel("policy", base, lora=lora, unet=unet), "cpu", dtype)
+    policy = freeze(getattr(pipe, family.network_folder))
+    encoders = family.pipeline_text_encoders(pipe)
     if lora:
-        policy = load_unet(base_spec, dtype)
-        from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
-        from diffusion_dpo.models.lora import lora_source
-
-        try:  # the diffusers LoRA format written by pipe.save_lora_weights / our save_lora
-            # with the file's adapter config (save_lora records rank and alpha): else diffusers takes alpha = rank
-            state, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(lora_source(lora)[0],
-                                                                                    return_lora_metadata=True)
-            policy.load_lora_adapter(state, prefix="unet", network_alphas=alphas, metadata=metadata)
-        except (OSError, ValueError, KeyError) as err:
-            raise ModelLoadError(f"LoRA {lora}: cannot load: {err}") from err
-        return freeze(policy), Reference(policy, lora=True)
-    unet_dir = Path(unet)
-    if (unet_dir / "unet" / "config.json").exists():
-        unet_dir = unet_dir / "unet"
-    if not (unet_dir / "config.json").exists():
-        raise ModelLoadError(f"tuned UNet {unet}: no config.json there (nor in {unet}/unet)")
-    policy = freeze(UNet2DConditionModel.from_pretrained(unet_dir, dtype=dtype))
-    return policy, Reference(freeze(load_unet(base_spec, dtype)), lora=False)
+        return policy, Reference(policy, lora=True), encoders
+    return policy, Reference(freeze(family.load_network(torch_dtype(dtype))), lora=False), encoders
 
 
 def check_finite_logits(diff: torch.Tensor, pairs: Sequence[int], source: Any, timestep: int, dtype: str) -> None:
@@ -95,7 +80,7 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
     from diffusion_dpo.data.transforms import PairTransform
     from diffusion_dpo.losses import dpo_logit
     from diffusion_dpo.models.diffusion import pair_generator
-    from diffusion_dpo.models.encode import encode_images, scale_latents
+    from diffusion_dpo.models.encode import PromptEncoder, encode_images, scale_latents
     from diffusion_dpo.models.families import detect_spec, family_of
     from diffusion_dpo.runtime import torch_dtype as parse_dtype
     from diffusion_dpo.train.batch import PairBatch
@@ -103,24 +88,25 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
 
     if num_timesteps < 1:
         raise ConfigError(f"--implicit-timesteps must be >= 1, got {num_timesteps}")
-    torch_dtype = parse_dtype(dtype, "--dtype")
+    parse_dtype(dtype, "--dtype")
     spec = detect_spec(base)
-    family = family_of(spec)
+    family = family_of(spec)  # flow families: the default `flow` settings (sigma sampling, Flux guidance 3.5)
     scheduler = family.load_noise_scheduler()
     # float32 whatever `dtype` is: SDXL's VAE overflows in float16 and its NaN latents would make every
     # logit of the pair NaN. Each image is encoded once, so this costs little next to the 4K UNet passes.
     autoencoder = family.load_vae(torch.float32, vae).to(device)
-    encoder = family.prompt_encoder(torch_dtype, device)
-    policy, reference = _load_policy(spec, lora, unet, torch_dtype)
+    policy, reference, text_encoders = _load_policy(base, family, lora, unet, dtype)
+    encoder = PromptEncoder(family, text_encoders).to(device)
     policy.to(device)
     reference.unet.to(device)
-    res = resolution or policy.config.sample_size * spec.vae_downsample
+    res = resolution or family.default_resolution(policy)
     data_cfg = DataConfig(source=str(pairs), resolution=res, max_pairs=max_pairs, on_corrupt="error")
     source = open_source(data_cfg)
     # center crop, no flip; SDXL pairs get one geometry and one time-id row, as training's default
     transform = PairTransform.from_config(data_cfg, family.size_conditioned)
     dataset = PairDataset(source, transform, seed=seed, on_corrupt="error")
-    timesteps = fixed_timesteps(spec.num_train_timesteps, num_timesteps)
+    # UNet families: (k + 0.5) * T / K; flow families: sigma * N at the quantiles of their sigma sampling
+    timesteps = family.evaluation_timesteps(num_timesteps, family.latent_shape(res))
 
     logits: list[torch.Tensor] = []  # per pair: the DPO logit averaged over the K draws
     for start in range(0, len(dataset), batch_size):
@@ -137,7 +123,7 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
         total = torch.zeros(b)
         for k, t in enumerate(timesteps.tolist()):
             noise = torch.stack([torch.randn(lat_w.shape[1:], generator=pair_generator(seed, k, i)) for i in idx])
-            t_b = torch.full((b,), t, dtype=torch.long)
+            t_b = timesteps[k].repeat(b)  # int64 (UNet) or float32 (flow: sigma * N)
             pairs_k = PairBatch(lat_w.cpu(), lat_l.cpu(), cond, noise, t_b, pair_cond)
             e = pair_errors(policy, reference, family, scheduler, pairs_k, "mean", device=device)
             step = dpo_logit(e.policy_w, e.policy_l, e.ref_w, e.ref_l, beta).float().cpu()  # (B,)
@@ -150,6 +136,6 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
             "mean_dpo_logit": float(logit.mean()), "mean_inside": float(logit.mean()), "beta": beta,
             "num_timesteps": num_timesteps,
             "timesteps": timesteps.tolist(), "noise_seed": seed, "resolution": res,
-            "latents": "VAE posterior mean x scaling factor", "error": "mean over C,H,W",
+            "latents": "(VAE posterior mean - shift factor) x scaling factor", "error": "mean over C,H,W",
             "base": base, "lora": lora, "unet": unet, "vae": vae, "vae_dtype": "float32", "unet_dtype": dtype,
             "pairs_source": source.describe()}

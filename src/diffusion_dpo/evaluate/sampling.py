@@ -31,10 +31,12 @@ from diffusion_dpo.evaluate.prompts import PromptSet
 
 log = logging.getLogger(__name__)
 
-SCHEDULERS = {  # name -> diffusers class name; "default" keeps the pipeline's own scheduler
+SCHEDULERS = {  # name -> diffusers class name; "default" keeps the pipeline's own scheduler. Which names fit a
+    # pipeline is its family's (ModelFamily.sampling_schedulers): the DDPM-process samplers for the UNet families,
+    # flow_euler for SD3 / Flux
     "default": None, "ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
     "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpmpp": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler",
+    "dpmpp": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler", "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
 
 
@@ -58,28 +60,43 @@ class SamplerSettings:
             raise ConfigError(f"--resolution must be a multiple of 8, got {self.resolution}")
 
 
-# The published settings (docs/evaluation.md). Guidance is the family's (ModelFamily.preset_guidance) where the
-# paper states it, else the pipeline's default.
+# The published settings (docs/evaluation.md). Steps and guidance are the family's (ModelFamily.preset_values:
+# preset_steps / preset_guidance, per checkpoint for SD3 and Flux) where the source states them, else the steps
+# here and the pipeline's default guidance.
 PRESETS: dict[str, dict[str, Any]] = {
     # Diffusion-DPO's notebook: pipeline default scheduler, 50 steps, guidance 7.5 (SD1.5) / 5 (SDXL)
     "paper": {"scheduler": "default", "steps": 50},
     # Curriculum-DPO's DrawBench table: SD DDIM 30 steps 512 px guidance 7.5; LCM: LCM scheduler 8 steps 768 px
     "drawbench-sd": {"scheduler": "ddim", "steps": 30, "resolution": 512},
     "drawbench-lcm": {"scheduler": "lcm", "steps": 8, "resolution": 768},
+    # the checkpoint's model card (SD3 / SD3.5, Flux.1, LCM; SD and SDXL cards use the pipeline defaults)
+    "model-card": {"scheduler": "default", "steps": 50},
 }
 
 
-def resolve_settings(preset: str | None, family: str, **overrides: Any) -> SamplerSettings:
-    """Preset values for this model family (its name), then every non-None override on top."""
+def resolve_settings(preset: str | None, family: str, configs: Any = None, **overrides: Any) -> SamplerSettings:
+    """Preset values for this model family (its name) and pipeline (`configs`: its models.loading.PipelineConfigs,
+    None when unknown), then every non-None override on top. Refuses (ConfigError) a scheduler that does not
+    sample the family's noise process and settings the pipeline would silently ignore."""
     from diffusion_dpo.models.families import family_named
 
+    kind = family_named(family)
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-        values = dict(PRESETS[preset], guidance=family_named(family).preset_guidance.get(preset))
+        family_values = kind.preset_values(preset, configs)
+        values = dict(PRESETS[preset], guidance=family_values["guidance"])
+        if family_values["steps"] is not None:
+            values["steps"] = family_values["steps"]
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return SamplerSettings(**values)
+    settings = SamplerSettings(**values)
+    if settings.scheduler != "default" and settings.scheduler not in kind.sampling_schedulers:
+        via = f"--preset {preset} samples with" if overrides.get("scheduler") is None else "--scheduler"
+        raise ConfigError(f"{via} {settings.scheduler!r}, which does not sample a {kind.pipeline_class} ({kind.name} "
+                          f"family); choose --scheduler default or {' or '.join(kind.sampling_schedulers)}")
+    kind.check_sampling(configs, overrides.get("guidance"), settings.negative_prompt)
+    return settings
 
 
 def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
@@ -110,29 +127,34 @@ class SampledModel:
             raise ConfigError(f"model name {self.name!r} must be a plain folder name (no '/')")
 
 
+NETWORK_FOLDERS = ("unet", "transformer")  # where a full fine-tune saves its network (ModelFamily.network_folder)
+
+
 def tuned_model(name: str, base: str, folder: str) -> SampledModel:
-    """`base` with the training result in `folder`: a LoRA (*lora*.safetensors / *lora*.bin there) or a tuned UNet
-    (config.json, or unet/config.json), told apart by its files."""
+    """`base` with the training result in `folder`: a LoRA (*lora*.safetensors / *lora*.bin there) or a tuned
+    network (config.json, or unet/config.json, or transformer/config.json), told apart by its files."""
     path = Path(folder)
     if any(path.glob("*lora*.safetensors")) or any(path.glob("*lora*.bin")):
         return SampledModel(name, base, lora=folder)
-    if (path / "config.json").exists() or (path / "unet" / "config.json").exists():
+    if (path / "config.json").exists() or any((path / sub / "config.json").exists() for sub in NETWORK_FOLDERS):
         return SampledModel(name, base, unet=folder)
     raise ConfigError(f"--tuned {name + '=' + folder!r}: {folder} holds neither LoRA weights (*lora*.safetensors) "
-                      f"nor a UNet (config.json or unet/config.json)")
+                      f"nor a tuned network (config.json, unet/config.json or transformer/config.json)")
 
 
-def pipeline_family(pipe: Any) -> str:
-    """The name of a loaded pipeline's model family (models.families: the first in FAMILIES that claims it)."""
-    from diffusion_dpo.models.families import family_of_pipeline
+def pipeline_configs(pipe: Any) -> Any:
+    """The models.loading.PipelineConfigs of a loaded pipeline (what ModelFamily.preset_values reads)."""
+    from diffusion_dpo.models.loading import PipelineConfigs
 
-    return family_of_pipeline(pipe).name
+    return PipelineConfigs.of_pipeline(pipe)
 
 
 def load_sampling_pipeline(spec: SampledModel, device: str = "cpu", dtype: str = "float32") -> Any:
-    """The diffusers pipeline that samples `spec`: its base, with the LoRA loaded or the UNet replaced."""
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    """The diffusers pipeline that samples `spec`: its base, with the LoRA loaded (pipe.load_lora_weights: the UNet's
+    or the SD3 / Flux transformer's adapter) or the trained network (UNet or transformer) replaced."""
+    from diffusers import DiffusionPipeline
 
+    from diffusion_dpo.models.families import family_of_pipeline
     from diffusion_dpo.runtime import hub_offline, torch_dtype
 
     dtype_ = torch_dtype(dtype)
@@ -143,13 +165,16 @@ def load_sampling_pipeline(spec: SampledModel, device: str = "cpu", dtype: str =
         raise ModelLoadError(f"cannot load base pipeline {spec.base!r}: {err}; pass a local diffusers folder "
                              f"with --base PATH") from err
     if spec.unet:
-        unet_dir = Path(spec.unet)
-        if (unet_dir / "unet" / "config.json").exists():
-            unet_dir = unet_dir / "unet"
-        if not (unet_dir / "config.json").exists():
-            raise ModelLoadError(f"--unet {spec.unet}: no config.json there (nor in {spec.unet}/unet); "
-                                 f"pass a folder saved with UNet2DConditionModel.save_pretrained")
-        pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=dtype_)
+        # the tuned network replaces the base's: same class, the folder itself or its unet/ (transformer/) subfolder
+        sub = family_of_pipeline(pipe).network_folder
+        net_dir = Path(spec.unet)
+        if (net_dir / sub / "config.json").exists():
+            net_dir = net_dir / sub
+        net_cls = type(getattr(pipe, sub))
+        if not (net_dir / "config.json").exists():
+            raise ModelLoadError(f"--unet {spec.unet}: no config.json there (nor in {spec.unet}/{sub}); pass a folder "
+                                 f"saved with {net_cls.__name__}.save_pretrained")
+        setattr(pipe, sub, net_cls.from_pretrained(net_dir, dtype=dtype_))
     if spec.lora:
         if not Path(spec.lora).exists():
             raise ModelLoadError(f"--lora {spec.lora}: folder does not exist")
@@ -193,17 +218,24 @@ def sample_model(spec: SampledModel, prompts: PromptSet, out_dir: str | os.PathL
     """
     import torch
 
+    from diffusion_dpo.models.families import family_of_configs
+    from diffusion_dpo.models.loading import PipelineConfigs
     from diffusion_dpo.runtime import save_png_atomic
 
     folder = Path(out_dir) / spec.name
     _check_folder(folder)
     plan = [(p, i) for p in range(len(prompts)) for i in range(images_per_prompt)]
     todo = [(p, i) for p, i in plan if not (folder / image_name(p, i)).exists()]
+    family = configs = None
+    if pipe is not None or todo:  # the settings are resolved (and refused) from the configs, before weights load
+        configs = pipeline_configs(pipe) if pipe is not None else PipelineConfigs(spec.base)
+        family = family_of_configs(configs).name
+    if settings is None and family is None:  # nothing to sample: the recorded settings stand (_check_or_write_record)
+        settings = SamplerSettings()
+    elif settings is None:
+        settings = resolve_settings(preset, family, configs, **overrides)
     if pipe is None and todo:
         pipe = load_sampling_pipeline(spec, device, dtype)
-    family = pipeline_family(pipe) if pipe is not None else None
-    if settings is None:
-        settings = resolve_settings(preset, family or "sd", **overrides)
     record = {"model": asdict(spec), "family": family, "sampler": asdict(settings), "preset": preset,
               "prompt_set": prompts.name, "prompt_source": prompts.source, "num_prompts": len(prompts),
               "images_per_prompt": images_per_prompt, "seed": seed,

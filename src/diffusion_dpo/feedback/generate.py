@@ -31,8 +31,9 @@ Output:
                                 data.source=<out>/cache
 
 write_cache: each image's final denoised latent is kept (read from the pipeline's step-end callback, so
-sampling and the decoded images are exactly those without it) and stored UNSCALED (divided by the VAE
-scaling factor), with each chunk's prompt conditioning, in chunks/latents-NNNNN.safetensors before the
+sampling and the decoded images are exactly those without it) and stored UNSCALED (models.encode.unscale_latents:
+divided by the VAE scaling factor, plus its shift factor for SD3 / Flux; Flux's 2x2 tokens unpacked first by
+ModelFamily.image_latents), with each chunk's prompt conditioning, in chunks/latents-NNNNN.safetensors before the
 chunk is marked done; the cache is assembled from those files once all chunks are done. Per pair:
 latent_mean = the latent that decoded to the image, latent_std = 0 (so data.latent_sampling sample and
 mean agree), one variant (no flips), original_size = the image size, crop_top_left = 0.
@@ -120,25 +121,25 @@ def _latents_path(out: Path, k: int) -> Path:
     return out / "chunks" / f"latents-{k:05d}.safetensors"
 
 
-def _prompt_encoder(pipe: Any, family: str) -> Any:
+def _prompt_encoder(pipe: Any, family: Any) -> Any:
     """PromptEncoder (as `prepare` and the trainer use it) over the pipeline's own tokenizer(s) and text encoder(s)."""
     from diffusion_dpo.models.encode import PromptEncoder
-    from diffusion_dpo.models.families import family_named
 
-    kind = family_named(family)
-    return PromptEncoder(kind, kind.pipeline_text_encoders(pipe), pipe.device)
+    return PromptEncoder(family, family.pipeline_text_encoders(pipe), pipe.device)
 
 
 def generate_chunk(pipe: Any, prompts: Any, indices: range, judge: Any, out: Path, settings: Any, k_images: int,
                    seed: int, strategy: str, margin: float, batch_size: int, bar: Any = None,
-                   latents_path: Path | None = None, family: str = "sd") -> dict:
+                   latents_path: Path | None = None, family: Any = None) -> dict:
     """Sample, save, score and pair the prompts `indices`; return the chunk's sample and pair rows.
 
-    With `latents_path`, also write every image's final latent (unscaled, float32, in sampling order) and
-    the prompts' text conditioning there (plus the empty prompt's for the first chunk)."""
+    With `latents_path`, also write every image's final latent (unscaled, float32, in sampling order; `family`: the
+    models.families.ModelFamily that unpacks and unscales it) and the prompts' text conditioning there (plus the
+    empty prompt's for the first chunk)."""
     import torch
 
     from diffusion_dpo.evaluate.sampling import image_name, image_seed
+    from diffusion_dpo.models.encode import unscale_latents
     from diffusion_dpo.runtime import save_png_atomic, write_safetensors_atomic
 
     kwargs: dict[str, Any] = {"num_inference_steps": settings.steps, "output_type": "pil"}
@@ -169,8 +170,11 @@ def generate_chunk(pipe: Any, prompts: Any, indices: range, judge: Any, out: Pat
         for (p, i), image in zip(batch, out_images):
             save_png_atomic(image, out / "images" / image_name(p, i))
         images += out_images
-        if latents_path is not None:
-            latents.append(captured.pop("x") / pipe.vae.config.scaling_factor)
+        if latents_path is not None:  # (N, C, h, w) of the images' size, unshifted and unscaled as `prepare` stores
+            width, height = out_images[0].size
+            f = family.spec.vae_downsample
+            shape = (family.spec.latent_channels, height // f, width // f)
+            latents.append(unscale_latents(family.image_latents(captured.pop("x"), shape), family.spec))
         if bar is not None:
             bar.update(len(batch))
     total, parts = judge.score(images, [prompts.prompts[p].text for p, _ in plan])
@@ -278,7 +282,7 @@ def write_pair_cache(out: Path, run: Any, chunks: list[dict], spec: Any, encoder
     settings = {"resolution": height, "crop": "center", "random_flip": False, "shared_transforms": False,
                 "seed": None, "storage_dtype": storage_dtype, "encoder_dtype": encoder_dtype,
                 "latents": "sampled (generate-pairs): latent_mean = the final denoised latent / "
-                           "vae_scaling_factor, latent_std = 0"}
+                           "vae_scaling_factor + vae_shift_factor, latent_std = 0"}
     source = {"format": "generate-pairs", "manifest": str((out / MANIFEST).resolve()),
               "fingerprint": writer.inputs["data"]}
     manifest = writer.manifest(spec, pretrained, settings, source, num_pairs, shard_size, len(done), done,
@@ -304,7 +308,8 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
     from tqdm.auto import tqdm
 
     from diffusion_dpo.evaluate.sampling import SampledModel, load_sampling_pipeline, resolve_settings, set_scheduler
-    from diffusion_dpo.models.families import detect_spec
+    from diffusion_dpo.models.families import detect_spec, family_of
+    from diffusion_dpo.models.loading import PipelineConfigs
     from diffusion_dpo.runtime import ProcessInfo, write_text_atomic
 
     if images_per_prompt < 2:
@@ -322,7 +327,7 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
     spec = SampledModel(name="model", base=str(base), lora=lora, unet=unet)
     model_spec = detect_spec(str(base))
     family = model_spec.family
-    settings = resolve_settings(preset, family, **overrides)
+    settings = resolve_settings(preset, family, PipelineConfigs(str(base)), **overrides)
     record = {"model": asdict(spec), "family": family, "sampler": asdict(settings), "preset": preset, "seed": seed,
               "seed_rule": "image_seed = sha256(f'{seed}:{prompt_index}:{image_index}')[:8] (63 bits), CPU generator "
                            "(evaluate.sampling.image_seed)",
@@ -347,7 +352,8 @@ def generate_pairs(base: str, prompts: Any, out: str | os.PathLike, judge: Any, 
         for k in todo:
             run.write(k, generate_chunk(pipe, prompts, run.bounds(k), judge, out, settings, images_per_prompt, seed,
                                         strategy, margin, sample_batch_size, bar,
-                                        latents_path=_latents_path(out, k) if write_cache else None, family=family))
+                                        latents_path=_latents_path(out, k) if write_cache else None,
+                                        family=family_of(model_spec)))
         bar.close()
     dist.barrier()
     if dist.rank != 0:

@@ -44,28 +44,24 @@ def round_dir(out: str | os.PathLike, r: int) -> Path:
 
 def fuse_model(base: str, train_dir: str | os.PathLike, finetune: str, out: str | os.PathLike) -> Path:
     """A full pipeline folder `out` = `base` with the training result in `train_dir` built in: a LoRA
-    (pytorch_lora_weights.safetensors) fused into the UNet, or a tuned unet/ swapped in. Written to a
-    temporary folder and renamed, so `out` exists complete or not at all."""
-    import torch
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
-
-    from diffusion_dpo.runtime import hub_offline
+    (pytorch_lora_weights.safetensors) fused into the trained network (UNet or SD3 / Flux transformer), or a tuned
+    unet/ (transformer/) swapped in; loaded as `sample` loads it (evaluate.sampling.load_sampling_pipeline). Written
+    to a temporary folder and renamed, so `out` exists complete or not at all."""
+    from diffusion_dpo.evaluate.sampling import SampledModel, load_sampling_pipeline
+    from diffusion_dpo.models.families import detect_spec, family_named
 
     out, train_dir = Path(out), Path(train_dir)
-    pipe = DiffusionPipeline.from_pretrained(base, dtype=torch.float32,
-                                             local_files_only=Path(base).exists() or hub_offline())
     if finetune == "lora":
         if not (train_dir / "pytorch_lora_weights.safetensors").is_file():
             raise UserError(f"{train_dir}: no pytorch_lora_weights.safetensors to fuse; did training finish?")
-        from diffusion_dpo.models.lora import load_lora_into_pipeline
-
-        load_lora_into_pipeline(pipe, train_dir)
+        pipe = load_sampling_pipeline(SampledModel("model", base, lora=str(train_dir)))
         pipe.fuse_lora()  # W <- W + scale * B A, in place
         pipe.unload_lora_weights()  # drop the adapter modules, keep the fused weights
     else:
-        if not (train_dir / "unet" / "config.json").is_file():
-            raise UserError(f"{train_dir}: no unet/ folder to build the next model from; did training finish?")
-        pipe.unet = UNet2DConditionModel.from_pretrained(train_dir / "unet", dtype=torch.float32)
+        sub = family_named(detect_spec(base).family).network_folder
+        if not (train_dir / sub / "config.json").is_file():
+            raise UserError(f"{train_dir}: no {sub}/ folder to build the next model from; did training finish?")
+        pipe = load_sampling_pipeline(SampledModel("model", base, unet=str(train_dir / sub)))
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

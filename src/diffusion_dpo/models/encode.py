@@ -86,6 +86,12 @@ def scale_latents(latents: torch.Tensor, spec) -> torch.Tensor:
     return (latents - spec.vae_shift_factor) * spec.vae_scaling_factor
 
 
+def unscale_latents(latents: torch.Tensor, spec) -> torch.Tensor:
+    """The inverse of scale_latents: a pipeline's (the network's) latents -> unscaled VAE latents, what the cache
+    stores (generate-pairs --write-cache)."""
+    return latents / spec.vae_scaling_factor + spec.vae_shift_factor
+
+
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, spec, noise: Optional[torch.Tensor] = None,
                    mode: str = "sample") -> torch.Tensor:
     """Scaled latents from a stored distribution: mean + std * noise ('sample', as the official code's

@@ -89,15 +89,39 @@ def sigma_sampler(settings: Any, schedule: FlowSchedule, image_seq_len: int) -> 
     `settings`: a config.FlowConfig (weighting_scheme, logit_mean, logit_std, mode_scale, shift, resolution_shift);
     shift None = the scheduler's (unused by a dynamic-shifting scheduler), resolution_shift None = the scheduler's
     use_dynamic_shifting."""
-    dynamic = schedule.use_dynamic_shifting if settings.resolution_shift is None else settings.resolution_shift
-    mu = resolution_mu(image_seq_len, schedule) if dynamic else None
-    shift = settings.shift if settings.shift is not None else (1.0 if schedule.use_dynamic_shifting else schedule.shift)
+    shift, mu = shift_settings(settings, schedule, image_seq_len)
 
     def draw(generator: torch.Generator) -> torch.Tensor:
         u = draw_u(generator, settings.weighting_scheme, settings.logit_mean, settings.logit_std, settings.mode_scale)
         return sigma_of_u(u, schedule, shift, mu) * schedule.num_train_timesteps
 
     return draw
+
+
+def shift_settings(settings: Any, schedule: FlowSchedule, image_seq_len: int) -> tuple[float, Optional[float]]:
+    """(static shift, resolution mu or None) of sigma_of_u for these flow settings, as sigma_sampler documents."""
+    dynamic = schedule.use_dynamic_shifting if settings.resolution_shift is None else settings.resolution_shift
+    mu = resolution_mu(image_seq_len, schedule) if dynamic else None
+    shift = settings.shift if settings.shift is not None else (1.0 if schedule.use_dynamic_shifting else schedule.shift)
+    return shift, mu
+
+
+def stratified_timesteps(settings: Any, schedule: FlowSchedule, image_seq_len: int, k: int) -> torch.Tensor:
+    """K fixed network timestep inputs (sigma * N, float32, ascending) standing for sigma_sampler's draws: the
+    weighting scheme's quantiles at p = (i + 0.5) / K (uniform: p; logit_normal: sigmoid(mean + std Phi^-1(p));
+    mode: the mode transform of p, which is monotone for the allowed mode_scale, so its values at this symmetric
+    grid are its quantiles), through the same table and shifts. For implicit-reward accuracy: a low-variance,
+    deterministic stand-in for the training distribution of sigma."""
+    p = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+    if settings.weighting_scheme == "logit_normal":
+        u = torch.sigmoid(settings.logit_mean + settings.logit_std * math.sqrt(2) * torch.erfinv(2 * p - 1))
+    elif settings.weighting_scheme == "mode":
+        u = 1 - p - settings.mode_scale * (torch.cos(math.pi * p / 2) ** 2 - 1 + p)
+    else:
+        u = p
+    shift, mu = shift_settings(settings, schedule, image_seq_len)
+    sigma = sigma_of_u(u.float(), schedule, shift, mu)
+    return torch.sort(sigma * schedule.num_train_timesteps).values
 
 
 def sigmas_of(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:

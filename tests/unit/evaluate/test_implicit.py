@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from diffusion_dpo.evaluate.implicit import fixed_timesteps, implicit_accuracy
+from diffusion_dpo.evaluate.implicit import implicit_accuracy
 
 
 @pytest.fixture
@@ -40,8 +40,11 @@ def tuned_unet(tiny_sd, tmp_path):
     return tmp_path / "tuned"
 
 
-def test_fixed_timesteps_are_evenly_spread():
-    assert fixed_timesteps(1000, 4).tolist() == [125, 375, 625, 875]
+def test_fixed_timesteps_are_evenly_spread(tiny_sd):
+    from diffusion_dpo.models.families import detect_spec, family_of
+
+    family = family_of(detect_spec(str(tiny_sd)))
+    assert family.evaluation_timesteps(4, family.latent_shape(32)).tolist() == [125, 375, 625, 875]
 
 
 def test_identical_policy_and_reference_give_zero_logits(tiny_sd, pairs):

@@ -76,7 +76,11 @@ def family_of(spec: ModelSpec, guidance_scale: float = 8.0, flow: Optional[FlowC
 
 def family_of_pipeline(pipe: Any) -> type[ModelFamily]:
     """The family of a loaded diffusers pipeline (sampling); SD when no family claims it."""
-    configs = PipelineConfigs.of_pipeline(pipe)
+    return family_of_configs(PipelineConfigs.of_pipeline(pipe))
+
+
+def family_of_configs(configs: PipelineConfigs) -> type[ModelFamily]:
+    """The family of a pipeline from its configs alone (sampling settings are checked before any weight loads)."""
     return next((f for f in FAMILIES if f.matches(configs)), SDFamily)
 
 
@@ -86,4 +90,4 @@ def family_named(name: str) -> type[ModelFamily]:
 
 
 __all__ = ["FAMILIES", "ModelFamily", "SDFamily", "SDXLFamily", "LCMFamily", "SD3Family", "FluxFamily", "detect_spec", "family_of", "family_named",
-           "family_of_pipeline"]
+           "family_of_pipeline", "family_of_configs"]

@@ -53,6 +53,11 @@ class ModelFamily(ABC):
     preset_guidance: ClassVar[dict[str, float]] = {}
     """Classifier-free guidance of the sampling presets (evaluate.sampling.PRESETS) where the source states one
     for this family; other presets keep the pipeline's default."""
+    preset_steps: ClassVar[dict[str, int]] = {}
+    """Denoising steps of the sampling presets where the source states them for this family (else the preset's)."""
+    sampling_schedulers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm", "pndm", "euler", "euler_a", "dpmpp", "lcm")
+    """The --scheduler names (evaluate.sampling.SCHEDULERS) that sample this family's noise process, besides
+    "default" (the pipeline's own scheduler)."""
 
     def __init__(self, spec: ModelSpec, guidance_scale: float = 8.0, flow: Optional[FlowConfig] = None):
         self.spec = spec
@@ -98,6 +103,29 @@ class ModelFamily(ABC):
     def pipeline_text_encoders(cls, pipe: Any) -> list[tuple[Any, Any]]:
         """The same [(tokenizer, text encoder)] taken from a loaded diffusers pipeline's own parts."""
         return [(getattr(pipe, tok), getattr(pipe, enc)) for tok, enc, _ in cls.text_encoder_parts]
+
+    @classmethod
+    def preset_values(cls, preset: str, configs: Optional[PipelineConfigs]) -> dict[str, Any]:
+        """steps / guidance of the sampling preset `preset` for this pipeline (`configs`: its configs, None when
+        unknown) where a source states them; None: the preset's value, else the pipeline's default."""
+        return {"steps": cls.preset_steps.get(preset), "guidance": cls.preset_guidance.get(preset)}
+
+    @classmethod
+    def check_sampling(cls, configs: Optional[PipelineConfigs], guidance: Optional[float],
+                       negative_prompt: Optional[str]) -> None:
+        """Raise ConfigError when this pipeline would silently ignore a requested sampler setting."""
+
+    def evaluation_timesteps(self, k: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """K fixed timesteps spread over training's range (implicit-reward accuracy): (k + 0.5) * T / K, int64."""
+        return ((torch.arange(k, dtype=torch.float64) + 0.5) * self.spec.num_train_timesteps / k).long()
+
+    def image_latents(self, latents: torch.Tensor, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """A pipeline's latents as its step-end callback holds them -> (N, C, h, w) of `latent_shape` (C, h, w)."""
+        return latents
+
+    def default_resolution(self, network) -> int:
+        """The pipeline's default image size in pixels: the network's sample_size latents."""
+        return network.config.sample_size * self.spec.vae_downsample
 
     def load_network(self, dtype: torch.dtype = torch.float32):
         """The trained network (a UNet here; a transformer for flow-matching families)."""

@@ -12,7 +12,8 @@ import torch
 from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.models.diffusion import pair_generator
 from diffusion_dpo.models.families.base import ModelFamily
-from diffusion_dpo.models.flow import FlowSchedule, loss_weight, noisy_and_velocity, sigma_sampler, sigmas_of
+from diffusion_dpo.models.flow import FlowSchedule, loss_weight, noisy_and_velocity, sigma_sampler, sigmas_of, \
+    stratified_timesteps
 from diffusion_dpo.models.loading import PipelineConfigs, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class FlowMatchingFamily(ModelFamily):
     prediction_types = ("flow",)  # the velocity noise - x0 (models/flow.py)
     network_folder = "transformer"
     lora_layers_key = "transformer_lora_layers"
+    sampling_schedulers = ("flow_euler",)  # a DDPM-family sampler (DDIM, LCM, ...) integrates another process
 
     @classmethod
     def matches(cls, configs: PipelineConfigs) -> bool:
@@ -95,6 +97,11 @@ class FlowMatchingFamily(ModelFamily):
         shape = self.latent_shape(cfg.data.resolution)
         draw = sigma_sampler(self.flow, self.schedule, self.image_seq_len(shape))
         return draw_pair_randomness(gens, shape, 0, 1, cfg.data.caption_dropout, draw_timestep=draw)
+
+    def evaluation_timesteps(self, k: int, latent_shape: tuple[int, int, int]) -> torch.Tensor:
+        """K fixed timesteps (sigma * N, float32) at the quantiles of this run's sigma sampling (flow settings and
+        the scheduler's shifts: models.flow.stratified_timesteps)."""
+        return stratified_timesteps(self.flow, self.schedule, self.image_seq_len(latent_shape), k)
 
     def noisy_and_target(self, scheduler, latents, noise, timesteps):
         """x_sigma = (1 - sigma) x0 + sigma noise, target noise - x0, sigma = timestep / num_train_timesteps."""

@@ -11,7 +11,9 @@ from diffusion_dpo.models.loading import PipelineConfigs
 class LCMFamily(SDFamily):
     name = "lcm"
     pipeline_class = "LatentConsistencyModelPipeline"
-    preset_guidance: dict[str, float] = {}  # the pipeline's own default (8.5) in every preset
+    # the pipeline's own default (8.5) in every preset but model-card: LCM_Dreamshaper_v7's card samples 4 steps at 8.0
+    preset_guidance: dict[str, float] = {"model-card": 8.0}
+    preset_steps = {"model-card": 4}
 
     @classmethod
     def matches(cls, configs: PipelineConfigs) -> bool:

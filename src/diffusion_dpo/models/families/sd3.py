@@ -3,13 +3,14 @@ text from CLIP-L + CLIP-G + T5, pooled projections of both CLIPs."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from diffusion_dpo.models.encode import TextConditioning
 from diffusion_dpo.models.families.flowbase import FlowMatchingFamily, t5_states
 from diffusion_dpo.models.families.sd import clip_token_ids
+from diffusion_dpo.models.loading import PipelineConfigs
 
 
 class SD3Family(FlowMatchingFamily):
@@ -25,6 +26,23 @@ class SD3Family(FlowMatchingFamily):
     # adapter on the image stream alone cannot change how text is read; diffusers' train_dreambooth_lora_sd3.py
     # uses this same set as its default.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    @classmethod
+    def preset_values(cls, preset: str, configs: Optional[PipelineConfigs]) -> dict[str, Any]:
+        """model-card: the diffusers example of the checkpoint's model card, the checkpoint told apart by its transformer
+        config: dual attention layers = SD3.5 Medium (40 steps, guidance 4.5); QK normalisation without them = SD3.5
+        Large (28, 3.5; Large Turbo has the same config: pass --steps 4 --guidance 0); neither = SD3 Medium (28, 7.0,
+        also StableDiffusion3Pipeline's defaults). Every other preset: the pipeline's default guidance."""
+        if preset != "model-card" or configs is None:
+            return super().preset_values(preset, configs)
+        import diffusers
+
+        transformer = configs.part("transformer", diffusers.SD3Transformer2DModel)
+        if transformer.get("dual_attention_layers"):
+            return {"steps": 40, "guidance": 4.5}
+        if transformer.get("qk_norm"):
+            return {"steps": 28, "guidance": 3.5}
+        return {"steps": 28, "guidance": 7.0}
 
     @classmethod
     def encode_prompts(cls, encoders: list[tuple[Any, Any]], prompts: list[str], device) -> TextConditioning:
