@@ -86,7 +86,7 @@ def test_a_lora_policy_keeps_the_alpha_it_was_trained_with(tiny_sd, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from diffusion_dpo.evaluate.implicit import _load_policy
-    from diffusion_dpo.models.families import SDFamily, detect_spec
+    from diffusion_dpo.models.families import SDFamily, detect_spec, family_of
     from diffusion_dpo.models.lora import add_lora, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sd / "unet")
@@ -97,7 +97,8 @@ def test_a_lora_policy_keeps_the_alpha_it_was_trained_with(tiny_sd, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     save_lora(unet, tmp_path / "lora", SDFamily)
-    policy, _ = _load_policy(detect_spec(str(tiny_sd)), str(tmp_path / "lora"), None, torch.float32)
+    family = family_of(detect_spec(str(tiny_sd)))
+    policy, _, _ = _load_policy(str(tiny_sd), family, str(tmp_path / "lora"), None, "float32")
     x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 3, unet.config.cross_attention_dim)
     with torch.no_grad():
         torch.testing.assert_close(policy(x, t, ctx).sample, unet(x, t, ctx).sample, rtol=1e-5, atol=1e-6)
