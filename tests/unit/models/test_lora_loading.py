@@ -142,13 +142,13 @@ def _check_loaded(tiny_sd, folder, unet, base, trained):
 
 
 def test_implicit_reward_policy_loads_every_adapter_of_an_old_mixed_file(tiny_sd, tmp_path):
-    """evaluate's implicit-reward accuracy loads LoRAs into a bare UNet (load_lora_adapter): same guarantee."""
+    """evaluate's implicit-reward accuracy loads LoRAs as `sample` does (the pipeline's load_lora_weights): same guarantee."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     from diffusion_dpo.evaluate.implicit import _load_policy
-    from diffusion_dpo.models.families import detect_spec
+    from diffusion_dpo.models.families import detect_spec, family_of
 
     unet, base, trained = _lora_unet("DownBlock2D", ATTN + ["conv1", "conv2"])
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
@@ -156,7 +156,8 @@ def test_implicit_reward_policy_loads_every_adapter_of_an_old_mixed_file(tiny_sd
     pipe.save_pretrained(tmp_path / "base")
     old = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     StableDiffusionPipeline.save_lora_weights(tmp_path / "old", unet_lora_layers=old, safe_serialization=True)
-    policy, _ = _load_policy(detect_spec(str(tmp_path / "base")), str(tmp_path / "old"), None, torch.float32)
+    family = family_of(detect_spec(str(tmp_path / "base")))
+    policy, _, _ = _load_policy(str(tmp_path / "base"), family, str(tmp_path / "old"), None, "float32")
     loaded = {n.replace(".default_0", ""): p.detach() for n, p in policy.named_parameters() if "lora_" in n}
     assert loaded.keys() == trained.keys()
     for name in trained:
