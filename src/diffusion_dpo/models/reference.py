@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -26,7 +26,9 @@ def reference_mode(unet) -> Iterator[None]:
 class Reference:
     """Computes the reference prediction for noisy inputs, without gradients."""
 
-    def __init__(self, unet, lora: bool, dtype: Optional[torch.dtype] = None, offload: bool = False):
+    def __init__(self, unet, lora: bool, dtype: Optional[torch.dtype] = None, offload: bool = False,
+                 place: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None):
+        """place: what to do with the frozen copy once made (FSDP2: shard it like the policy, train.engine)."""
         self.lora = lora
         self.offload = offload
         if lora:
@@ -37,6 +39,8 @@ class Reference:
                 self.unet.to(dtype)
             if offload:
                 self.unet.to("cpu")
+            if place is not None:
+                self.unet = place(self.unet)
 
     @torch.no_grad()
     def __call__(self, call_unet, device) -> torch.Tensor:
