@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusion_dpo.cache.prepare import prepare_cache
+from diffusion_dpo.cache.store import read_manifest
 from diffusion_dpo.cli import main
 from diffusion_dpo.config import load_config
 from diffusion_dpo.data.synthetic import write_manifest
@@ -172,3 +174,36 @@ def test_processes_that_would_train_separately_are_refused(tmp_path, tiny_sd, da
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     assert main(["train", *_overrides(tiny_sd, data, tmp_path / "o")]) == 2
     assert "ACCELERATE_USE_CPU=true" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.fault(input="resuming a checkpoint written under FSDP2 without FSDP (or the reverse)",
+                   behaviour="exit 2: one line naming the checkpoint and saying to resume with the accelerate config "
+                             "that wrote it")
+def test_a_sharded_checkpoint_is_not_resumed_by_another_engine(fsdp_lora, tiny_sd, data, tmp_path, capsys):
+    _, multi = fsdp_lora
+    out = tmp_path / "other_engine"
+    shutil.copytree(multi, out)
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    assert main(["train", *_overrides(tiny_sd, data, out, "train.batch_size=1")]) == 2  # the same command, no launcher
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: checkpoint {out / 'checkpoints' / 'checkpoint-2'} was written under FSDP")
+    assert "resume with the accelerate config that wrote it" in last
+
+
+def test_fsdp_from_a_prepared_cache_equals_one_process(tmp_path, tiny_sd, data):
+    """Each process reads its own share of the cached pairs (memory-mapped shards, opened lazily): the 2-process
+    FSDP2 run from the cache equals the single-process run from the same cache."""
+    cache = ("data.latent_sampling=mean", "data.crop=center", "data.random_flip=false", "data.cache_dtype=float32",
+             f"data.cache_dir={tmp_path / 'cache'}")
+    single = tmp_path / "single"
+    cfg = load_config(None, _overrides(tiny_sd, data, single, "train.batch_size=2", *cache))
+    folder = prepare_cache(cfg, storage_dtype="float32", shard_size=2, progress=False)  # 4 shards of 2 pairs
+    assert read_manifest(folder)["num_shards"] == 4
+    train(cfg, progress=False)
+    multi = tmp_path / "fsdp"
+    proc = launch("fsdp.yaml", _overrides(tiny_sd, data, multi, "train.batch_size=1", *cache), port=29634)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the launch read the cache, it did not prepare another
+    _assert_same_metrics(single, multi)
+    _assert_close_weights(load_file(str(single / "pytorch_lora_weights.safetensors")),
+                          load_file(str(multi / "pytorch_lora_weights.safetensors")))

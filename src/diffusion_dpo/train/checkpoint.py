@@ -197,7 +197,7 @@ def apply(ckpt: Checkpoint, cfg: RunConfig, model, optimizer, lr_scheduler, scal
     restore_rng). A checkpoint written with other trainable tensors raises ConfigError naming the settings.
     load_sharded: train.engine.load_sharded when the model is sharded (FSDP2), else None."""
     if (ckpt.sharded is None) != (load_sharded is None):
-        there, here = ("FSDP", "without it") if ckpt.sharded is not None else ("without FSDP", "under FSDP")
+        there, here = ("under FSDP", "without it") if ckpt.sharded is not None else ("without FSDP", "under FSDP")
         raise ConfigError(f"checkpoint {ckpt.path} was written {there} and this run trains {here}: resume with the "
                           "accelerate config that wrote it, or train into a new output.dir")
     if load_sharded is not None:
