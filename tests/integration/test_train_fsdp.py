@@ -41,14 +41,15 @@ def _overrides(model, source, out, *extra) -> list[str]:
             f"output.dir={out}", *extra]
 
 
-def launch(config: str, overrides: list[str], port: int, processes: int = 2) -> subprocess.CompletedProcess:
+def launch(config: str, overrides: list[str], port: int, processes: int = 2,
+           timeout: int = 600) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/<config> -m diffusion_dpo.cli train ...` on CPU processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
            "--num_processes", str(processes), "--main_process_port", str(port),
            "-m", "diffusion_dpo.cli", "train", *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -137,6 +138,8 @@ def test_fsdp_full_finetuning_equals_one_process_and_exports_a_stock_unet(tmp_pa
     multi = tmp_path / "fsdp"
     proc = launch("fsdp.yaml", _overrides(tiny_sd, data, multi, "train.batch_size=1", *full), port=29633)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((multi / "train_summary.json").read_text())["engine"] == "fsdp2"
+    assert (multi / "checkpoints" / "checkpoint-2" / "sharded" / ".metadata").is_file()
     _assert_same_metrics(single, multi)
     ua = UNet2DConditionModel.from_pretrained(single / "unet")
     ub = UNet2DConditionModel.from_pretrained(multi / "unet")  # stock diffusers reads the consolidated folder
@@ -207,3 +210,36 @@ def test_fsdp_from_a_prepared_cache_equals_one_process(tmp_path, tiny_sd, data):
     _assert_same_metrics(single, multi)
     _assert_close_weights(load_file(str(single / "pytorch_lora_weights.safetensors")),
                           load_file(str(multi / "pytorch_lora_weights.safetensors")))
+
+
+@pytest.mark.fault(input="under FSDP, a micro-batch of one process holding only corrupt pairs",
+                   behaviour="the process reruns its last good micro-batch weighted 0 (FSDP2 collectives stay in step); "
+                             "the pairs are counted as skipped")
+def test_fsdp_micro_batch_of_corrupt_pairs_keeps_processes_in_step(tmp_path, tiny_sd):
+    # before: the process without pairs skipped the forward and backward in which FSDP2 gathers and reduces, and
+    # the other process waited for it forever
+    source = write_manifest(tmp_path / "bad", n=8, corrupt=1)
+    out = tmp_path / "o"
+    proc = launch("fsdp.yaml", _overrides(tiny_sd, source, out, "train.batch_size=1"), port=29635, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["skipped_pairs"] == 2  # the corrupt pair, once in each of the two epochs
+    assert rows[-1]["trained_pairs"] == 16 - 2
+    assert all(r["loss"] == r["loss"] for r in rows)  # finite: the stand-in micro-batch adds nothing
+
+
+def test_fsdp_lora_with_the_recipe_precision_settings(tmp_path, tiny_sd, data):
+    """bf16 mixed precision, a bf16 frozen base and gradient checkpointing (the 24 GB LoRA recipes' settings). Before:
+    FSDP2 took its dtypes at the first forward, the reference's, where peft had marked the adapters frozen, so it
+    reduced the adapters' gradients in bf16 and failed to assign them to the fp32 adapters."""
+    out = tmp_path / "o"
+    settings = ("train.batch_size=1", "train.max_steps=2", "train.mixed_precision=bf16", "model.frozen_dtype=bfloat16",
+                "train.gradient_checkpointing=true")
+    proc = launch("fsdp.yaml", _overrides(tiny_sd, data, out, *settings), port=29636)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert {v.dtype for v in lora.values()} == {torch.float32}  # fp32 master adapters, exported as such
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in lora.items())

@@ -16,7 +16,12 @@ import torch
 @contextlib.contextmanager
 def reference_mode(unet) -> Iterator[None]:
     """Inside the block the LoRA UNet computes the reference (starting) policy: adapters disabled."""
+    trainable = [p for p in unet.parameters() if p.requires_grad]
     unet.disable_adapters()
+    # peft also marks the adapters frozen; keep them trainable, as they are unused while disabled: FSDP2 takes its
+    # mixed-precision dtypes from the parameters that require grad at the first forward, which is this one
+    for p in trainable:
+        p.requires_grad_(True)
     try:
         yield
     finally:

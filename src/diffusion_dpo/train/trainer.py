@@ -61,6 +61,7 @@ class Trainer:
                                                         str(self.out))
         acc = self.accelerator
         self.sharded = engine.is_sharded(acc)  # FSDP2: checkpoints and final outputs are gathered through engine
+        self.last_raw: Optional[dict[str, Any]] = None  # this process's last micro-batch with a pair (empty_micro_step)
         engine.check_config(acc, cfg.model.reference_on_cpu)
         log.info("engine: %s, %d process(es)", engine.name(acc), acc.num_processes)
         self.device = acc.device
@@ -168,8 +169,8 @@ class Trainer:
     def micro_step(self, raw: dict[str, Any]):
         batch = self.batch_encoder(raw)
         if batch is None:  # every pair of this micro-batch was corrupt: keep processes in step with a zero loss
-            zero = sum(p.sum() for p in self.params) * 0.0
-            return zero, {}, 0
+            return self.empty_micro_step(raw)
+        self.last_raw = raw
         if self.reference_store is not None:
             batch.ref_errors = self.reference_store.lookup(raw["epochs"], raw["indices"])
         with self.accelerator.autocast():
@@ -177,6 +178,19 @@ class Trainer:
                                   self.cfg.train.error_reduction)
         metrics = {"loss": out.loss.detach(), **out.metrics}
         return out.loss, metrics, batch.size
+
+    def empty_micro_step(self, raw: dict[str, Any]):
+        """A zero loss for a micro-batch of corrupt pairs only. DDP reduces its (zero) gradient like any other; FSDP2
+        gathers and reduces only inside forward and backward, which every process must run together, so this
+        process runs its last good micro-batch again, weighted 0."""
+        if not self.sharded:
+            return sum(p.sum() for p in self.params) * 0.0, {}, 0
+        if self.last_raw is None:
+            raise DataError(f"under FSDP process {self.accelerator.process_index}'s first micro-batch holds only corrupt "
+                            f"pairs ({raw.get('num_skipped', 0)} skipped), so it cannot take part in the step: fix the "
+                            "images, or prepare a cache (data.cache_dir), which drops corrupt pairs before training")
+        loss, _, _ = self.micro_step(self.last_raw)
+        return loss * 0.0, {}, 0
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
