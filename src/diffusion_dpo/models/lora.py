@@ -29,8 +29,9 @@ def add_lora(unet, rank: int, alpha: Optional[float], dropout: float, target_mod
             p.data = p.data.float()
 
 
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+def lora_state_dict(unet, state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """The UNet's LoRA weights with peft's key names ('….to_q.lora_A.weight'; save_lora_weights adds 'unet.').
+    state: the UNet's tensors when they are not its own (a sharded UNet's, consolidated: train.engine).
 
     Not passed through diffusers' convert_state_dict_to_diffusers: that renames only attention keys (to
     '….to_q.lora.down.weight') and leaves convolution keys in peft's names, and diffusers' loader picks one
@@ -38,37 +39,37 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     adapter on load, without an error (tests/unit/models/test_lora_loading.py)."""
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(unet)
+    return get_peft_model_state_dict(unet, state_dict=state)
 
 
-def save_lora(unet, output_dir: str | Path, family: Any, export_kohya: bool = False) -> list[Path]:
+def save_lora(unet, output_dir: str | Path, family: Any, export_kohya: bool = False,
+              state: Optional[dict[str, torch.Tensor]] = None) -> list[Path]:
     """Write pytorch_lora_weights.safetensors (loads with pipe.load_lora_weights(output_dir)) and,
     optionally, a kohya/A1111/ComfyUI-format copy (lora_unet_* keys with alpha). `family`: the
-    models.families.ModelFamily whose pipeline class writes the file."""
+    models.families.ModelFamily whose pipeline class writes the file; `state`: as in lora_state_dict."""
     import diffusers
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
+    lora = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet, state).items()}
     pipe_cls = getattr(diffusers, family.pipeline_class)
     # the adapter's config (rank, alpha) goes into the file's metadata, as diffusers' own training scripts do:
     # without it diffusers loads alpha = rank, the wrong scale for any lora.alpha other than lora.rank
     # (the keyword follows the layers' one: unet_lora_adapter_metadata, transformer_lora_adapter_metadata)
     metadata_key = family.lora_layers_key.replace("_lora_layers", "_lora_adapter_metadata")
-    adapter = {family.lora_layers_key: state, metadata_key: unet.peft_config["default"].to_dict()}
+    adapter = {family.lora_layers_key: lora, metadata_key: unet.peft_config["default"].to_dict()}
     pipe_cls.save_lora_weights(output_dir, **adapter, safe_serialization=True)
     written = [output_dir / "pytorch_lora_weights.safetensors"]
     if export_kohya:
-        written.append(save_kohya(unet, output_dir / "lora_kohya.safetensors"))
+        written.append(save_kohya(unet, output_dir / "lora_kohya.safetensors", state))
     return written
 
 
-def save_kohya(unet, path: Path) -> Path:
+def save_kohya(unet, path: Path, state: Optional[dict[str, torch.Tensor]] = None) -> Path:
     from diffusers.utils import convert_state_dict_to_kohya
-    from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    peft_state = {f"unet.{k}": v for k, v in lora_state_dict(unet, state).items()}
     kohya = convert_state_dict_to_kohya(peft_state)
     # convert_state_dict_to_kohya derives alpha from the peft config's rank when none is stored: make it explicit
     config = unet.peft_config["default"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -16,7 +16,12 @@ import torch
 @contextlib.contextmanager
 def reference_mode(unet) -> Iterator[None]:
     """Inside the block the LoRA UNet computes the reference (starting) policy: adapters disabled."""
+    trainable = [p for p in unet.parameters() if p.requires_grad]
     unet.disable_adapters()
+    # peft also marks the adapters frozen; keep them trainable, as they are unused while disabled: FSDP2 takes its
+    # mixed-precision dtypes from the parameters that require grad at the first forward, which is this one
+    for p in trainable:
+        p.requires_grad_(True)
     try:
         yield
     finally:
@@ -26,7 +31,9 @@ def reference_mode(unet) -> Iterator[None]:
 class Reference:
     """Computes the reference prediction for noisy inputs, without gradients."""
 
-    def __init__(self, unet, lora: bool, dtype: Optional[torch.dtype] = None, offload: bool = False):
+    def __init__(self, unet, lora: bool, dtype: Optional[torch.dtype] = None, offload: bool = False,
+                 place: Optional[Callable[[torch.nn.Module], torch.nn.Module]] = None):
+        """place: what to do with the frozen copy once made (FSDP2: shard it like the policy, train.engine)."""
         self.lora = lora
         self.offload = offload
         if lora:
@@ -37,6 +44,8 @@ class Reference:
                 self.unet.to(dtype)
             if offload:
                 self.unet.to("cpu")
+            if place is not None:
+                self.unet = place(self.unet)
 
     @torch.no_grad()
     def __call__(self, call_unet, device) -> torch.Tensor:

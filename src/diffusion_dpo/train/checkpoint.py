@@ -7,6 +7,8 @@ one that resume would pick up; an existing folder of the same step is swapped ou
 replacement is complete, and no checkpoint is pruned before the new one is in place. A checkpoint
 that cannot be read (a truncated file, a bad disk) is reported by file name and resume falls back to
 the one before it. Only the trainable parameters are stored (for LoRA: megabytes, not the whole UNet).
+Under FSDP2 the trainable weights and the optimizer state are a `sharded/` folder instead of trainable.safetensors
+and optimizer.pt: every process writes its own shard (train.engine.save_sharded) between `start` and `save`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 _OLD = ".old-"  # prefix of a checkpoint folder being replaced by a new one of the same step
 # Settings that decide which tensors are trainable and their shapes: named when a checkpoint does not fit.
 _SHAPE_KEYS = (("train", "finetune"), ("lora", "rank"), ("lora", "target_modules"))
+SHARDED = "sharded"  # the folder of a checkpoint written under FSDP2: one torch.distributed.checkpoint
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -66,18 +69,34 @@ def latest(root: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def save(root: Path, step: int, model, optimizer, lr_scheduler, cfg, extra: dict, keep: Optional[int],
-         scaler=None) -> Path:
+def staging(root: Path, step: int) -> Path:
+    """The folder checkpoint `step` is written into before it is renamed into place."""
+    return root / f".tmp-checkpoint-{step}"
+
+
+def start(root: Path, step: int) -> Path:
+    """Create the empty staging folder of `step` (main process), removing what a killed save left."""
     root.mkdir(parents=True, exist_ok=True)
     _finish_swaps(root)
-    final = root / f"checkpoint-{step}"
-    tmp = root / f".tmp-checkpoint-{step}"
     for partial in root.glob(".tmp-checkpoint-*"):  # left by a save that was killed: never a valid checkpoint
         shutil.rmtree(partial)
+    tmp = staging(root, step)
     tmp.mkdir()
-    trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    return tmp
+
+
+def save(root: Path, step: int, model, optimizer, lr_scheduler, cfg, extra: dict, keep: Optional[int],
+         scaler=None) -> Path:
+    """Write checkpoint `step` (main process). model None: the weights and optimizer state are already in the
+    staging folder's sharded/ (start, then train.engine.save_sharded on every process)."""
+    final = root / f"checkpoint-{step}"
+    if model is None:
+        tmp = staging(root, step)
+    else:
+        tmp = start(root, step)
+        trainable = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:  # fp16: the current loss scale, so a resumed run skips and scales exactly as this one
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
@@ -117,11 +136,12 @@ class Checkpoint:
     path: Path
     state: dict  # trainer_state.json: step and counters
     config: dict  # the resolved config of the run that wrote it
-    weights: dict[str, torch.Tensor]
-    optimizer: dict
+    weights: Optional[dict[str, torch.Tensor]]  # None in a sharded checkpoint: see `sharded`
+    optimizer: Optional[dict]
     scheduler: dict
     rng: dict
     scaler: Optional[dict]
+    sharded: Optional[Path] = None  # the sharded/ folder of weights and optimizer state (FSDP2), read by apply
 
 
 def read(path: Path) -> Checkpoint:
@@ -137,15 +157,21 @@ def read(path: Path) -> Checkpoint:
     def pt(p: Path):
         return torch.load(p, weights_only=True, map_location="cpu")
 
+    sharded = (path / SHARDED) if (path / SHARDED).is_dir() else None
+    if sharded is not None:
+        from diffusion_dpo.train.engine import check_sharded
+
+        check_sharded(sharded)  # the shard index; the shards themselves are read straight into the sharded model
     return Checkpoint(
         path=path,
         state=part("trainer_state.json", lambda p: json.loads(p.read_text())),
         config=part("config.yaml", lambda p: yaml.safe_load(p.read_text())),
-        weights=part("trainable.safetensors", lambda p: load_file(str(p))),
-        optimizer=part("optimizer.pt", pt),
+        weights=None if sharded else part("trainable.safetensors", lambda p: load_file(str(p))),
+        optimizer=None if sharded else part("optimizer.pt", pt),
         scheduler=part("scheduler.pt", pt),
         rng=part("rng.pt", pt),
         scaler=part("scaler.pt", pt) if (path / "scaler.pt").exists() else None,
+        sharded=sharded,
     )
 
 
@@ -166,9 +192,18 @@ def read_latest(root: Path) -> Optional[Checkpoint]:
     return None
 
 
-def apply(ckpt: Checkpoint, cfg: RunConfig, model, optimizer, lr_scheduler, scaler=None) -> None:
+def apply(ckpt: Checkpoint, cfg: RunConfig, model, optimizer, lr_scheduler, scaler=None, load_sharded=None) -> None:
     """Load a checkpoint into the model, optimizer, LR schedule and fp16 loss scaler (not the RNG: see
-    restore_rng). A checkpoint written with other trainable tensors raises ConfigError naming the settings."""
+    restore_rng). A checkpoint written with other trainable tensors raises ConfigError naming the settings.
+    load_sharded: train.engine.load_sharded when the model is sharded (FSDP2), else None."""
+    if (ckpt.sharded is None) != (load_sharded is None):
+        there, here = ("under FSDP", "without it") if ckpt.sharded is not None else ("without FSDP", "under FSDP")
+        raise ConfigError(f"checkpoint {ckpt.path} was written {there} and this run trains {here}: resume with the "
+                          "accelerate config that wrote it, or train into a new output.dir")
+    if load_sharded is not None:
+        load_sharded(ckpt.sharded, model, optimizer)
+        _apply_schedule(ckpt, lr_scheduler, scaler)
+        return
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(params.keys() - ckpt.weights.keys())
     unexpected = sorted(ckpt.weights.keys() - params.keys())
@@ -189,6 +224,10 @@ def apply(ckpt: Checkpoint, cfg: RunConfig, model, optimizer, lr_scheduler, scal
         for name, tensor in ckpt.weights.items():
             params[name].copy_(tensor)
     optimizer.load_state_dict(ckpt.optimizer)
+    _apply_schedule(ckpt, lr_scheduler, scaler)
+
+
+def _apply_schedule(ckpt: Checkpoint, lr_scheduler, scaler) -> None:
     lr_scheduler.load_state_dict(ckpt.scheduler)
     if scaler is not None and ckpt.scaler is not None:
         scaler.load_state_dict(ckpt.scaler)

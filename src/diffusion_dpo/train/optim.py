@@ -40,6 +40,13 @@ def build_lr_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
+def _scalar(norm: torch.Tensor) -> float:
+    """A gradient norm as a float; under FSDP2 it is a DTensor, whose full value every process gathers."""
+    from torch.distributed.tensor import DTensor
+
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
 def apply_gradients(acc, optimizer, lr_scheduler, params: list[torch.nn.Parameter], max_grad_norm: Optional[float],
                     metrics: dict[str, float]) -> tuple[float, str]:
     """Clip and apply the accumulated gradients once; zero them. Returns (grad norm, outcome): 'applied';
@@ -51,10 +58,10 @@ def apply_gradients(acc, optimizer, lr_scheduler, params: list[torch.nn.Paramete
         optimizer.zero_grad(set_to_none=True)  # nothing unscaled yet, so the scaler is left as it was
         return float("nan"), "nonfinite"
     if max_grad_norm is not None:
-        grad_norm = float(acc.clip_grad_norm_(params, max_grad_norm))  # unscales fp16 gradients first
+        grad_norm = _scalar(acc.clip_grad_norm_(params, max_grad_norm))  # unscales fp16 gradients first
     else:
         acc.unscale_gradients()  # no-op without a scaler; with one, the norm below is of the true gradients
-        grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        grad_norm = _scalar(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
     if scaler is not None:
         # Once gradients are unscaled the scaler must see this step (scaler.step + update run inside): that is where
         # it skips an overflowed update and halves its scale. Skipping the call instead, as for a non-finite loss,

@@ -5,20 +5,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 from diffusion_dpo.config import RunConfig
 from diffusion_dpo.models.families import ModelFamily
 from diffusion_dpo.train.run_dir import describe_changes, forced_resumes
 
 
-def write_final_outputs(out: Path, unet, cfg: RunConfig, family: ModelFamily, summary: dict) -> list[Path]:
+def write_final_outputs(out: Path, unet, cfg: RunConfig, family: ModelFamily, summary: dict,
+                        state: Optional[dict[str, torch.Tensor]] = None) -> list[Path]:
+    """state: the consolidated tensors of a sharded (FSDP2) UNet (train.engine.consolidate); None: the UNet's own."""
     spec = family.spec
     written: list[Path] = []
     if cfg.train.finetune == "lora":
         from diffusion_dpo.models.lora import save_lora
 
-        written += save_lora(unet, out, family, export_kohya=cfg.lora.export_kohya)
+        written += save_lora(unet, out, family, export_kohya=cfg.lora.export_kohya, state=state)
     else:
+        if state is not None:
+            from diffusion_dpo.train.engine import unsharded_copy
+
+            unet = unsharded_copy(unet, state)
         folder = family.network_folder  # what the pipeline's from_pretrained(..., unet=/transformer=) takes
         unet.save_pretrained(out / folder, safe_serialization=True)
         written.append(out / folder)

@@ -1,7 +1,7 @@
 """The Diffusion-DPO / SFT training recipe.
 
 `Trainer(cfg).setup()` builds everything in a fixed order; `train()` runs the loop top to bottom.
-Runs unchanged on one CPU or under `accelerate launch` on many GPUs (DDP).
+Runs unchanged on one CPU or under `accelerate launch` on many GPUs with DDP or FSDP2 (train.engine, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from diffusion_dpo.models.loading import spec_dict
 from diffusion_dpo.runtime import ProcessInfo, torch_dtype
 from diffusion_dpo.typed_config import flatten
 from diffusion_dpo.train import checkpoint as ckpt
+from diffusion_dpo.train import engine
 from diffusion_dpo.train.batch import EpochItems, open_pairs
 from diffusion_dpo.train.interrupt import StopSignals
 from diffusion_dpo.train.optim import apply_gradients, build_lr_scheduler, build_optimizer
@@ -57,15 +58,17 @@ class Trainer:
             report = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
         self.report_to = report
         if self.accelerator is None:
-            from accelerate import Accelerator
-
-            self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                                           log_with=None if report == "none" else report, project_dir=str(self.out))
+            self.accelerator = engine.build_accelerator(cfg.train.mixed_precision, None if report == "none" else report,
+                                                        str(self.out))
         acc = self.accelerator
         self.ranks = RankSchedule.of(cfg)  # train.curriculum.rank_schedule (Curriculum-DPO++): None when off
         if self.ranks is not None and acc.num_processes > 1:
             raise ConfigError("train.curriculum.rank_schedule runs on one process only (DDP cannot swap the "
                               "parameters it synchronises mid-run): launch one process, or remove the rank schedule")
+        self.sharded = engine.is_sharded(acc)  # FSDP2: checkpoints and final outputs are gathered through engine
+        self.last_raw: Optional[dict[str, Any]] = None  # this process's last micro-batch with a pair (empty_micro_step)
+        engine.check_config(acc, cfg.model.reference_on_cpu)
+        log.info("engine: %s, %d process(es)", engine.name(acc), acc.num_processes)
         self.device = acc.device
         self.is_main = acc.is_main_process
         self.run_dir = RunDir.claim(cfg, self.is_main)  # lock output.dir; refuse a foreign folder or a mismatched resume
@@ -124,7 +127,8 @@ class Trainer:
             from diffusion_dpo.models.reference import Reference
 
             ref_dtype = torch_dtype(m.reference_dtype or m.frozen_dtype, "model.reference_dtype")
-            self.reference = Reference(self.unet, lora=lora, dtype=ref_dtype, offload=m.reference_on_cpu)
+            place = (lambda net: engine.shard_frozen(acc, net)) if self.sharded else None
+            self.reference = Reference(self.unet, lora=lora, dtype=ref_dtype, offload=m.reference_on_cpu, place=place)
         self.unet.train()
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
 
@@ -136,6 +140,7 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(cfg.train.lr_scheduler, self.optimizer, cfg.warmup, cfg.train.max_steps)
         # The LR scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
         self.unet, self.optimizer = acc.prepare(self.unet, self.optimizer)
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]  # FSDP2 replaced them by DTensor shards
 
         # 6. resume: weights, optimizer, schedule and loss scale now; the RNG only once the loader's iterator
         # exists (creating it draws from the global RNG, which would shift every later dropout mask)
@@ -147,7 +152,8 @@ class Trainer:
             if state is not None:
                 if self.ranks is not None:  # the checkpoint's adapter may have grown already: grow this one first
                     self.grow(state.state.get("lora_rank", self.ranks.rank_after(state.state["step"])))
-                ckpt.apply(state, cfg, acc.unwrap_model(self.unet), self.optimizer, self.lr_scheduler, acc.scaler)
+                ckpt.apply(state, cfg, acc.unwrap_model(self.unet), self.optimizer, self.lr_scheduler, acc.scaler,
+                           engine.load_sharded if self.sharded else None)
                 self.step = state.state["step"]
                 self.counts = {k: state.state.get(k, 0) for k in COUNTS}
                 if "trained_pairs" not in state.state:  # older checkpoints did not count it; their steps trained
@@ -181,8 +187,8 @@ class Trainer:
     def micro_step(self, raw: dict[str, Any]):
         batch = self.batch_encoder(raw)
         if batch is None:  # every pair of this micro-batch was corrupt: keep processes in step with a zero loss
-            zero = sum(p.sum() for p in self.params) * 0.0
-            return zero, {}, 0
+            return self.empty_micro_step(raw)
+        self.last_raw = raw
         if self.reference_store is not None:
             batch.ref_errors = self.reference_store.lookup(raw["epochs"], raw["indices"])
         with self.accelerator.autocast():
@@ -190,6 +196,19 @@ class Trainer:
                                   self.cfg.train.error_reduction)
         metrics = {"loss": out.loss.detach(), **out.metrics}
         return out.loss, metrics, batch.size
+
+    def empty_micro_step(self, raw: dict[str, Any]):
+        """A zero loss for a micro-batch of corrupt pairs only. DDP reduces its (zero) gradient like any other; FSDP2
+        gathers and reduces only inside forward and backward, which every process must run together, so this
+        process runs its last good micro-batch again, weighted 0."""
+        if not self.sharded:
+            return sum(p.sum() for p in self.params) * 0.0, {}, 0
+        if self.last_raw is None:
+            raise DataError(f"under FSDP process {self.accelerator.process_index}'s first micro-batch holds only corrupt "
+                            f"pairs ({raw.get('num_skipped', 0)} skipped), so it cannot take part in the step: fix the "
+                            "images, or prepare a cache (data.cache_dir), which drops corrupt pairs before training")
+        loss, _, _ = self.micro_step(self.last_raw)
+        return loss * 0.0, {}, 0
 
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -325,18 +344,26 @@ class Trainer:
         raise (DataError if c["skipped_pairs"] else NonFiniteLossError)(message)
 
     def save_checkpoint(self) -> None:
-        self.accelerator.wait_for_everyone()
+        acc, root = self.accelerator, self.out / "checkpoints"
+        acc.wait_for_everyone()
+        model = acc.unwrap_model(self.unet)
+        if self.sharded:  # every process writes its shard into the folder the main process prepared
+            if self.is_main:
+                ckpt.start(root, self.step)
+            acc.wait_for_everyone()
+            engine.save_sharded(ckpt.staging(root, self.step) / ckpt.SHARDED, model, self.optimizer)
+            acc.wait_for_everyone()
         if self.is_main:
             extra = self.counts if self.ranks is None else {**self.counts, "lora_rank": self.lora_rank()}
-            ckpt.save(self.out / "checkpoints", self.step, self.accelerator.unwrap_model(self.unet), self.optimizer,
-                      self.lr_scheduler, self.cfg, extra, self.cfg.train.checkpoints_total_limit,
-                      self.accelerator.scaler)
-        self.accelerator.wait_for_everyone()
+            ckpt.save(root, self.step, None if self.sharded else model, self.optimizer, self.lr_scheduler, self.cfg,
+                      extra, self.cfg.train.checkpoints_total_limit, acc.scaler)
+        acc.wait_for_everyone()
 
     def save_outputs(self, history: list[dict], elapsed: float, steps_run: int) -> dict[str, Any]:
         from diffusion_dpo.train.outputs import write_final_outputs
 
-        summary = {"steps": self.step, "steps_this_run": steps_run, "seconds": round(elapsed, 2), **self.counts}
+        summary = {"steps": self.step, "steps_this_run": steps_run, "seconds": round(elapsed, 2), **self.counts,
+                   "engine": engine.name(self.accelerator), "processes": self.accelerator.num_processes}
         if self.ranks is not None:  # the model card says the rank grew, and when
             summary["lora_rank_schedule"] = self.ranks.describe()
         if history:
@@ -344,8 +371,12 @@ class Trainer:
             for key in ("loss", "implicit_acc"):
                 if key in last[0]:
                     summary[f"{key}_last10"] = sum(r[key] for r in last) / len(last)
+        model = self.accelerator.unwrap_model(self.unet)
+        state = None
+        if self.sharded:  # every process takes part in gathering the full tensors onto the main one
+            state = engine.consolidate(model, self.is_main, trainable_only=self.cfg.train.finetune == "lora")
         if self.is_main:
-            write_final_outputs(self.out, self.accelerator.unwrap_model(self.unet), self.cfg, self.family, summary)
+            write_final_outputs(self.out, model, self.cfg, self.family, summary, state)
         return summary
 
 
