@@ -113,3 +113,45 @@ def test_both_comparisons_at_once_are_refused(tmp_path, capsys):
     assert main(["demo", "--compare-curriculum", "--compare-losses", "--output-dir", str(tmp_path / "c")]) == 2
     assert "run one" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_full_size_settings_and_their_levels(tmp_path):
+    """The comparison's own defaults (a reduced demo, both arms alike) and the flags that change them."""
+    from types import SimpleNamespace
+
+    from diffusion_dpo.cli import build_parser
+    from diffusion_dpo.commands.demo import curriculum_settings_from_args
+    from diffusion_dpo.config import load_config
+    from diffusion_dpo.demo.curriculum_compare import CurriculumComparison, curriculum_overrides
+    from diffusion_dpo.train.curriculum import difficulty_levels
+
+    args = build_parser("demo").parse_args(["demo", "--compare-curriculum", "--output-dir", str(tmp_path)])
+    c = curriculum_settings_from_args(args)
+    s = CurriculumComparison(c).settings(1)
+    assert (s.train_prompts, s.images_per_prompt, s.train_steps, s.eval_images) == (54, 6, 150, 4)
+    assert (s.pair_strategy, s.pair_margin, s.seed, s.output_dir) == ("all-ranked", 0.1, 1, str(tmp_path / "seed1"))
+    cfg = load_config(None, ["data.source=x.jsonl", *curriculum_overrides(c, s)]).train.curriculum
+    assert (cfg.enabled, cfg.levels, cfg.steps_per_level) == (True, 5, 30)  # 150 steps = 5 levels x 30
+    # K = 6 images, B = 5: level k holds exactly rank difference 6 - k (k = 6 - ceil(5 d / 5))
+    pairs = [SimpleNamespace(meta={"rank_difference": d, "images_per_prompt": 6}, key=str(d)) for d in range(1, 6)]
+    assert difficulty_levels(pairs, "rank_difference", 5, "x") == [5, 4, 3, 2, 1]
+
+    args = build_parser("demo").parse_args(["demo", "--compare-curriculum", "--steps", "40", "--train-prompts", "10",
+                                      "--pair-images", "3", "--eval-images", "2", "--output-dir", str(tmp_path)])
+    s = CurriculumComparison(curriculum_settings_from_args(args)).settings(0)
+    assert (s.train_prompts, s.images_per_prompt, s.train_steps, s.eval_images) == (10, 3, 40, 2)
+
+
+@pytest.mark.fault(input="`demo --train-prompts`/`--pair-images`/`--eval-images` without `--compare-curriculum`",
+                   behaviour="exit 2: says they belong to --compare-curriculum")
+def test_curriculum_flags_without_the_comparison_are_refused(tmp_path, capsys):
+    assert main(["demo", "--pair-images", "4", "--output-dir", str(tmp_path / "d")]) == 2
+    assert "belong to --compare-curriculum" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.fault(input="`demo --compare-curriculum --pair-images 1`", behaviour="exit 2: names --pair-images")
+def test_too_few_pair_images_are_refused(tmp_path, capsys):
+    assert main(["demo", "--compare-curriculum", "--pair-images", "1", "--output-dir", str(tmp_path / "c")]) == 2
+    assert "--pair-images must be >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

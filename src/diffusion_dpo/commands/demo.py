@@ -38,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="make reward-ranked pairs (generate-pairs --strategy all-ranked) on the demo world and "
                              "train DPO and Curriculum-DPO from them with the same step budget for each of --seeds; "
                              "write comparison.md/json and grid_seed<s>.png (docs/curriculum.md); resumes like the demo")
+    parser.add_argument("--train-prompts", type=int, default=None,
+                        help="--compare-curriculum: the first N train prompts (default 54; not with --quick)")
+    parser.add_argument("--pair-images", type=int, default=None,
+                        help="--compare-curriculum: K images per train prompt (default 6; not with --quick)")
+    parser.add_argument("--eval-images", type=int, default=None,
+                        help="--compare-curriculum: images per held-out prompt (default 4)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="--compare-losses / --compare-curriculum: seeds (default 0 1 2)")
     parser.add_argument("--report-only", action="store_true",
@@ -82,9 +88,11 @@ def curriculum_settings_from_args(args: argparse.Namespace):
     from diffusion_dpo.demo.curriculum_compare import CurriculumCompareSettings
 
     s = settings_from_args(args)  # validates --steps as for the demo
+    given = {"train_steps": args.steps, "train_prompts": args.train_prompts, "pair_images": args.pair_images,
+             "eval_images": args.eval_images}
     return CurriculumCompareSettings(output_dir=args.output_dir, seeds=args.seeds or [0, 1, 2], quick=args.quick,
-                                     train_steps=args.steps, threads=args.threads, progress=s.progress,
-                                     report_only=args.report_only)
+                                     threads=args.threads, progress=s.progress, report_only=args.report_only,
+                                     **{k: v for k, v in given.items() if v is not None})  # else the comparison's own
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
         from diffusion_dpo.demo.curriculum_compare import compare_curriculum
 
         return 0 if compare_curriculum(curriculum_settings_from_args(args))["rows"] else 1
+    if any(x is not None for x in (args.train_prompts, args.pair_images, args.eval_images)):
+        from diffusion_dpo.errors import ConfigError
+
+        raise ConfigError("--train-prompts, --pair-images and --eval-images belong to --compare-curriculum; add it")
     if args.compare_losses:
         from diffusion_dpo.demo.compare import compare_losses
 
