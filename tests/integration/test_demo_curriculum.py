@@ -46,6 +46,7 @@ def test_both_arms_train_the_same_pairs_for_the_same_steps(quick):
             assert dpo[section] == cur[section], section
     rest = lambda c: {k: v for k, v in c["train"].items() if k != "curriculum"}  # noqa: E731
     assert rest(dpo) == rest(cur)
+    assert {**dpo["output"], "dir": None} == {**cur["output"], "dir": None}
     for run in ("dpo", "curriculum"):
         summary = json.loads((seed / run / "train_summary.json").read_text())
         assert summary["steps"] == STEPS and summary["trained_pairs"] == STEPS * 8  # the quick demo's batch of 8
