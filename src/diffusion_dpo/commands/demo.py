@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         if args.losses is not None:
             from diffusion_dpo.errors import ConfigError
 
-            raise ConfigError("--losses belongs to --compare-losses; --compare-curriculum trains DPO and Curriculum-DPO")
+            raise ConfigError("--losses belongs to --compare-losses; --compare-curriculum trains DPO and "
+                              "Curriculum-DPO")
         from diffusion_dpo.demo.curriculum_compare import compare_curriculum
 
         return 0 if compare_curriculum(curriculum_settings_from_args(args))["rows"] else 1

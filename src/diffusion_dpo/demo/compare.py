@@ -169,9 +169,7 @@ def _child(job_json: str) -> int:
 
 # --------------------------------------------------------------------------------------------------------
 class Comparison:
-    PREPARE_CACHE = True
-    """Set each seed up with the demo's latent cache (runs that train from it); demo.curriculum_compare trains
-    from the manifest instead (the curriculum reads each pair's columns there)."""
+    PREPARE_CACHE = True  # the demo's latent cache per seed (demo.curriculum_compare trains from the manifest)
 
     def __init__(self, settings: CompareSettings, console: Any = None):
         from rich.console import Console
@@ -210,8 +208,7 @@ class Comparison:
         return self.demos[seed]
 
     def settings(self, seed: int) -> DemoSettings:
-        """The seed's demo settings (its folder, pairs, training and evaluation)."""
-        return demo_settings(self.c, seed)
+        return demo_settings(self.c, seed)  # the seed's folder, pairs, training and evaluation
 
     @staticmethod
     def _specs(d, names: list[str]) -> list:
@@ -224,11 +221,7 @@ class Comparison:
         setting = None if value is None else f"{SWEEPS[loss][0]}={value:g}"
         return self.train_and_score(seed, loss, loss, run_name(loss, value), setting_override(loss, value), setting)
 
-    def train_and_score(self, seed: int, label: str, method: str, name: str, extra: tuple[str, ...],
-                        setting: str | None) -> dict:
-        """Train train.method=`method` with the demo's overrides plus `extra` into <seed folder>/<name> (unless
-        done), sample (unless on disk) and score it: its table row, `label` in the loss column (every run but
-        "dpo" also gets its head to head against the seed's "dpo" run)."""
+    def train_and_score(self, seed: int, label: str, method: str, name: str, extra: tuple, setting: str | None) -> dict:
         from diffusion_dpo.demo.run import training_overrides
         from diffusion_dpo.evaluate import stats
 
@@ -238,10 +231,10 @@ class Comparison:
         if not self.c.report_only:  # (report_only: only finished runs get here, samples complete)
             d.sample(self._specs(d, [name]))
         judge, base = self.score(seed, name), self.score(seed, "base")
-        row = {"loss": label, "setting": setting, "seed": seed, "run": name, "judge_mean": float(judge["judge"].mean()), "judge_base_mean": float(base["judge"].mean()),
+        row = {"loss": label, "setting": setting, "seed": seed, "run": name, "judge_mean": float(judge["judge"].mean()),
+               "judge_base_mean": float(base["judge"].mean()), "fidelity_percent": 100 * float(judge["fidelity"].mean()),
                "win_vs_base": stats.win_rate(judge["judge"], base["judge"], 2000, seed=0),
-               "fidelity_percent": 100.0 * float(judge["fidelity"].mean()),
-               "fidelity_base_percent": 100.0 * float(base["fidelity"].mean()), **measure}
+               "fidelity_base_percent": 100 * float(base["fidelity"].mean()), **measure}
         row["fidelity_change"] = row["fidelity_percent"] - row["fidelity_base_percent"]
         if name != "dpo":
             row["win_vs_dpo"] = stats.win_rate(judge["judge"], self.score(seed, "dpo")["judge"], 2000, seed=0)

@@ -95,7 +95,9 @@ class CurriculumComparison(Comparison):
 
     def settings(self, seed: int) -> DemoSettings:
         s = replace(demo_settings(self.c, seed), pair_strategy="all-ranked", pair_margin=self.c.margin)
-        return s if self.c.quick else replace(s, train_prompts=self.c.train_prompts, images_per_prompt=self.c.pair_images)
+        if self.c.quick:
+            return s
+        return replace(s, train_prompts=self.c.train_prompts, images_per_prompt=self.c.pair_images)
 
     def run(self, seed: int, loss: str, value: float | None) -> dict:
         """One arm (`loss` is "dpo" or "curriculum") on one seed: its table row."""
@@ -131,11 +133,12 @@ class CurriculumComparison(Comparison):
         rows = [self.run(*task) for task in tasks if self.ready(task)]
         seeds = sorted({r["seed"] for r in rows})
         s = self.settings(self.c.seeds[0])
-        result = {"settings": {**asdict(self.c), "demo": asdict(s), "steps_per_level": steps_per_level(s, self.c.levels)},
+        record = {**asdict(self.c), "demo": asdict(s), "steps_per_level": steps_per_level(s, self.c.levels)}
+        result = {"settings": record,
                   "pairs": {str(seed): self.pairs_record(seed) for seed in seeds}, "rows": rows,
                   "missing": [f"seed{seed}/{arm}" for seed, arm, _ in tasks if not self.ready((seed, arm, None))],
                   "wall_seconds": round(time.perf_counter() - t0, 1)}
-        result["settings"].pop("losses"), result["settings"]["demo"].pop("seed"), result["settings"]["demo"].pop("output_dir")
+        record.pop("losses"), record["demo"].pop("seed"), record["demo"].pop("output_dir")
         (self.out / "comparison.json").write_text(json.dumps(result, indent=1, default=float))
         (self.out / "comparison.md").write_text(markdown(result))
         for seed in seeds:
