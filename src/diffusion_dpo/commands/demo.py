@@ -4,6 +4,7 @@ train Diffusion-DPO and an SFT baseline, evaluate all three on held-out prompts,
     diffusion-dpo demo --output-dir demo_out          # about 3 minutes on 2 CPU cores (docs/demo.md)
     diffusion-dpo demo --quick --output-dir /tmp/q    # the reduced run of the test suite
     diffusion-dpo demo --compare-losses --output-dir compare_out   # every loss, 3 seeds (docs/losses.md)
+    diffusion-dpo demo --compare-curriculum --output-dir curriculum_out   # Curriculum-DPO vs DPO (docs/curriculum.md)
 
 Every stage resumes when interrupted: run the same command again.
 """
@@ -33,9 +34,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train every loss (--losses) on the demo world with the demo DPO's pairs and budget for "
                              "each of --seeds, tune each loss's main setting on seed 0, and write comparison.md/json "
                              "and grid_seed<s>.png (docs/losses.md); resumes like the demo")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="--compare-losses: seeds (default 0 1 2)")
+    parser.add_argument("--compare-curriculum", action="store_true",
+                        help="make reward-ranked pairs (generate-pairs --strategy all-ranked) on the demo world and "
+                             "train DPO and Curriculum-DPO from them with the same step budget for each of --seeds; "
+                             "write comparison.md/json and grid_seed<s>.png (docs/curriculum.md); resumes like the demo")
+    parser.add_argument("--train-prompts", type=int, default=None,
+                        help="--compare-curriculum: the first N train prompts (default 54; not with --quick)")
+    parser.add_argument("--pair-images", type=int, default=None,
+                        help="--compare-curriculum: K images per train prompt (default 6; not with --quick)")
+    parser.add_argument("--eval-images", type=int, default=None,
+                        help="--compare-curriculum: images per held-out prompt (default 4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="--compare-losses / --compare-curriculum: seeds (default 0 1 2)")
     parser.add_argument("--report-only", action="store_true",
-                        help="--compare-losses: train nothing, write the table from the runs finished so far")
+                        help="--compare-losses / --compare-curriculum: train nothing, write the table from the runs "
+                             "finished so far")
     parser.add_argument("--losses", nargs="+", default=None,
                         help="--compare-losses: losses to train (default: every loss; dpo always runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -71,10 +84,39 @@ def compare_settings_from_args(args: argparse.Namespace):
                            report_only=args.report_only)
 
 
+def curriculum_settings_from_args(args: argparse.Namespace):
+    from diffusion_dpo.demo.curriculum_compare import CurriculumCompareSettings
+
+    s = settings_from_args(args)  # validates --steps as for the demo
+    given = {"train_steps": args.steps, "train_prompts": args.train_prompts, "pair_images": args.pair_images,
+             "eval_images": args.eval_images}
+    return CurriculumCompareSettings(output_dir=args.output_dir, seeds=args.seeds or [0, 1, 2], quick=args.quick,
+                                     threads=args.threads, progress=s.progress, report_only=args.report_only,
+                                     **{k: v for k, v in given.items() if v is not None})  # else the comparison's own
+
+
 def run(args: argparse.Namespace) -> int:
     from diffusion_dpo.demo.run import run_demo
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.compare_losses and args.compare_curriculum:
+        from diffusion_dpo.errors import ConfigError
+
+        raise ConfigError("--compare-losses and --compare-curriculum are two comparisons: run one, each into its own "
+                          "--output-dir")
+    if args.compare_curriculum:
+        if args.losses is not None:
+            from diffusion_dpo.errors import ConfigError
+
+            raise ConfigError("--losses belongs to --compare-losses; --compare-curriculum trains DPO and "
+                              "Curriculum-DPO")
+        from diffusion_dpo.demo.curriculum_compare import compare_curriculum
+
+        return 0 if compare_curriculum(curriculum_settings_from_args(args))["rows"] else 1
+    if any(x is not None for x in (args.train_prompts, args.pair_images, args.eval_images)):
+        from diffusion_dpo.errors import ConfigError
+
+        raise ConfigError("--train-prompts, --pair-images and --eval-images belong to --compare-curriculum; add it")
     if args.compare_losses:
         from diffusion_dpo.demo.compare import compare_losses
 
@@ -82,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds is not None or args.losses is not None or args.report_only:
         from diffusion_dpo.errors import ConfigError
 
-        raise ConfigError("--seeds, --losses and --report-only belong to --compare-losses; add it, or use --seed "
-                          "for one demo run")
+        raise ConfigError("--seeds, --losses and --report-only belong to --compare-losses (--seeds and --report-only "
+                          "also to --compare-curriculum); add one, or use --seed for one demo run")
     results = run_demo(settings_from_args(args))
     return 0 if results else 1

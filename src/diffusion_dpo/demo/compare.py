@@ -169,6 +169,8 @@ def _child(job_json: str) -> int:
 
 # --------------------------------------------------------------------------------------------------------
 class Comparison:
+    PREPARE_CACHE = True  # the demo's latent cache per seed (demo.curriculum_compare trains from the manifest)
+
     def __init__(self, settings: CompareSettings, console: Any = None):
         from rich.console import Console
 
@@ -182,7 +184,7 @@ class Comparison:
         if seed not in self.demos:
             from diffusion_dpo.demo.run import Demo
 
-            d = Demo(demo_settings(self.c, seed), self.console)
+            d = Demo(self.settings(seed), self.console)
             d.out.mkdir(parents=True, exist_ok=True)
             lock = d.out / "logs" / "setup.lock"
             while not try_lock(lock):  # another worker is building this seed's pairs
@@ -195,13 +197,18 @@ class Comparison:
                 # key under the trainings other workers may be starting
                 if not done.is_file():
                     self.console.rule(f"[bold]seed {seed}: base, pairs, cache -> {d.out}")
-                    d.stage_pairs(), d.stage_prepare()
+                    d.stage_pairs()
+                    if self.PREPARE_CACHE:
+                        d.stage_prepare()
                     d.sample(self._specs(d, ["base"]))
                     done.touch()
             finally:
                 lock.unlink(missing_ok=True)
             self.demos[seed] = d
         return self.demos[seed]
+
+    def settings(self, seed: int) -> DemoSettings:
+        return demo_settings(self.c, seed)  # the seed's folder, pairs, training and evaluation
 
     @staticmethod
     def _specs(d, names: list[str]) -> list:
@@ -211,23 +218,25 @@ class Comparison:
 
     def run(self, seed: int, loss: str, value: float | None) -> dict:
         """Train (unless done), sample (unless on disk) and score one loss x setting x seed: its table row."""
+        setting = None if value is None else f"{SWEEPS[loss][0]}={value:g}"
+        return self.train_and_score(seed, loss, loss, run_name(loss, value), setting_override(loss, value), setting)
+
+    def train_and_score(self, seed: int, label: str, method: str, name: str, extra: tuple, setting: str | None) -> dict:
         from diffusion_dpo.demo.run import training_overrides
         from diffusion_dpo.evaluate import stats
 
         d = self.demo(seed)
-        name = run_name(loss, value)
-        overrides = training_overrides(d.s, d.base, loss, name, setting_override(loss, value))
+        overrides = training_overrides(d.s, d.base, method, name, extra)
         measure = train_in_child(overrides, d.out / name, self.c.threads)
         if not self.c.report_only:  # (report_only: only finished runs get here, samples complete)
             d.sample(self._specs(d, [name]))
         judge, base = self.score(seed, name), self.score(seed, "base")
-        row = {"loss": loss, "setting": None if value is None else f"{SWEEPS[loss][0]}={value:g}", "seed": seed,
-               "run": name, "judge_mean": float(judge["judge"].mean()), "judge_base_mean": float(base["judge"].mean()),
+        row = {"loss": label, "setting": setting, "seed": seed, "run": name, "judge_mean": float(judge["judge"].mean()),
+               "judge_base_mean": float(base["judge"].mean()), "fidelity_percent": 100 * float(judge["fidelity"].mean()),
                "win_vs_base": stats.win_rate(judge["judge"], base["judge"], 2000, seed=0),
-               "fidelity_percent": 100.0 * float(judge["fidelity"].mean()),
-               "fidelity_base_percent": 100.0 * float(base["fidelity"].mean()), **measure}
+               "fidelity_base_percent": 100 * float(base["fidelity"].mean()), **measure}
         row["fidelity_change"] = row["fidelity_percent"] - row["fidelity_base_percent"]
-        if loss != "dpo":
+        if name != "dpo":
             row["win_vs_dpo"] = stats.win_rate(judge["judge"], self.score(seed, "dpo")["judge"], 2000, seed=0)
         return row
 
@@ -239,7 +248,7 @@ class Comparison:
             left = []
             for seed, loss, value in pending:
                 # the lock's path, not self.demo(seed): that would wait while another worker sets the seed up
-                lock = Path(demo_settings(self.c, seed).output_dir) / "logs" / f"{run_name(loss, value)}.lock"
+                lock = Path(self.settings(seed).output_dir) / "logs" / f"{run_name(loss, value)}.lock"
                 if not try_lock(lock):
                     left.append((seed, loss, value))
                     continue
@@ -281,7 +290,7 @@ class Comparison:
         from diffusion_dpo.demo.world import heldout_prompts
 
         seed, loss, value = task
-        s = demo_settings(self.c, seed)
+        s = self.settings(seed)
         folder, name = Path(s.output_dir), run_name(loss, value)
         summary, samples = folder / name / "train_summary.json", folder / "samples" / name / "samples.jsonl"
         if not ((folder / name / "measure.json").is_file() and summary.is_file() and samples.is_file()):

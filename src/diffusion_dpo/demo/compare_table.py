@@ -17,18 +17,15 @@ def cpu_mean(rows: list[dict]) -> str:
     return f"{sum(v) / len(v):.3f}" + (f" of {len(v)}" if len(v) < len(rows) else "") if v else "-"
 
 
-def markdown(result: dict) -> str:
-    """comparison.md: the per-seed table, the mean over seeds per loss, the sweep."""
-    s, rows = result["settings"], result["rows"]
-    d = s["demo"]
-    lines = [f"Demo world, seeds {' '.join(map(str, s['seeds']))}; every loss: {d['train_steps']} steps x "
-             f"{d['batch_size']} pairs, LoRA rank {d['rank']} on {'/'.join(d['target_modules'])}, lr "
-             f"{d['learning_rate']:g} {d['lr_scheduler']}; held-out: {d['eval_prompts'] or 27} prompts x "
-             f"{d['eval_images']} images, same seeds for every model; win rates per prompt with 95% bootstrap "
-             f"intervals; s/step = training loop wall time / steps (CPU: the training process's CPU seconds / steps, "
-             f"its setup included) on {s['threads']} torch threads (load averages in comparison.json); peak RSS = "
-             f"VmHWM of the training process.", "",
-             "| loss | setting | seed | judge mean (base) | judge win vs base [95% CI] | win vs DPO [95% CI] | "
+MEASURES = ("win rates per prompt with 95% bootstrap intervals; s/step = training loop wall time / steps (CPU: the "
+            "training process's CPU seconds / steps, its setup included) on {threads} torch threads (load averages in "
+            "comparison.json); peak RSS = VmHWM of the training process.")
+"""The measures' legend of every comparison table."""
+
+
+def run_tables(rows: list[dict]) -> list[str]:
+    """The per-seed table (one row per run) and the mean over seeds per loss (the "loss" column's label)."""
+    lines = ["| loss | setting | seed | judge mean (base) | judge win vs base [95% CI] | win vs DPO [95% CI] | "
              "fidelity (vs base) | s/step wall (CPU) | peak RSS MiB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (list(result_losses(rows)).index(r["loss"]), r["seed"])):
         lines.append(f"| {r['loss']} | {r['setting'] or '-'} | {r['seed']} | {r['judge_mean']:.3f} "
@@ -47,6 +44,18 @@ def markdown(result: dict) -> str:
                      f"{span('win_vs_base')} | "
                      f"{span('win_vs_dpo')} | {mean('fidelity_change'):+.1f} | {mean('seconds_per_step'):.3f} ({cpu_mean(group)}) | "
                      f"{max(r['peak_rss_mb'] for r in group):.0f} |")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    """comparison.md: the per-seed table, the mean over seeds per loss, the sweep."""
+    s, rows = result["settings"], result["rows"]
+    d = s["demo"]
+    lines = [f"Demo world, seeds {' '.join(map(str, s['seeds']))}; every loss: {d['train_steps']} steps x "
+             f"{d['batch_size']} pairs, LoRA rank {d['rank']} on {'/'.join(d['target_modules'])}, lr "
+             f"{d['learning_rate']:g} {d['lr_scheduler']}; held-out: {d['eval_prompts'] or 27} prompts x "
+             f"{d['eval_images']} images, same seeds for every model; " + MEASURES.format(threads=s["threads"]), "",
+             *run_tables(rows)]
     lines += ["", f"Sweep on seed {result['sweep_seed']} (chosen: the best judge win rate vs base among values within "
               f"{result['fidelity_guard_points']:g} points of the base's prompt fidelity):", "",
               "| loss | setting | judge mean | judge win vs base [95% CI] | win vs DPO [95% CI] | fidelity (vs base) "
