@@ -71,15 +71,18 @@ class Trainer:
         log.info("engine: %s, %d process(es)", engine.name(acc), acc.num_processes)
         self.device = acc.device
         self.is_main = acc.is_main_process
+
+        # 2. model family (from the pipeline's configs, no weights): everything family-specific is asked of this
+        # object. Detected before the folder is claimed: its defaults (lora.target_modules) are part of the config a
+        # resume compares and config.yaml records.
+        m = cfg.model
+        self.spec = detect_spec(m.pretrained, m.revision, m.variant, m.family, m.prediction_type)
+        self.family = family_of(self.spec, m.lcm_guidance_scale, cfg.flow)
+        self.cfg = cfg = cfg.with_network_defaults(self.family.lora_targets)
         self.run_dir = RunDir.claim(cfg, self.is_main)  # lock output.dir; refuse a foreign folder or a mismatched resume
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(cfg.train.seed)  # model init (LoRA A matrices) identical on every process
-
-        # 2. model family: everything family-specific is asked of this object
-        m = cfg.model
-        self.spec = detect_spec(m.pretrained, m.revision, m.variant, m.family, m.prediction_type)
-        self.family = family_of(self.spec, m.lcm_guidance_scale, cfg.flow)
         self.family.check_settings(cfg)
         frozen_dtype = torch_dtype(m.frozen_dtype, "model.frozen_dtype")
         self.noise_scheduler = self.family.load_noise_scheduler(self.device)
