@@ -104,8 +104,9 @@ class LoraSettings:
     dropout: float = 0.0
     """Dropout on the LoRA input, in [0, 1)."""
     target_modules: Optional[list[str]] = None
-    """Module names of the trained network that receive an adapter. Default (unset or null): the family's set, resolved
-    once the family is detected (table in docs/recipes.md, "LoRA targets"); with train.method=consistency_dpo: LCM_LORA_TARGETS."""
+    """Module names of the trained network that receive an adapter. Default (unset or null): the family's set,
+    resolved once the family is detected (RunConfig.with_network_defaults; table in docs/recipes.md, "LoRA targets");
+    with train.method=consistency_dpo: LCM_LORA_TARGETS."""
     init_weights: Literal["default", "gaussian"] = "default"
     """'default' starts the B matrices at zero, so the policy begins exactly at the reference."""
     export_kohya: bool = False

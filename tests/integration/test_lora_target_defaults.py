@@ -100,3 +100,18 @@ def test_resolution_per_family_and_method():
     assert unset.lora.target_modules is None  # a new config: the loaded one is left as it was
     explicit = load_config(None, ["lora.target_modules=[to_q]"])
     assert explicit.with_network_defaults(SD3Family.lora_targets).lora.target_modules == ["to_q"]
+
+
+def test_the_docs_table_lists_every_familys_default_set():
+    """docs/recipes.md, "LoRA targets": one row per family whose list is the family's lora_targets."""
+    from pathlib import Path
+
+    from diffusion_dpo.models.families import FAMILIES
+
+    text = (Path(__file__).parents[2] / "docs" / "recipes.md").read_text()
+    section = text.split("### LoRA targets")[1].split("\n#")[0]
+    rows = {cells[1].strip(" `"): cells[2].strip(" `") for line in section.splitlines()
+            if len(cells := line.split("|")) > 3 and cells[1].strip().startswith("`")}
+    assert set(rows) == {f.name for f in FAMILIES}
+    for family in FAMILIES:
+        assert tuple(rows[family.name].split(", ")) == family.lora_targets, family.name
