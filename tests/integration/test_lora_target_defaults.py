@@ -115,3 +115,13 @@ def test_the_docs_table_lists_every_familys_default_set():
     assert set(rows) == {f.name for f in FAMILIES}
     for family in FAMILIES:
         assert tuple(rows[family.name].split(", ")) == family.lora_targets, family.name
+
+
+def test_train_help_names_the_default(capsys):
+    from diffusion_dpo.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0
+    assert "lora.target_modules default: the detected family's set" in out and "docs/recipes.md" in out
