@@ -8,7 +8,7 @@ config is written next to every output (`save_config`) so a run can always be re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -103,8 +103,10 @@ class LoraSettings:
     """LoRA alpha, > 0 (default: equal to rank, i.e. scale 1; 0 would switch the adapter off)."""
     dropout: float = 0.0
     """Dropout on the LoRA input, in [0, 1)."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet module names that receive an adapter (unset with train.method=consistency_dpo: LCM_LORA_TARGETS)."""
+    target_modules: Optional[list[str]] = None
+    """Module names of the trained network that receive an adapter. Default (unset or null): the family's set,
+    resolved once the family is detected (RunConfig.with_network_defaults; table in docs/recipes.md, "LoRA targets");
+    with train.method=consistency_dpo: LCM_LORA_TARGETS."""
     init_weights: Literal["default", "gaussian"] = "default"
     """'default' starts the B matrices at zero, so the policy begins exactly at the reference."""
     export_kohya: bool = False
@@ -262,10 +264,15 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
 
-    def resolve_defaults(self, given: dict) -> None:
-        """Defaults that depend on other keys, where `given` (YAML + overrides) sets none: consistency_dpo's LoRA set."""
-        if self.train.method == "consistency_dpo" and "target_modules" not in given.get("lora", {}):
-            self.lora.target_modules = list(LCM_LORA_TARGETS)
+    def with_network_defaults(self, family_lora_targets: tuple[str, ...]) -> "RunConfig":
+        """This config with the defaults that depend on the trained network filled in where it leaves them unset:
+        lora.target_modules is consistency_dpo's LCM-LoRA set, else the detected family's `lora_targets`.
+        Trainer.setup applies it before the run folder compares configs, so a resume, config.yaml, checkpoints and
+        the model card see the list that is trained (the UNet families' set is the list older runs recorded)."""
+        if self.lora.target_modules is not None:
+            return self
+        targets = LCM_LORA_TARGETS if self.train.method == "consistency_dpo" else family_lora_targets
+        return replace(self, lora=replace(self.lora, target_modules=list(targets)))
 
     def validate(self) -> None:
         """Cross-field checks; raise ConfigError naming the key and the fix."""

@@ -51,8 +51,12 @@ def test_teacher_without_the_method_is_refused():
 
 
 def test_lora_targets_default_to_the_lcm_lora_set_only_for_this_method_and_only_when_unset():
-    cfg = load_config(None, ["train.method=consistency_dpo", "model.teacher=t"])
+    from diffusion_dpo.models.families import LCMFamily
+
+    cfg = load_config(None, ["train.method=consistency_dpo", "model.teacher=t"]).with_network_defaults(
+        LCMFamily.lora_targets)  # what Trainer.setup does once the family is detected
     assert cfg.lora.target_modules == list(LCM_LORA_TARGETS) and "time_emb_proj" in cfg.lora.target_modules
     explicit = load_config(None, ["train.method=consistency_dpo", "model.teacher=t", "lora.target_modules=[to_q]"])
-    assert explicit.lora.target_modules == ["to_q"]
-    assert load_config(None, []).lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]  # dpo: unchanged
+    assert explicit.with_network_defaults(LCMFamily.lora_targets).lora.target_modules == ["to_q"]
+    dpo = load_config(None, []).with_network_defaults(LCMFamily.lora_targets)
+    assert dpo.lora.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]  # dpo: the family's set

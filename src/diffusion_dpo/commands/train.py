@@ -9,7 +9,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file (see configs/); optional if every key is given as an override")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides applied after the file, e.g. train.beta=5000 lora.rank=16")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit (keys that depend "
+                   "on the detected model family, such as lora.target_modules, print as null)")
+    p.epilog = ("lora.target_modules default: the detected family's set (train.method=consistency_dpo: the LCM-LoRA "
+                "set); table in docs/recipes.md, \"LoRA targets\". output.dir/config.yaml records the list trained.")
 
 
 def run(args: argparse.Namespace) -> int:

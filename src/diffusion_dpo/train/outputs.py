@@ -74,6 +74,8 @@ def model_card(cfg: RunConfig, family: ModelFamily, summary: dict) -> str:
         f"| data | `{cfg.data.source}` at {cfg.data.resolution} px |",
         f"| final loss (mean of last 10 steps) | {summary.get('loss_last10', float('nan')):.4f} |",
     ]
+    if t.finetune == "lora":  # the resolved list (an unset lora.target_modules is the family's set)
+        lines.append(f"| LoRA target modules | {', '.join(f'`{m}`' for m in cfg.lora.target_modules)} |")
     if grown := summary.get("lora_rank_schedule"):  # train.curriculum.rank_schedule (Curriculum-DPO++)
         lines.append(f"| LoRA rank grown (Curriculum-DPO++) | ranks {grown['ranks']} from steps "
                      f"{grown['first_step_of_each_rank']}; the file holds the final rank |")

@@ -33,7 +33,7 @@ import socket
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -286,15 +286,19 @@ def forced_resumes(out: Path) -> list[dict]:
 class RunDir:
     """The claimed output folder of one run."""
 
-    def __init__(self, out: Path, lock: Optional[_Lock], forced: Optional[dict]):
-        self.out, self.forced = out, forced
+    def __init__(self, out: Path, lock: Optional[_Lock], forced: Optional[dict], cfg: RunConfig):
+        self.out, self.forced, self.cfg = out, forced, cfg
         # released by release(), or when a Trainer that never trained (bench, tests) is garbage collected
         self._release = weakref.finalize(self, lock.release) if lock is not None else None
 
     @classmethod
-    def claim(cls, cfg: RunConfig, is_main: bool) -> "RunDir":
+    def claim(cls, cfg: RunConfig, is_main: bool,
+              resolve: Optional[Callable[[RunConfig], RunConfig]] = None) -> "RunDir":
         """Check ownership and resume compatibility on every process; the main process also creates the folder,
-        locks it and marks it as ours. Raises RunDirError (one line) on refusal."""
+        locks it and marks it as ours. Raises RunDirError (one line) on refusal. `resolve` fills in the defaults
+        that need the model (Trainer.setup: the family's lora.target_modules): called once the folder is locked,
+        so an unusable output.dir is refused before the model is read; the resume check compares its result,
+        kept as `RunDir.cfg`."""
         out = Path(cfg.output.dir)
         check_ours(out)
         lock = None
@@ -311,6 +315,8 @@ class RunDir:
                 raise
         try:
             check_ours(out)  # again under the lock: another run may have filled the folder meanwhile
+            if resolve is not None:
+                cfg = resolve(cfg)
             forced = check_resume(out, cfg)
             if is_main and not (out / RUN_FILE).is_file():
                 from diffusion_dpo import __version__
@@ -321,7 +327,7 @@ class RunDir:
             if lock is not None:
                 lock.release()
             raise
-        return cls(out, lock, forced)
+        return cls(out, lock, forced, cfg)
 
     def write_config(self, cfg: RunConfig) -> None:
         """Main process: write config.yaml, headed by a comment per forced resume, and record this run's one."""

@@ -48,6 +48,14 @@ class Trainer:
         self.out = Path(cfg.output.dir)
 
     # ------------------------------------------------------------------------------------------
+    def _detect_family(self, cfg: RunConfig) -> RunConfig:
+        """2. model family, read from the pipeline's configs (no weights): everything family-specific is asked of
+        this object. Returns `cfg` with the defaults that depend on it."""
+        m = cfg.model
+        self.spec = detect_spec(m.pretrained, m.revision, m.variant, m.family, m.prediction_type)
+        self.family = family_of(self.spec, m.lcm_guidance_scale, cfg.flow)
+        return cfg.with_network_defaults(self.family.lora_targets)
+
     def setup(self) -> "Trainer":
         cfg = self.cfg
         # 1. distribution and precision
@@ -71,15 +79,14 @@ class Trainer:
         log.info("engine: %s, %d process(es)", engine.name(acc), acc.num_processes)
         self.device = acc.device
         self.is_main = acc.is_main_process
-        self.run_dir = RunDir.claim(cfg, self.is_main)  # lock output.dir; refuse a foreign folder or a mismatched resume
+        # lock output.dir, refuse a foreign folder; then 2. (the family) and the check of a resume against the
+        # config with the family's defaults filled in (lora.target_modules), which config.yaml then records
+        self.run_dir = RunDir.claim(cfg, self.is_main, resolve=self._detect_family)
+        self.cfg = cfg = self.run_dir.cfg
         if cfg.train.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         torch.manual_seed(cfg.train.seed)  # model init (LoRA A matrices) identical on every process
-
-        # 2. model family: everything family-specific is asked of this object
         m = cfg.model
-        self.spec = detect_spec(m.pretrained, m.revision, m.variant, m.family, m.prediction_type)
-        self.family = family_of(self.spec, m.lcm_guidance_scale, cfg.flow)
         self.family.check_settings(cfg)
         frozen_dtype = torch_dtype(m.frozen_dtype, "model.frozen_dtype")
         self.noise_scheduler = self.family.load_noise_scheduler(self.device)

@@ -252,10 +252,11 @@ def test_resolution_must_give_even_latent_sides(fixture, request):
 def test_lora_targets_missing_the_text_stream_are_reported(tiny_sd3, caplog):
     family = family_of(detect_spec(str(tiny_sd3)))
     with caplog.at_level("WARNING", logger="diffusion_dpo.models.families.flowbase"):
-        family.check_settings(load_config(None, []))  # lora.target_modules' global default: the UNet set
+        family.check_settings(load_config(None, ["lora.target_modules=[to_q,to_k,to_v,to_out.0]"]))  # the UNet set
     assert "['add_k_proj', 'add_q_proj', 'add_v_proj', 'to_add_out']" in caplog.text and "sd3" in caplog.text
     caplog.clear()
     targets = "[" + ",".join(family.lora_targets) + "]"
     with caplog.at_level("WARNING", logger="diffusion_dpo.models.families.flowbase"):
         family.check_settings(load_config(None, [f"lora.target_modules={targets}"]))
+        family.check_settings(load_config(None, []).with_network_defaults(family.lora_targets))  # unset: the family's
     assert caplog.text == ""

@@ -68,26 +68,37 @@ def test_what_counts_as_one_of_our_runs(tmp_path):
     check_ours(tmp_path)
 
 
+def _as_trained(overrides: list[str]):
+    """A config as Trainer.setup compares it: loaded, then an SD pipeline's defaults filled in."""
+    from diffusion_dpo.models.families import SDFamily
+
+    return load_config(None, overrides).with_network_defaults(SDFamily.lora_targets)
+
+
 def test_resume_differences_name_result_keys_only():
-    base = load_config(None, ["train.lr_scheduler=constant_with_warmup"])
+    base = _as_trained(["train.lr_scheduler=constant_with_warmup"])
     saved = to_dict(base)
-    free = load_config(None, ["train.max_steps=9000", "train.checkpoint_every=7", "train.checkpoints_total_limit=1",
-                              "train.log_every=5", "data.num_workers=3", "output.report_to=none", "output.dir=elsewhere",
-                              "train.gradient_checkpointing=true", "train.on_nonfinite=skip", "lora.export_kohya=true"])
+    free = _as_trained(["train.max_steps=9000", "train.checkpoint_every=7", "train.checkpoints_total_limit=1",
+                        "train.log_every=5", "data.num_workers=3", "output.report_to=none", "output.dir=elsewhere",
+                        "train.gradient_checkpointing=true", "train.on_nonfinite=skip", "lora.export_kohya=true"])
     assert resume_differences(saved, free) == {}
-    changed = load_config(None, ["train.beta=5000", "train.learning_rate=3e-5", "data.source=other",
-                                 "train.method=sft", "lora.target_modules=[to_q]"])
+    # a run written before lora.target_modules defaulted to the family's set recorded the UNet list explicitly
+    explicit = to_dict(load_config(None, ["train.lr_scheduler=constant_with_warmup",
+                                          "lora.target_modules=[to_q,to_k,to_v,to_out.0]"]))
+    assert resume_differences(explicit, base) == {}
+    changed = _as_trained(["train.beta=5000", "train.learning_rate=3e-5", "data.source=other",
+                           "train.method=sft", "lora.target_modules=[to_q]"])
     assert resume_differences(saved, changed) == {
         "data.source": ("", "other"), "lora.target_modules": (["to_q", "to_k", "to_v", "to_out.0"], ["to_q"]),
         "train.beta": (2000.0, 5000.0), "train.learning_rate": (1e-5, 3e-5), "train.method": ("dpo", "sft")}
     # a decaying schedule is stretched by max_steps, so there it determines the result
-    linear = to_dict(load_config(None, ["train.lr_scheduler=linear"]))
-    longer = load_config(None, ["train.lr_scheduler=linear", "train.max_steps=4000"])
+    linear = to_dict(_as_trained(["train.lr_scheduler=linear"]))
+    longer = _as_trained(["train.lr_scheduler=linear", "train.max_steps=4000"])
     assert resume_differences(linear, longer) == {"train.max_steps": (2000, 4000)}
     # a key the checkpoint's (older) config lacks counts as its default
     del saved["train"]["lean_autograd"], saved["data"]["latent_sampling"]
     assert resume_differences(saved, base) == {}
-    assert resume_differences(saved, load_config(None, ["data.latent_sampling=mean"])) == {
+    assert resume_differences(saved, _as_trained(["data.latent_sampling=mean"])) == {
         "data.latent_sampling": ("sample", "mean")}
 
 

@@ -48,8 +48,8 @@ class ModelFamily(ABC):
     transforms give a pair one geometry (data.transforms.PairTransform same_geometry), and the cache key holds
     the mode."""
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
-    """Recommended LoRA target modules of the trained network: lora.target_modules's default for the UNet families;
-    the transformer families' shipped configs set theirs (docs/flow.md)."""
+    """Recommended LoRA target modules of the trained network: an unset lora.target_modules resolves to these
+    (RunConfig.with_network_defaults; table in docs/recipes.md, "LoRA targets")."""
     preset_guidance: ClassVar[dict[str, float]] = {}
     """Classifier-free guidance of the sampling presets (evaluate.sampling.PRESETS) where the source states one
     for this family; other presets keep the pipeline's default."""

@@ -74,7 +74,7 @@ class FlowMatchingFamily(ModelFamily):
     def check_settings(self, cfg: Any) -> None:
         self.latent_shape(cfg.data.resolution)  # even latent sides
         missing = sorted(set(self.lora_targets) - set(cfg.lora.target_modules))
-        if cfg.train.finetune == "lora" and missing:  # e.g. the UNet default, which misses the text stream
+        if cfg.train.finetune == "lora" and missing:  # an explicit list (e.g. the UNet set: no text stream)
             log.warning("lora.target_modules %s leaves %s of the %s transformer without adapters (its recommended set: "
                         "%s; docs/flow.md, 'LoRA targets')", list(cfg.lora.target_modules), missing, self.name,
                         list(self.lora_targets))
