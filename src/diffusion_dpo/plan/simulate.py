@@ -8,7 +8,7 @@ no cache is read; the reference (adapters off, or the copy) runs the 2B stacked 
 policy runs them with gradients; the loss is the configured one (losses.build_loss), then backward, gradient
 clipping, the optimizer (train.optim.build_optimizer) and zero_grad(set_to_none). Two steps, because the
 optimizer's state exists from the first step on and the second step's peak is the one every later step
-repeats.
+repeats (a third step counts the FLOPs).
 
 Not simulated: the optimizer of train.optimizer=adamw8bit (bitsandbytes runs on CUDA only): the step runs
 AdamW and its state is scaled to 8-bit's 2 bytes + 1 fp32 scale per 256 values per parameter (0.254 of
@@ -81,7 +81,12 @@ def simulate(cfg, desc: ModelDesc, resolution: int) -> StepProfile:
     lora = t.finetune == "lora"
     live = reference_strategy(t) == "live"
     loss_fn = build_loss(t.method, t.beta, cfg.loss)
-    # 1. the networks, on the meta device, as Trainer.setup makes them
+    from diffusers.utils import logging as diffusers_logging
+
+    # 1. the networks, on the meta device, as Trainer.setup makes them (diffusers warns about every .to(dtype)
+    # of a model without "keep in fp32" modules: nothing to act on here)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
     with torch.device("meta"):
         net = build_network(desc)
         if lora:
@@ -93,6 +98,7 @@ def simulate(cfg, desc: ModelDesc, resolution: int) -> StepProfile:
         if live and not lora:
             ref = copy.deepcopy(net).requires_grad_(False).eval().to(torch_dtype(m.reference_dtype or m.frozen_dtype))
         vae, encoders = build_encoders(desc, frozen) if on_the_fly(cfg) else (None, [])
+    diffusers_logging.set_verbosity(verbosity)
     fm = FakeTensorMode()
     for module in (net, ref, vae, *(e for e, _ in encoders)):
         if module is not None:
@@ -122,11 +128,14 @@ def simulate(cfg, desc: ModelDesc, resolution: int) -> StepProfile:
         opt = build_optimizer(_with_optimizer(t, "adamw" if t.optimizer == "adamw8bit" else t.optimizer), params,
                               t.learning_rate)
         step = _Step(cfg, desc, net, ref, vae, encoders, loss_fn, live, frozen, resolution, tracker)
-        counter = FlopCounterMode(display=False)
         with tracker:
             step(opt)
-            with counter:
-                step(opt)
+            step(opt)
+        # FLOPs in a third step, uncounted: FlopCounterMode's module hooks keep tensors alive (under gradient
+        # checkpointing, 4 MB more than the real step on the tiny UNet)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step(opt)
     timeline = tracker.timeline
     if t.optimizer == "adamw8bit":
         timeline = [(a, g, int(o * EIGHT_BIT_STATE)) for a, g, o in timeline]
