@@ -30,15 +30,16 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(tiny_sd, pairs, fine
     reference copy; full: fp32 weights, gradients, AdamW state and a frozen copy. Both encode on the fly, so the
     VAE and text encoder are in both counts. Measured: 1.002 (LoRA) and 1.001 (full) of the measured peak."""
     assert main(_args(tiny_sd, pairs, f"train.finetune={finetune}", "train.batch_size=2", "--measure",
-                      "--json")) == 0
+                      "--json", "-")) == 0
     plan = json.loads(capsys.readouterr().out)
     ratio = plan["measured"]["estimate_over_measured"]
     assert 0.85 <= ratio <= 1.15, plan["measured"]
     parts = plan["single_device"]["at_peak"]
     assert parts["encoders"] > 0 and parts["activations"] > 0
-    if finetune == "full":  # the frozen copy is the policy's size; AdamW keeps two moments of every weight
-        assert parts["reference"] == parts["policy_trainable"]
-        assert parts["optimizer"] == 2 * parts["policy_trainable"]
+    if finetune == "full":  # the frozen copy is the policy's size; AdamW keeps two moments of every weight and a
+        assert parts["reference"] == parts["policy_trainable"]  # 4-byte step count per parameter tensor
+        n_tensors = (parts["optimizer"] - 2 * parts["policy_trainable"]) / 4
+        assert n_tensors == int(n_tensors) and 100 < n_tensors < 1000
     else:
         assert parts["reference"] == 0 and parts["policy_frozen"] > 10 * parts["policy_trainable"]
 
@@ -85,3 +86,11 @@ def test_plan_on_a_folder_that_is_no_pipeline(tmp_path, capsys):
 def test_world_size_must_be_positive(capsys):
     assert main(["plan", "--arch", "sd15", "--world-size", "0"]) == 2
     assert "--world-size" in capsys.readouterr().err
+
+
+@pytest.mark.fault(input="`plan --measure` on a config whose training cannot run (data.source missing)",
+                   behaviour="exit 2: the training error's last line; drop --measure or fix the config")
+def test_measure_of_a_config_that_cannot_train(tiny_sd, tmp_path, capsys):
+    assert main(_args(tiny_sd, tmp_path / "missing.parquet", "--measure")) == 2
+    err = capsys.readouterr().err
+    assert "plan --measure: the training steps failed" in err and "missing.parquet" in err

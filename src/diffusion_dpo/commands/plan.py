@@ -1,4 +1,4 @@
-"""`diffusion-dpo plan --config FILE.yaml [overrides] --world-size N --device-memory 80GiB [--arch A] [--json [FILE]]
+"""`diffusion-dpo plan --config FILE.yaml [overrides] --world-size N --device-memory 80GiB [--arch A] [--json FILE]
 [--measure]`: per-device memory and step FLOPs of a training config, which engine fits, which to use.
 
 Flags and printing only; the planner is the library package diffusion_dpo.plan (docs/scaling.md, "Planning
@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=ARCHS,
                    help="plan a named real architecture from its published configs (models/arch_configs.py) instead "
                         "of model.pretrained's folder; set data.resolution to its size (1024 for all but sd15)")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
-                   help="write the plan as JSON to FILE (no FILE: to stdout, instead of the table)")
+    p.add_argument("--json", metavar="FILE",
+                   help="write the plan as JSON to FILE ('-': to stdout, instead of the table)")
     p.add_argument("--measure", action="store_true",
                    help="also run 3 real training steps of the config on this CPU and print the measured peak beside "
                         "the estimate (needs model.pretrained and data.source to exist; slow for real sizes)")

@@ -11,8 +11,9 @@ train.optim.apply_gradients: the trainer's own loop body) under torch.profiler w
 What it counts: every allocation through PyTorch's CPU allocator, including an op's scratch tensors (which the
 planner's op-level count does not see). What it does not: memory oneDNN / MKL allocate outside PyTorch's
 allocator, Python objects, and glibc's heap fragmentation, which is why it is not the process's RSS (on this
-CPU RSS runs 0.5-1 GB above live tensors: docs/performance.md, "Memory"); nor a GPU's CUDA context. On a
-GPU the same check is torch.cuda.max_memory_allocated() of the run.
+CPU RSS runs 0.5-1 GB above live tensors: docs/performance.md, "Memory"); nor a GPU's CUDA context. When
+the trainer runs on a GPU the child reads torch.cuda.memory_allocated() before the steps and
+max_memory_allocated() over them instead (written for a lent GPU; not yet run on one).
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ def measure_peak(cfg, steps: int = 3) -> dict:
         job = {"config": str(config), "out": str(Path(tmp, "run")), "steps": steps}
         proc = _run_child(job)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-15:])
-        raise RuntimeError(f"plan --measure: the training child failed (exit {proc.returncode}):\n{tail}")
+    if proc.returncode != 0 or not lines:  # e.g. data.source missing: the child's last line names the error
+        from diffusion_dpo.errors import ConfigError
+
+        last = next((x for x in reversed((proc.stderr or proc.stdout).splitlines()) if x.strip()), "no output")
+        raise ConfigError(f"plan --measure: the training steps failed (exit {proc.returncode}): {last.strip()}; "
+                          "fix the config so that `diffusion-dpo train` runs it, or drop --measure")
     return json.loads(lines[-1][len(RESULT_PREFIX):])
 
 
@@ -79,19 +83,29 @@ def child_main(job_json: str) -> int:
                                       "train.resume=never", "train.max_steps=100000"])
     tr = Trainer(cfg, progress=False).setup()
     acc, batches = tr.accelerator, iter(tr.loader)
-    before = live_tensor_bytes()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        for _ in range(job["steps"]):  # Trainer._train's loop body, one micro-batch per optimizer step
+
+    def steps() -> None:  # Trainer._train's loop body, one micro-batch per optimizer step
+        for _ in range(job["steps"]):
             loss, metrics, _ = tr.micro_step(next(batches))
             acc.backward(loss)
             metrics = {k: float(v) for k, v in metrics.items()}
             apply_gradients(acc, tr.optimizer, tr.lr_scheduler, tr.params, cfg.train.max_grad_norm, metrics)
             del loss
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    running = high = 0
-    for _, nbytes in events:  # allocations positive, frees negative
-        running += nbytes
-        high = max(high, running)
+
+    if tr.device.type == "cuda":  # the caching allocator keeps the count itself (not run here: no GPU lent yet)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        steps()
+        high = torch.cuda.max_memory_allocated() - before
+    else:
+        before = live_tensor_bytes()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            steps()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        running = high = 0
+        for _, nbytes in events:  # allocations positive, frees negative
+            running += nbytes
+            high = max(high, running)
     print(RESULT_PREFIX + json.dumps({"peak": before + high, "before_steps": before, "steps": job["steps"]}), flush=True)
     return 0
