@@ -11,6 +11,8 @@ and prints one markdown row per run."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 from pathlib import Path
 
 SETTINGS = [  # (finetune, pairs per step, gradient checkpointing, data)
@@ -57,7 +59,8 @@ def main() -> None:
             if cache:  # prepare the cache first, so that neither count includes encoding the dataset
                 from diffusion_dpo.cache.prepare import prepare_cache
 
-                prepare_cache(cfg, progress=False)
+                with contextlib.redirect_stdout(sys.stderr):  # its summary line is not a table row
+                    prepare_cache(cfg, progress=False)
             estimate = make_plan(cfg, 1, 2**40)["single_device"]["peak"]
             measured = measure_peak(cfg)["peak"]
             print(f"| {arch} | {finetune} | {batch} | {'on' if checkpointing else 'off'} | "
