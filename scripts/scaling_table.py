@@ -4,7 +4,8 @@ fine-tuning x 1, 8 and 64 GPUs of 80 GiB.
     python scripts/scaling_table.py [--json FILE]
 
 One simulation per model and method (plan.simulate on the published configs of models/arch_configs.py), then
-each world size's engines from it (plan.engines). The recipe: data.format=cache (latents and text embeddings
+each world size's engines from it (plan.engines). A cell gives the recommended engine (the first that fits in
+plan.engines.ENGINES order) and its GiB per device, with DDP's figure beside a sharded one. The recipe: data.format=cache (latents and text embeddings
 prepared: no VAE or text encoder in training), 1 pair per GPU at the model's resolution, bf16 autocast,
 model.frozen_dtype=bfloat16 (the LoRA base and the frozen reference copy in bf16), gradient checkpointing, AdamW,
 LoRA rank 8 on the attention projections, train.reference=live."""
@@ -48,18 +49,19 @@ def main() -> None:
             cells = []
             for n in WORLD_SIZES:
                 rows = plan_engines(profile, n, DEVICE)
-                best = recommend(rows)
+                best, ddp = recommend(rows), rows[0]
                 out[f"{arch}/{finetune}/{n}"] = rows
                 if best is None:
                     low = min(rows, key=lambda r: r["bytes_per_device"])
                     cells.append(f"none fits (least: {low['engine']} {low['bytes_per_device'] / gib:.1f})")
-                else:
-                    others = [r["engine"] for r in rows if r["fits"] and r is not best]
+                else:  # DDP's figure beside a sharded recommendation: what sharding saves
                     cells.append(f"**{best['engine']}** {best['bytes_per_device'] / gib:.1f}"
-                                 + (f" (also: {', '.join(others)})" if others else ""))
+                                 + ("" if best is ddp else f" (ddp {ddp['bytes_per_device'] / gib:.1f})"))
             print(f"| {NAMES[arch]} | {finetune} | {profile.peak / gib:.1f} ({weights / gib:.1f} / "
                   f"{(parts['gradients'] + parts['optimizer']) / gib:.1f} / {parts['activations'] / gib:.1f}) | "
                   + " | ".join(cells) + f" | {profile.flops / 1e12:.1f} |", flush=True)
+            out[f"{arch}/{finetune}"] = {"peak": profile.peak, "at_peak": parts, "flops": profile.flops,
+                                         "parameters": profile.parameters}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

@@ -68,6 +68,7 @@ def on_the_fly(cfg) -> bool:
 
 def simulate(cfg, desc: ModelDesc, resolution: int) -> StepProfile:
     """Simulate two training steps of `cfg` (a config.RunConfig) on the model `desc` at `resolution` pixels."""
+    from diffusers.utils import logging as diffusers_logging
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -81,8 +82,6 @@ def simulate(cfg, desc: ModelDesc, resolution: int) -> StepProfile:
     lora = t.finetune == "lora"
     live = reference_strategy(t) == "live"
     loss_fn = build_loss(t.method, t.beta, cfg.loss)
-    from diffusers.utils import logging as diffusers_logging
-
     # 1. the networks, on the meta device, as Trainer.setup makes them (diffusers warns about every .to(dtype)
     # of a model without "keep in fp32" modules: nothing to act on here)
     verbosity = diffusers_logging.get_verbosity()
