@@ -112,3 +112,44 @@ def test_device_memory_units():
     for bad in ("80XB", "-4GB", "0GiB", "lots"):
         with pytest.raises(ConfigError, match="--device-memory"):
             parse_memory(bad)
+
+
+_VAE = {"block_out_channels": [32, 64], "latent_channels": 4, "norm_num_groups": 32,
+        "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
+_FLOW = {  # 1-2 layer transformers of the real classes, their text from a CLIP (77 tokens) and a T5 (16 tokens)
+    "SD3Transformer2DModel": dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                  caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16),
+    "FluxTransformer2DModel": dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=[4, 6, 6]),
+}
+
+
+@pytest.mark.parametrize("network_class", sorted(_FLOW))
+def test_a_lora_step_of_a_flow_transformer_costs_three_forwards(network_class):
+    """The planner calls SD3 and Flux transformers with their training inputs (text tokens, pooled text, Flux's
+    packed latents, ids and guidance). A LoRA DPO step = reference forward + policy forward + a backward that
+    computes input gradients only (frozen weights: about one forward) = 3 forwards of the 2B rows, up to the
+    adapters' own small matmuls and their weight gradients."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffusion_dpo.config import load_config
+    from diffusion_dpo.plan.model import ModelDesc, build_network, network_inputs
+    from diffusion_dpo.plan.simulate import simulate
+    from diffusion_dpo.plan.tracker import fake_module
+
+    desc = ModelDesc("tiny", network_class, _FLOW[network_class], _VAE,
+                     [("text_encoder", "CLIPTextModelWithProjection", {}, 77), ("text_encoder_2", "T5EncoderModel", {}, 16)])
+    cfg = load_config(None, ["data.format=cache", "train.batch_size=2", "train.finetune=lora", "lora.rank=2"])
+    profile = simulate(cfg, desc, 32)
+    with torch.device("meta"):
+        net = build_network(desc)
+    fm = FakeTensorMode()
+    fake_module(net, fm)
+    with fm, FlopCounterMode(display=False) as forward:
+        net(**network_inputs(desc, net, 4, torch.randn(4, 4, 16, 16)))
+    assert profile.flops == pytest.approx(3 * forward.get_total_flops(), rel=0.05)
+    assert profile.parameters["trainable"] > 0 and profile.weights["reference"] == 0
+    assert profile.peak > sum(profile.weights.values())
