@@ -50,7 +50,7 @@ def test_table_engines_and_sharding(tiny_sd, pairs, capsys, tmp_path):
                       "--json", str(out))) == 0
     text = capsys.readouterr().out
     for line in ("one device, no sharding", "trained weights", "reference copy", "peak", "TFLOP per device",
-                 "engines on 4 device(s) of 1.0 GiB", "recommended: none fits"):
+                 "engines on 4 device(s) of 1.00 GiB", "recommended: none fits"):
         assert line in text  # 1 GiB minus the 1 GiB context reserve: nothing fits
     plan = json.loads(out.read_text())
     rows = {r["engine"]: r["bytes_per_device"] for r in plan["engines"]}

@@ -75,35 +75,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:8.2f}"
-
-
 def format_plan(plan: dict) -> str:
     """The plan as a table a person reads at a glance."""
     s, single = plan["setup"], plan["single_device"]
     n = plan["world_size"]
-    lines = [f"plan: {s['model']}: {s['network_class']}, {s['parameters']['network'] / 1e9:.2f}B parameters "
-             f"({s['parameters']['trainable'] / 1e6:.1f}M trained: {s['finetune']}), reference: {s['reference']}",
+    unit, unit_name = (2**30, "GiB") if single["peak"] >= 2**30 else (2**20, "MiB")  # tiny test models: MiB
+
+    def size(nbytes: float) -> str:
+        return f"{nbytes / unit:8.2f}"
+
+    def count(k: int) -> str:
+        return f"{k / 1e9:.2f}B" if k >= 1e9 else f"{k / 1e6:.1f}M"
+
+    lines = [f"plan: {s['model']}: {s['network_class']}, {count(s['parameters']['network'])} parameters "
+             f"({count(s['parameters']['trainable'])} trained: {s['finetune']}), reference: {s['reference']}",
              f"      {s['resolution']} px, {s['batch_size']} pair(s) per device, {s['optimizer']}, mixed precision "
              f"{s['mixed_precision']}, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, "
              f"images {'encoded in the step' if s['encodes_on_the_fly'] else 'from a cache'}",
-             "one device, no sharding (two steps simulated on fake tensors), GiB:"]
+             f"one device, no sharding (two steps simulated on fake tensors), {unit_name}:"]
     names = {"policy_trainable": "trained weights", "policy_frozen": "frozen weights (LoRA base, buffers)",
              "reference": "reference copy", "encoders": "VAE + text encoders", "gradients": "gradients (at the peak)",
              "optimizer": "optimizer state (at the peak)", "activations": "activations + temporaries (at the peak)"}
-    lines += [f"  {names[k]:<42}{_gib(v)}" for k, v in single["at_peak"].items()]
-    lines.append(f"  {'peak':<42}{_gib(single['peak'])}")
+    lines += [f"  {names[k]:<42}{size(v)}" for k, v in single["at_peak"].items()]
+    lines.append(f"  {'peak':<42}{size(single['peak'])}")
     if "measured" in plan:
         m = plan["measured"]
-        lines.append(f"  {'measured on this CPU (' + str(m['steps']) + ' real steps)':<42}{_gib(m['peak'])}   "
+        lines.append(f"  {'measured on this CPU (' + str(m['steps']) + ' real steps)':<42}{size(m['peak'])}   "
                      f"estimate / measured = {m['estimate_over_measured']:.3f}")
     lines.append(f"step: {plan['flops']['per_device_step'] / 1e12:.2f} TFLOP per device per micro-batch as run; "
                  f"{plan['flops']['per_optimizer_step'] / 1e12:.2f} TFLOP per optimizer step on {n} device(s)")
-    lines.append(f"engines on {n} device(s) of {plan['device_memory'] / 2**30:.1f} GiB (fits: estimate x "
+    lines.append(f"engines on {n} device(s) of {plan['device_memory'] / 2**30:.2f} GiB (fits: estimate x "
                  f"{1 + plan['allocator_margin']:.2f} + {plan['context_bytes'] / 2**30:.0f} GiB context <= device):")
-    lines.append(f"  {'engine':<15}{'GiB/device':>10}  {'fits':<5} launch (configs/accelerate/)")
-    lines += [f"  {r['engine']:<15}{_gib(r['bytes_per_device']):>10}  {'yes' if r['fits'] else 'no':<5} {r['config']}"
+    lines.append(f"  {'engine':<15}{unit_name + '/device':>10}  {'fits':<5} launch (configs/accelerate/)")
+    lines += [f"  {r['engine']:<15}{size(r['bytes_per_device']):>10}  {'yes' if r['fits'] else 'no':<5} {r['config']}"
               for r in plan["engines"]]
     best = plan["recommended"]
     lines.append(f"recommended: {best['engine']} ({best['config']})" if best else
