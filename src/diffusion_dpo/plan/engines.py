@@ -12,7 +12,7 @@ and the engine's estimate is the largest of these over the step. What each engin
 
 | engine | weights | gradients | optimizer | buffers |
 | --- | --- | --- | --- | --- |
-| ddp | whole | whole | whole | DDP's gradient buckets: one more copy of the gradients |
+| ddp | whole | whole | whole | DDP's gradient buckets: one more copy of the gradients (N > 1) |
 | zero2 | whole | 1/N | 1/N | reduce buckets: min(gradients, 2 x 5e8 fp32 values) (DeepSpeed's default size) |
 | zero2+offload | whole | CPU | CPU | the same buckets |
 | fsdp (full shard) | 1/N, the reference too | 1/N | 1/N | the largest block gathered whole: 2x (current + prefetched) + its gradient |
@@ -78,7 +78,7 @@ def engine_bytes(engine: Engine, profile: StepProfile, world_size: int) -> int:
     fixed = policy * share[engine.weights] + reference + w["encoders"]
     trainable_grads = w["policy_trainable"]  # gradients have the trained weights' dtype (fp32)
     if engine.buffers == "ddp_buckets":
-        fixed += trainable_grads
+        fixed += trainable_grads if n > 1 else 0  # one process: accelerate wraps nothing in DDP
     elif engine.buffers == "zero_buckets":
         fixed += min(trainable_grads, DEEPSPEED_BUCKET_BYTES)
     else:

@@ -55,6 +55,7 @@ def test_engine_formulas_by_hand():
     n = 4
     # ddp: everything whole + one more copy of the gradients (buckets)
     assert engine_bytes(engine["ddp"], p, n) == 400 + 400 + 50 + 400 + max(1000 + 800, 100 + 400 + 800)
+    assert engine_bytes(engine["ddp"], p, 1) == 400 + 400 + 50 + max(1000 + 800, 100 + 400 + 800)  # no DDP at N=1
     # zero2: weights and reference whole, gradients and optimizer 1/4, buckets = min(grads, 4 GB) = 400
     assert engine_bytes(engine["zero2"], p, n) == 400 + 400 + 50 + 400 + max(1000 + 200, 100 + 100 + 200)
     # fsdp: weights and reference 1/4, gradients and optimizer 1/4, three blocks of 10
