@@ -23,14 +23,16 @@ def _args(model, pairs, *extra):
     return ["plan", f"model.pretrained={model}", f"data.source={pairs}", "data.resolution=32", *extra]
 
 
-@pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_estimate_is_within_15_percent_of_the_measured_peak(tiny_sd, pairs, finetune, capsys):
+@pytest.mark.parametrize("finetune,checkpointing", [("lora", "true"), ("full", "false")])
+def test_estimate_is_within_15_percent_of_the_measured_peak(tiny_sd, pairs, finetune, checkpointing, capsys):
     """The issue's check: the planner's peak against 3 real training steps of the same config on this CPU (the
-    profiler's count of the CPU allocator, plus what was live before the steps). LoRA: the base frozen, no
-    reference copy; full: fp32 weights, gradients, AdamW state and a frozen copy. Both encode on the fly, so the
-    VAE and text encoder are in both counts. Measured: 1.002 (LoRA) and 1.001 (full) of the measured peak."""
-    assert main(_args(tiny_sd, pairs, f"train.finetune={finetune}", "train.batch_size=2", "--measure",
-                      "--json", "-")) == 0
+    profiler's count of the CPU allocator, plus what was live before the steps). LoRA (with gradient
+    checkpointing): the base frozen, no reference copy; full: fp32 weights, gradients, AdamW state and a frozen
+    copy. Both encode on the fly, so the VAE and text encoder are in both counts. scripts/plan_error_table.py
+    measured 1.002 and 1.002 for these two (LoRA with checkpointing was 1.22 while the FLOPs were counted inside the
+    tracked step)."""
+    assert main(_args(tiny_sd, pairs, f"train.finetune={finetune}", "train.batch_size=2",
+                      f"train.gradient_checkpointing={checkpointing}", "--measure", "--json", "-")) == 0
     plan = json.loads(capsys.readouterr().out)
     ratio = plan["measured"]["estimate_over_measured"]
     assert 0.85 <= ratio <= 1.15, plan["measured"]
