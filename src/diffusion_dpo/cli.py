@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("diffusion_dpo.commands.train", "train Diffusion-DPO or SFT from a YAML config with dotted overrides"),
     "prepare": ("diffusion_dpo.commands.prepare", "encode a preference dataset once into a latent + text-embedding cache"),
     "bench": ("diffusion_dpo.commands.bench", "time training steps of our design against the official one"),
+    "plan": ("diffusion_dpo.commands.plan", "per-device memory and FLOPs of a config, and which engine fits N devices"),
     "sample": ("diffusion_dpo.commands.sample", "sample a prompt set with fixed seeds (base, LoRA or tuned UNet)"),
     "evaluate": ("diffusion_dpo.commands.evaluate", "score sampled images with reward models and compare models"),
     "label": ("diffusion_dpo.commands.label", "re-judge preference pairs with a reward model (AI feedback)"),

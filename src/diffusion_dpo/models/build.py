@@ -73,16 +73,10 @@ def _unet_kwargs(arch: str) -> dict:
         return dict(block_out_channels=(128, 256, 384), layers_per_block=2, cross_attention_dim=256, attention_head_dim=8,
                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-    if arch == "sd15":
-        return dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
-                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    if arch == "sdxl":
-        return dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
-                    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    if arch in ("sd15", "sdxl"):  # the published configs; build_unet sets the sample size and channels itself
+        from diffusion_dpo.models.arch_configs import network_config
+
+        return {k: v for k, v in network_config(arch).items() if k not in ("sample_size", "in_channels", "out_channels")}
     raise ValueError(f"unknown arch {arch!r}; choose tiny, mid, sd15 or sdxl")
 
 
