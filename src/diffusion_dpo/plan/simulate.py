@@ -74,9 +74,11 @@ def simulate(cfg, desc: ModelDesc, resolution: int) -> StepProfile:
 
     from diffusion_dpo.config import reference_strategy
     from diffusion_dpo.losses import build_loss
+    from diffusion_dpo.models.families import lora_targets_of_network
     from diffusion_dpo.runtime import torch_dtype
     from diffusion_dpo.train.optim import build_optimizer
 
+    cfg = cfg.with_network_defaults(lora_targets_of_network(desc.network_class))  # lora.target_modules as train's
     m, t = cfg.model, cfg.train
     frozen = torch_dtype(m.frozen_dtype, "model.frozen_dtype")
     lora = t.finetune == "lora"

@@ -84,10 +84,17 @@ def family_of_configs(configs: PipelineConfigs) -> type[ModelFamily]:
     return next((f for f in FAMILIES if f.matches(configs)), SDFamily)
 
 
+def lora_targets_of_network(network_class: str) -> tuple[str, ...]:
+    """The default LoRA targets of the family whose trained network is a `network_class` (the memory planner
+    builds networks from configs alone; the UNet families share one set)."""
+    found = next((f for f in FAMILIES if f.network_class == network_class), SDFamily)
+    return found.lora_targets
+
+
 def family_named(name: str) -> type[ModelFamily]:
     """The family class called `name` (a recorded model_spec's or a cache manifest's family)."""
     return BY_NAME[name]
 
 
 __all__ = ["FAMILIES", "ModelFamily", "SDFamily", "SDXLFamily", "LCMFamily", "SD3Family", "FluxFamily", "detect_spec", "family_of", "family_named",
-           "family_of_pipeline", "family_of_configs"]
+           "family_of_pipeline", "family_of_configs", "lora_targets_of_network"]
