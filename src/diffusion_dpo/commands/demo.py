@@ -4,6 +4,7 @@ train Diffusion-DPO and an SFT baseline, evaluate all three on held-out prompts,
     diffusion-dpo demo --output-dir demo_out          # about 3 minutes on 2 CPU cores (docs/demo.md)
     diffusion-dpo demo --quick --output-dir /tmp/q    # the reduced run of the test suite
     diffusion-dpo demo --compare-losses --output-dir compare_out   # every loss, 3 seeds (docs/losses.md)
+    diffusion-dpo demo --distill-lcm --output-dir lcm_out          # a miniature LCM + Consistency-DPO (docs/demo.md)
 
 Every stage resumes when interrupted: run the same command again.
 """
@@ -33,7 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="train every loss (--losses) on the demo world with the demo DPO's pairs and budget for "
                              "each of --seeds, tune each loss's main setting on seed 0, and write comparison.md/json "
                              "and grid_seed<s>.png (docs/losses.md); resumes like the demo")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="--compare-losses: seeds (default 0 1 2)")
+    parser.add_argument("--distill-lcm", action="store_true",
+                        help="distil a miniature latent consistency model from the base (--distill-steps), compare its "
+                             "few-step samples with the base's, and train Consistency-DPO on it for each of --seeds "
+                             "(docs/demo.md); resumes like the demo")
+    parser.add_argument("--distill-steps", type=int, default=None, help="--distill-lcm: distillation steps (default 800)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="--compare-losses: seeds (default 0 1 2); --distill-lcm: seeds of Consistency-DPO (default 0)")
     parser.add_argument("--report-only", action="store_true",
                         help="--compare-losses: train nothing, write the table from the runs finished so far")
     parser.add_argument("--losses", nargs="+", default=None,
@@ -71,6 +78,23 @@ def compare_settings_from_args(args: argparse.Namespace):
                            report_only=args.report_only)
 
 
+def lcm_settings_from_args(args: argparse.Namespace):
+    from diffusion_dpo.demo.lcm import LCMDemoSettings, quick_lcm_settings
+
+    s = settings_from_args(args)  # validates --steps as for the demo
+    lcm = quick_lcm_settings(args.output_dir) if args.quick else LCMDemoSettings(output_dir=args.output_dir)
+    lcm = replace(lcm, seeds=args.seeds or [0], base=args.base, threads=args.threads, progress=s.progress)
+    if args.steps is not None:
+        lcm = replace(lcm, train_steps=args.steps)
+    if args.distill_steps is not None:
+        if args.distill_steps < 1:
+            from diffusion_dpo.errors import ConfigError
+
+            raise ConfigError(f"--distill-steps must be >= 1, got {args.distill_steps}")
+        lcm = replace(lcm, distill_steps=args.distill_steps)
+    return lcm
+
+
 def run(args: argparse.Namespace) -> int:
     from diffusion_dpo.demo.run import run_demo
 
@@ -79,10 +103,19 @@ def run(args: argparse.Namespace) -> int:
         from diffusion_dpo.demo.compare import compare_losses
 
         return 0 if compare_losses(compare_settings_from_args(args))["rows"] else 1
+    if args.distill_lcm:
+        from diffusion_dpo.demo.lcm import run_lcm_demo
+
+        return 0 if run_lcm_demo(lcm_settings_from_args(args)) else 1
+    if args.distill_steps is not None:
+        from diffusion_dpo.errors import ConfigError
+
+        raise ConfigError("--distill-steps belongs to --distill-lcm; add it")
     if args.seeds is not None or args.losses is not None or args.report_only:
         from diffusion_dpo.errors import ConfigError
 
-        raise ConfigError("--seeds, --losses and --report-only belong to --compare-losses; add it, or use --seed "
+        raise ConfigError("--seeds, --losses and --report-only belong to --compare-losses (--seeds also to --distill-lcm); "
+                          "add it, or use --seed "
                           "for one demo run")
     results = run_demo(settings_from_args(args))
     return 0 if results else 1

@@ -67,6 +67,8 @@ class DistillSettings:
     num_images: int = 4096
     threads: int = 2
     log_every: int = 50
+    save_every: int = 0
+    """Also save the pipeline every N steps into <out>-step<N> (0: only at the end), to measure quality vs steps."""
 
     def __post_init__(self) -> None:
         from diffusion_dpo.errors import ConfigError
@@ -199,7 +201,15 @@ def distill(s: DistillSettings, log=None) -> Path:
     d = Distiller(base.unet, base.scheduler, s)
     opt = torch.optim.AdamW(d.student.parameters(), lr=s.learning_rate, weight_decay=0.0)
     g = torch.Generator().manual_seed(s.seed + 1)
-    curve = []
+    curve: list[float] = []
+
+    def save(folder: str) -> Path:
+        out = save_lcm_pipeline(base, d.target, folder, s.solver_steps)
+        seconds = round(time.time() - start_time, 1)
+        (out / "distill.json").write_text(json.dumps({"settings": asdict(s), "seconds": seconds, "loss": curve}))
+        log(f"saved {out} after {len(curve)} steps ({seconds:.0f}s)")
+        return out
+
     log(f"distilling {sum(p.numel() for p in d.student.parameters()) / 1e6:.2f}M-parameter UNet on "
         f"{len(latents)} world latents ({len(texts)} captions), {s.steps} steps x {s.batch_size}")
     for step in range(s.steps):
@@ -216,11 +226,9 @@ def distill(s: DistillSettings, log=None) -> Path:
         if step % s.log_every == 0 or step == s.steps - 1:
             recent = curve[-s.log_every:]
             log(f"step {step + 1}/{s.steps} loss {sum(recent) / len(recent):.5f} ({time.time() - start_time:.0f}s)")
-    out = save_lcm_pipeline(base, d.target.eval(), s.out, s.solver_steps)
-    seconds = round(time.time() - start_time, 1)
-    (out / "distill.json").write_text(json.dumps({"settings": asdict(s), "seconds": seconds, "loss": curve}))
-    log(f"saved {out} ({seconds:.0f}s)")
-    return out
+        if s.save_every and (step + 1) % s.save_every == 0 and step + 1 < s.steps:
+            save(f"{s.out}-step{step + 1}")
+    return save(s.out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output LatentConsistencyModelPipeline folder")
     p.add_argument("--base", default=None, help="teacher pipeline folder (default: the shipped demo base)")
     for name in ("seed", "steps", "batch_size", "learning_rate", "solver_steps", "w_min", "w_max", "ema_decay",
-                 "loss", "huber_c", "cond_dim", "num_images", "threads"):
+                 "loss", "huber_c", "cond_dim", "num_images", "threads", "save_every"):
         default = getattr(DistillSettings, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     a = vars(p.parse_args(argv))
