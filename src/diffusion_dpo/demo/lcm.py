@@ -44,6 +44,8 @@ class LCMDemoSettings:
     train_steps: int = 300
     beta: float = 400.0
     """train.beta of consistency_dpo: 400 = Curriculum-DPO's beta_code 200 (docs/losses.md)."""
+    learning_rate: float = 3e-3
+    """The demo DPO's (conv-only LoRA rank 8, cosine decay over train_steps)."""
     eval_images: int = 8
     images_per_prompt: int = 8
     threads: int = 2
@@ -148,7 +150,7 @@ class LCMDemo:
 
         folder = self.out / f"seed{seed}"
         ds = DemoSettings(output_dir=str(folder), seed=seed, base=str(self.lcm), train_steps=self.s.train_steps,
-                          beta=self.s.beta, images_per_prompt=self.s.images_per_prompt, threads=self.s.threads,
+                          beta=self.s.beta, learning_rate=self.s.learning_rate, images_per_prompt=self.s.images_per_prompt, threads=self.s.threads,
                           progress=self.s.progress)
         if self.quick:
             ds = replace(ds, train_prompts=4, batch_size=2)
