@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="distil a miniature latent consistency model from the base (--distill-steps), compare its "
                              "few-step samples with the base's, and train Consistency-DPO on it for each of --seeds "
                              "(docs/demo.md); resumes like the demo")
-    parser.add_argument("--distill-steps", type=int, default=None, help="--distill-lcm: distillation steps (default 800)")
+    parser.add_argument("--distill-steps", type=int, default=None, help="--distill-lcm: distillation steps (default 200)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="--compare-losses: seeds (default 0 1 2); --distill-lcm: seeds of Consistency-DPO (default 0)")
     parser.add_argument("--report-only", action="store_true",
