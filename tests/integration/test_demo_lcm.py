@@ -50,3 +50,10 @@ def test_distill_steps_without_distill_lcm_is_refused(tmp_path, capsys):
     assert main(["demo", "--distill-steps", "5", "--output-dir", str(tmp_path / "d")]) == 2
     assert "--distill-lcm" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.fault(input="`demo --distill-lcm --distill-steps 0`", behaviour="exit 2: names --distill-steps, nothing written")
+def test_zero_distill_steps_are_refused(tmp_path, capsys):
+    assert main(["demo", "--distill-lcm", "--distill-steps", "0", "--output-dir", str(tmp_path / "d")]) == 2
+    assert "--distill-steps must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

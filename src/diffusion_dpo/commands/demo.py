@@ -38,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="distil a miniature latent consistency model from the base (--distill-steps), compare its "
                              "few-step samples with the base's, and train Consistency-DPO on it for each of --seeds "
                              "(docs/demo.md); resumes like the demo")
-    parser.add_argument("--distill-steps", type=int, default=None, help="--distill-lcm: distillation steps (default 200)")
+    parser.add_argument("--distill-steps", type=int, default=None,
+                        help="--distill-lcm: distillation steps (default 200)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="--compare-losses: seeds (default 0 1 2); --distill-lcm: seeds of Consistency-DPO (default 0)")
+                        help="--compare-losses: seeds (default 0 1 2); --distill-lcm: seeds of Consistency-DPO "
+                             "(default 0)")
     parser.add_argument("--report-only", action="store_true",
                         help="--compare-losses: train nothing, write the table from the runs finished so far")
     parser.add_argument("--losses", nargs="+", default=None,
@@ -114,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds is not None or args.losses is not None or args.report_only:
         from diffusion_dpo.errors import ConfigError
 
-        raise ConfigError("--seeds, --losses and --report-only belong to --compare-losses (--seeds also to --distill-lcm); "
-                          "add it, or use --seed "
-                          "for one demo run")
+        raise ConfigError("--seeds, --losses and --report-only belong to --compare-losses (--seeds also to "
+                          "--distill-lcm); add it, or use --seed for one demo run")
     results = run_demo(settings_from_args(args))
     return 0 if results else 1

@@ -99,7 +99,8 @@ class LCMDemo:
                                     threads=self.s.threads, **kw), log=self.console.print)
         record = json.loads((self.lcm / "distill.json").read_text())
         self.results["distill"] = {"seconds": record["seconds"], "settings": record["settings"],
-                                   "loss_first_50": _mean(record["loss"][:50]), "loss_last_50": _mean(record["loss"][-50:])}
+                                   "loss_first_50": _mean(record["loss"][:50]),
+                                   "loss_last_50": _mean(record["loss"][-50:])}
         self.console.print(f"LCM: {self.lcm} (distilled in {record['seconds']:.0f}s)")
 
     def _sampler(self, scheduler: str, steps: int):
@@ -161,7 +162,8 @@ class LCMDemo:
 
         folder = self.out / f"seed{seed}"
         ds = DemoSettings(output_dir=str(folder), seed=seed, base=str(self.lcm), train_steps=self.s.train_steps,
-                          beta=self.s.beta, learning_rate=self.s.learning_rate, images_per_prompt=self.s.images_per_prompt, threads=self.s.threads,
+                          beta=self.s.beta, learning_rate=self.s.learning_rate,
+                          images_per_prompt=self.s.images_per_prompt, threads=self.s.threads,
                           progress=self.s.progress)
         if self.quick:
             ds = replace(ds, train_prompts=4, batch_size=2)
@@ -198,7 +200,8 @@ class LCMDemo:
                 win_s = f"{100 * win['win_rate']:.1f}% [{100 * win['ci_low']:.1f}, {100 * win['ci_high']:.1f}]" \
                     if win else "(baseline)"
                 smp = m["sampler"]
-                lines.append(f"| {group}: {name} | {smp['scheduler']} {smp['steps']} steps, guidance {smp['guidance']:g} "
+                lines.append(f"| {group}: {name} | {smp['scheduler']} {smp['steps']} steps, "
+                             f"guidance {smp['guidance']:g} "
                              f"| {m['judge_mean']:.3f} | {win_s} | {m['fidelity_percent']:.1f}% |")
         (self.out / "lcm_results.md").write_text("\n".join(lines) + "\n")
         self.console.print("\n".join(lines))
