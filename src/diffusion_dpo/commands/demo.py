@@ -5,6 +5,7 @@ train Diffusion-DPO and an SFT baseline, evaluate all three on held-out prompts,
     diffusion-dpo demo --quick --output-dir /tmp/q    # the reduced run of the test suite
     diffusion-dpo demo --compare-losses --output-dir compare_out   # every loss, 3 seeds (docs/losses.md)
     diffusion-dpo demo --compare-curriculum --output-dir curriculum_out   # Curriculum-DPO vs DPO (docs/curriculum.md)
+    diffusion-dpo demo --distill-lcm --output-dir lcm_out          # a miniature LCM + Consistency-DPO (docs/demo.md)
 
 Every stage resumes when interrupted: run the same command again.
 """
@@ -44,8 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--compare-curriculum: K images per train prompt (default 6; not with --quick)")
     parser.add_argument("--eval-images", type=int, default=None,
                         help="--compare-curriculum: images per held-out prompt (default 4)")
+    parser.add_argument("--distill-lcm", action="store_true",
+                        help="distil a miniature latent consistency model from the base (--distill-steps), compare its "
+                             "few-step samples with the base's, and train Consistency-DPO on it for each of --seeds "
+                             "(docs/demo.md); resumes like the demo")
+    parser.add_argument("--distill-steps", type=int, default=None,
+                        help="--distill-lcm: distillation steps (default 200)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
-                        help="--compare-losses / --compare-curriculum: seeds (default 0 1 2)")
+                        help="--compare-losses / --compare-curriculum: seeds (default 0 1 2); --distill-lcm: seeds of "
+                             "Consistency-DPO "
+                             "(default 0)")
     parser.add_argument("--report-only", action="store_true",
                         help="--compare-losses / --compare-curriculum: train nothing, write the table from the runs "
                              "finished so far")
@@ -95,36 +104,55 @@ def curriculum_settings_from_args(args: argparse.Namespace):
                                      **{k: v for k, v in given.items() if v is not None})  # else the comparison's own
 
 
-def run(args: argparse.Namespace) -> int:
-    from diffusion_dpo.demo.run import run_demo
+def lcm_settings_from_args(args: argparse.Namespace):
+    from diffusion_dpo.demo.lcm import LCMDemoSettings, quick_lcm_settings
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.compare_losses and args.compare_curriculum:
-        from diffusion_dpo.errors import ConfigError
-
-        raise ConfigError("--compare-losses and --compare-curriculum are two comparisons: run one, each into its own "
-                          "--output-dir")
-    if args.compare_curriculum:
-        if args.losses is not None:
+    s = settings_from_args(args)  # validates --steps as for the demo
+    lcm = quick_lcm_settings(args.output_dir) if args.quick else LCMDemoSettings(output_dir=args.output_dir)
+    lcm = replace(lcm, seeds=args.seeds or [0], base=args.base, threads=args.threads, progress=s.progress)
+    if args.steps is not None:
+        lcm = replace(lcm, train_steps=args.steps)
+    if args.distill_steps is not None:
+        if args.distill_steps < 1:
             from diffusion_dpo.errors import ConfigError
 
-            raise ConfigError("--losses belongs to --compare-losses; --compare-curriculum trains DPO and "
-                              "Curriculum-DPO")
+            raise ConfigError(f"--distill-steps must be >= 1, got {args.distill_steps}")
+        lcm = replace(lcm, distill_steps=args.distill_steps)
+    return lcm
+
+
+def run(args: argparse.Namespace) -> int:
+    from diffusion_dpo.demo.run import run_demo
+    from diffusion_dpo.errors import ConfigError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    modes = [flag for flag, on in (("--compare-losses", args.compare_losses),
+                                   ("--compare-curriculum", args.compare_curriculum),
+                                   ("--distill-lcm", args.distill_lcm)) if on]
+    if len(modes) > 1:
+        raise ConfigError(f"{' and '.join(modes)} are separate runs: run one, each into its own --output-dir")
+    if args.losses is not None and not args.compare_losses:
+        raise ConfigError("--losses belongs to --compare-losses; add it, or remove --losses")
+    if args.report_only and not (args.compare_losses or args.compare_curriculum):
+        raise ConfigError("--report-only belongs to --compare-losses and --compare-curriculum; add one, or remove it")
+    if any(x is not None for x in (args.train_prompts, args.pair_images, args.eval_images)) and not args.compare_curriculum:
+        raise ConfigError("--train-prompts, --pair-images and --eval-images belong to --compare-curriculum; add it")
+    if args.distill_steps is not None and not args.distill_lcm:
+        raise ConfigError("--distill-steps belongs to --distill-lcm; add it")
+    if args.compare_curriculum:
         from diffusion_dpo.demo.curriculum_compare import compare_curriculum
 
         return 0 if compare_curriculum(curriculum_settings_from_args(args))["rows"] else 1
-    if any(x is not None for x in (args.train_prompts, args.pair_images, args.eval_images)):
-        from diffusion_dpo.errors import ConfigError
-
-        raise ConfigError("--train-prompts, --pair-images and --eval-images belong to --compare-curriculum; add it")
     if args.compare_losses:
         from diffusion_dpo.demo.compare import compare_losses
 
         return 0 if compare_losses(compare_settings_from_args(args))["rows"] else 1
-    if args.seeds is not None or args.losses is not None or args.report_only:
-        from diffusion_dpo.errors import ConfigError
+    if args.distill_lcm:
+        from diffusion_dpo.demo.lcm import run_lcm_demo
 
-        raise ConfigError("--seeds, --losses and --report-only belong to --compare-losses (--seeds and --report-only "
-                          "also to --compare-curriculum); add one, or use --seed for one demo run")
+        return 0 if run_lcm_demo(lcm_settings_from_args(args)) else 1
+    if args.seeds is not None:
+        raise ConfigError("--seeds belongs to --compare-losses, --compare-curriculum and --distill-lcm; add one, or use "
+                          "--seed for one demo run")
     results = run_demo(settings_from_args(args))
     return 0 if results else 1
