@@ -11,11 +11,21 @@ sharded). The trainer asks this module and never reads accelerate's distributed 
 - save_sharded / load_sharded: the trainable weights and optimizer state of a checkpoint, written by every
   process as its own shard (torch.distributed.checkpoint) and read back into the sharded model, exactly;
 - consolidate: the full tensors of a sharded model on the main process, for the final LoRA file or unet/ folder.
+
+zero2.yaml / zero3.yaml (DeepSpeed ZeRO through accelerate's integration) differ from the other two in one way the
+trainer sees: DeepSpeed's engine owns the optimizer step. It divides the loss by the accumulation steps, clips, steps
+and zeroes inside the last micro-batch's backward (accelerate's `accumulate` marks that boundary), and skips an
+update whose gradients are not finite. The functions below (micro_batch, backward_loss, step_outcome, loss_scale)
+keep the trainer's loop the same under every engine. Its DeepSpeed config is derived from the training config
+(deepspeed_config): batch size, accumulation, clipping and precision are said once, in the training config.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -29,18 +39,30 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
-def build_accelerator(mixed_precision: str, log_with: Optional[str], project_dir: str):
-    """The Accelerator of this process, configured by the launcher's environment (accelerate launch --config_file)."""
+def check_deepspeed_installed() -> None:
+    """A DeepSpeed launch (ACCELERATE_USE_DEEPSPEED, set by zero2.yaml / zero3.yaml) needs the deepspeed package."""
+    if _env_true("ACCELERATE_USE_DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("this launch asks for DeepSpeed (zero2.yaml / zero3.yaml) but deepspeed is not installed: "
+                          "pip install 'diffusion-dpo[deepspeed]', or launch with configs/accelerate/fsdp.yaml")
+
+
+def build_accelerator(train, log_with: Optional[str], project_dir: str):
+    """The Accelerator of this process, configured by the launcher's environment (accelerate launch --config_file).
+    train: the TrainConfig (precision; under DeepSpeed also batch size, accumulation and clipping)."""
     from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
     from accelerate.utils import DistributedType
 
+    mixed_precision = train.mixed_precision
+    ds_plugin = None
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
-        if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError("this launch asks for DeepSpeed (zero2.yaml / zero3.yaml) but deepspeed is not installed: "
-                              "pip install 'diffusion-dpo[deepspeed]' (CUDA machines), or launch with "
-                              "configs/accelerate/fsdp.yaml")
-        raise ConfigError("DeepSpeed ZeRO (zero2.yaml / zero3.yaml) is not supported by `train` yet: launch with "
-                          "configs/accelerate/fsdp.yaml, which shards the same state (docs/scaling.md)")
+        check_deepspeed_installed()
+        from accelerate.utils import DeepSpeedPlugin
+
+        ds_plugin = DeepSpeedPlugin()  # every setting from the ACCELERATE_DEEPSPEED_* variables of the launch
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        derived = deepspeed_config(ds_plugin.deepspeed_config, train, launched)
+        ds_plugin.deepspeed_config.clear()  # in place: the plugin's HfDeepSpeedConfig reads the same dict
+        ds_plugin.deepspeed_config.update(derived)
     fsdp_plugin = None
     if _env_true("ACCELERATE_USE_FSDP"):
         fsdp_plugin = FullyShardedDataParallelPlugin()  # every setting from the FSDP_* variables of the launch
@@ -57,8 +79,10 @@ def build_accelerator(mixed_precision: str, log_with: Optional[str], project_dir
             # (beta multiplies error differences: a bf16 reduction would round the step itself)
             fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16, reduce_dtype=torch.float32)
+    # under DeepSpeed, accelerate's accumulate() counts the micro-batches and marks the step's last one
     acc = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
-                      fsdp_plugin=fsdp_plugin)
+                      fsdp_plugin=fsdp_plugin, deepspeed_plugin=ds_plugin,
+                      gradient_accumulation_steps=train.gradient_accumulation if ds_plugin else 1)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and acc.num_processes == 1:
         raise ConfigError(f"{launched} processes were launched but accelerate found no GPU and set each up as a single "
@@ -71,33 +95,163 @@ def build_accelerator(mixed_precision: str, log_with: Optional[str], project_dir
         acc.state.fsdp_plugin = fsdp_plugin
         acc.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if ds_plugin is not None and acc.distributed_type == DistributedType.MULTI_CPU:
+        # The same for DeepSpeed: accelerate enables it only off the CPU (AcceleratorState init, `not cpu`), while
+        # DeepSpeed's CPU accelerator runs ZeRO over the gloo group accelerate initialised. Set what that branch sets
+        ds_plugin.set_mixed_precision(mixed_precision)
+        ds_plugin.select(_from_accelerator_state=True)
+        acc.state.deepspeed_plugins = ds_plugin
+        acc.state.distributed_type = DistributedType.DEEPSPEED
+        PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
     return acc
 
 
+def deepspeed_config(base: dict, train, processes: int) -> dict:
+    """The DeepSpeed config of a launch: the accelerate file's (ZeRO stage, offload) with what the training config
+    says filled in. A value the file sets itself (a deepspeed_config_file) must agree with ours; an optimizer or
+    scheduler in it is refused (train passes its own: train.optimizer, train.lr_scheduler)."""
+    cfg = copy.deepcopy(base)
+    for key in ("optimizer", "scheduler"):
+        if key in cfg:
+            raise ConfigError(f"the DeepSpeed config sets its own {key!r}: remove it (train builds its own from "
+                              f"train.{'optimizer' if key == 'optimizer' else 'lr_scheduler'})")
+    ours = {"train_micro_batch_size_per_gpu": train.batch_size,
+            "gradient_accumulation_steps": train.gradient_accumulation,
+            "train_batch_size": train.batch_size * train.gradient_accumulation * processes,
+            "gradient_clipping": float(train.max_grad_norm or 0.0)}  # 0: no clipping
+    for key, value in ours.items():
+        given = cfg.get(key, "auto")
+        if given != "auto" and float(given) != float(value):
+            raise ConfigError(f"the DeepSpeed config sets {key}: {given}, the training config means {value}: set it "
+                              "to 'auto' (the training config decides: train.batch_size, train.gradient_accumulation, "
+                              "train.max_grad_norm)")
+        cfg[key] = value
+    zero = cfg.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:  # the consolidated export gathers the sharded weights (accelerator.get_state_dict)
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if train.mixed_precision == "bf16":  # a non-finite bf16 gradient skips the update, as fp32 and fp16 do
+        cfg.setdefault("bf16", {})["check_grad_overflow"] = True
+    return cfg
+
+
+def is_deepspeed(acc) -> bool:
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def _zero_stage(acc) -> int:
+    return int(acc.state.deepspeed_plugin.zero_stage)
+
+
 def is_sharded(acc) -> bool:
-    """The policy's parameters are DTensor shards (FSDP2): checkpoints and outputs go through this module."""
-    return acc.is_fsdp2
+    """The engine holds the policy's training state in shards (FSDP2, DeepSpeed ZeRO): checkpoints and outputs go
+    through this module."""
+    return acc.is_fsdp2 or is_deepspeed(acc)
 
 
 def name(acc) -> str:
-    """'fsdp2', 'ddp' or 'single': logged at setup and written to trainer_state.json."""
+    """'fsdp2', 'deepspeed-zero<stage>', 'ddp' or 'single': logged at setup and written to train_summary.json."""
     if acc.is_fsdp2:
         return "fsdp2"
+    if is_deepspeed(acc):
+        return f"deepspeed-zero{_zero_stage(acc)}"
     return "ddp" if acc.num_processes > 1 else "single"
 
 
+def _shards_reference(acc) -> bool:
+    return acc.is_fsdp2 or (is_deepspeed(acc) and _zero_stage(acc) == 3)
+
+
 def check_config(acc, reference_on_cpu: bool) -> None:
-    if is_sharded(acc) and reference_on_cpu:
-        raise ConfigError("model.reference_on_cpu does not apply under FSDP (the reference is sharded like the "
-                          "policy): remove it, or set fsdp_offload_params: true in the accelerate config")
+    if _shards_reference(acc) and reference_on_cpu:
+        raise ConfigError(f"model.reference_on_cpu does not apply under {name(acc)} (the reference is sharded like "
+                          "the policy): remove it, or offload both networks in the accelerate config "
+                          "(fsdp_offload_params / offload_param_device)")
 
 
 def shard_frozen(acc, module: torch.nn.Module) -> torch.nn.Module:
-    """fully_shard a frozen network with the launch's wrap policy and mixed precision (the policy's own path in
-    accelerate, which upcasts only trainable parameters: the reference keeps model.reference_dtype)."""
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    """The frozen reference of full fine-tuning, placed like the policy. FSDP2: fully_shard with the launch's wrap
+    policy and mixed precision (accelerate's own path, which upcasts only trainable parameters: the reference keeps
+    model.reference_dtype). ZeRO-3: an engine of its own without optimizer, its parameters partitioned over the
+    processes as the policy's (as TRL places its reference models). ZeRO-1/2 replicate parameters: kept whole."""
+    if acc.is_fsdp2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    return fsdp2_prepare_model(acc, module)
+        return fsdp2_prepare_model(acc, module)
+    if _zero_stage(acc) != 3:
+        return module.to(acc.device)
+    import deepspeed
+
+    policy = acc.state.deepspeed_plugin.deepspeed_config
+    dtype = next(module.parameters()).dtype
+    config = {"train_micro_batch_size_per_gpu": policy["train_micro_batch_size_per_gpu"],
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
+    return deepspeed.initialize(model=module, config=config)[0].eval()
+
+
+def _unwrap(model):
+    """The network inside a DeepSpeed engine (FSDP2 modifies the network in place: it is its own)."""
+    return getattr(model, "module", model) if type(model).__name__ == "DeepSpeedEngine" else model
+
+
+@contextlib.contextmanager
+def micro_batch(acc, model, last: bool):
+    """One micro-batch of a step; `last`: the step's final one, where gradients are reduced (and, under DeepSpeed,
+    applied inside backward). DDP and FSDP2 defer the reduction with no_sync; under DeepSpeed accelerate's accumulate
+    tells the engine where the boundary is."""
+    if not is_deepspeed(acc):
+        with contextlib.nullcontext() if last else acc.no_sync(model):
+            yield
+        return
+    with acc.accumulate(model):
+        if acc.sync_gradients != last:  # accelerate counts micro-batches itself: it must agree with the trainer
+            raise RuntimeError(f"accelerate's accumulation boundary ({acc.sync_gradients}) is not the trainer's ({last})")
+        yield
+
+
+def backward_loss(acc, loss: torch.Tensor, accumulation: int) -> torch.Tensor:
+    """What to pass to accelerator.backward for a micro-batch's mean loss. DeepSpeed divides by the accumulation
+    steps itself; and it applies the update inside the last backward, before the trainer sees the step's metrics,
+    so a non-finite loss is made to give non-finite gradients (x NaN), which DeepSpeed's overflow check skips on
+    every process, as the trainer skips such a step elsewhere (train.on_nonfinite)."""
+    if not is_deepspeed(acc):
+        return loss / accumulation
+    return loss if torch.isfinite(loss.detach()).all() else loss * float("nan")
+
+
+def autocast(acc):
+    """The forward's autocast. accelerate gives none under DeepSpeed (its engine casts the network to bf16 / fp16,
+    keeping fp32 masters in the optimizer); autocast still casts the fp32 inputs for the half-precision layers."""
+    if is_deepspeed(acc):
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+            if ds.get(key, {}).get("enabled") is True:
+                return torch.autocast(acc.device.type, dtype=dtype)
+    return acc.autocast()
+
+
+def step_outcome(ds, lr_scheduler, metrics: dict[str, float]) -> tuple[float, str]:
+    """Under DeepSpeed, what its engine `ds` did at the step's last backward (clipped and stepped, or skipped
+    non-finite gradients): (grad norm before clipping, outcome) as train.optim.apply_gradients returns them."""
+    norm = ds.get_global_grad_norm()
+    grad_norm = float(norm) if norm is not None else float("nan")
+    if not all(math.isfinite(v) for v in metrics.values()):
+        return float("nan"), "nonfinite"
+    if ds.was_step_applied():
+        lr_scheduler.step()  # as apply_gradients: a skipped update does not advance the schedule
+        return grad_norm, "applied"
+    return grad_norm, "overflow" if ds.fp16_enabled() else "nonfinite"
+
+
+def loss_scale(acc, model) -> Optional[float]:
+    """The fp16 loss scale (GradScaler, or DeepSpeed's own loss scaler), None without fp16."""
+    if acc.scaler is not None:
+        return acc.scaler.get_scale()
+    if is_deepspeed(acc) and model.fp16_enabled():
+        return float(model.optimizer.loss_scale)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,8 +266,26 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in get_model_state_dict(model).items() if k in trainable}
 
 
+def checkpoint_folder(acc) -> str:
+    """The folder of a checkpoint that holds the engine's shards (train.checkpoint.SHARDED or DEEPSPEED)."""
+    from diffusion_dpo.train.checkpoint import DEEPSPEED, SHARDED
+
+    return DEEPSPEED if is_deepspeed(acc) else SHARDED
+
+
+def _engine_of(folder: Path) -> str:
+    from diffusion_dpo.train.checkpoint import DEEPSPEED
+
+    return "DeepSpeed" if folder.name == DEEPSPEED else "FSDP"
+
+
 def save_sharded(folder: Path, model, optimizer) -> None:
-    """Every process writes its shard of the trainable weights and of the optimizer state into `folder`."""
+    """Every process writes its shard of the trainable weights and of the optimizer state into `folder`.
+    model: the prepared model (under DeepSpeed its engine, which writes its own checkpoint format)."""
+    if type(model).__name__ == "DeepSpeedEngine":
+        # the frozen base (LoRA) stays out, as in every other checkpoint; the LR schedule is the trainer's
+        model.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False, exclude_frozen_parameters=True)
+        return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -125,6 +297,10 @@ def check_sharded(folder: Path) -> None:
     """Raises CheckpointError when the shard index cannot be read (before anything is loaded)."""
     from torch.distributed.checkpoint import FileSystemReader
 
+    if _engine_of(folder) == "DeepSpeed":
+        if not any(folder.glob("*model_states.pt")):
+            raise CheckpointError(f"{folder} cannot be read (no DeepSpeed model_states file)")
+        return
     try:
         FileSystemReader(str(folder)).read_metadata()
     except Exception as err:  # a missing or truncated .metadata makes the whole checkpoint unusable
@@ -133,7 +309,24 @@ def check_sharded(folder: Path) -> None:
 
 
 def load_sharded(folder: Path, model, optimizer) -> None:
-    """Read the shards of `folder` into the sharded model and optimizer (resharded if the world size changed)."""
+    """Read the shards of `folder` into the sharded model and optimizer (FSDP2: resharded if the world size changed).
+    model: the prepared model, as for save_sharded."""
+    deepspeed = type(model).__name__ == "DeepSpeedEngine"
+    if _engine_of(folder) != ("DeepSpeed" if deepspeed else "FSDP"):
+        raise ConfigError(f"checkpoint {folder.parent} was written under {_engine_of(folder)} and this run trains under "
+                          f"{'DeepSpeed' if deepspeed else 'FSDP'}: resume with the accelerate config that wrote it, or "
+                          "train into a new output.dir")
+    if deepspeed:
+        try:
+            path, _ = model.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False,
+                                            load_optimizer_states=True, load_lr_scheduler_states=False)
+        except Exception as err:  # another model, another process count or ZeRO stage: DeepSpeed says which
+            why = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(f"checkpoint {folder.parent} does not fit this run ({type(err).__name__}: {why}): resume "
+                              "with the checkpoint's settings and process count, or train into a new output.dir") from err
+        if path is None:
+            raise CheckpointError(f"{folder} cannot be read by DeepSpeed")
+        return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
@@ -153,10 +346,15 @@ def load_sharded(folder: Path, model, optimizer) -> None:
 # Consolidated export
 
 
-def consolidate(model, is_main: bool, trainable_only: bool) -> Optional[dict[str, torch.Tensor]]:
+def consolidate(acc, model, trainable_only: bool) -> Optional[dict[str, torch.Tensor]]:
     """Full CPU tensors of the model's state dict on the main process (None elsewhere). Every process must call it
-    (each tensor is all-gathered in turn). trainable_only: the LoRA adapters, not the frozen base."""
+    (each tensor is all-gathered in turn). model: the prepared model. trainable_only: the LoRA adapters, not the
+    frozen base."""
     from torch.distributed.tensor import DTensor
+
+    is_main = acc.is_main_process
+    if type(model).__name__ == "DeepSpeedEngine":
+        return _consolidate_deepspeed(acc, model, is_main, trainable_only)
 
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     full = {}
@@ -178,3 +376,21 @@ def unsharded_copy(model, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         plain = cls.from_config(model.config)
     plain.load_state_dict(state, assign=True)
     return plain.eval()
+
+
+def _consolidate_deepspeed(acc, ds, is_main: bool, trainable_only: bool) -> Optional[dict[str, torch.Tensor]]:
+    """The frozen tensors as the engine holds them (ZeRO-3: gathered by accelerator.get_state_dict), the trained
+    ones from the optimizer's fp32 master weights (gathered under ZeRO-3): the same dtypes as a run without
+    DeepSpeed exports, whatever DeepSpeed's bf16 / fp16 mode cast the network to."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full: dict[str, torch.Tensor] = {}
+    if not trainable_only:
+        state = acc.get_state_dict(ds)
+        full = {k: v.detach().to("cpu").contiguous() for k, v in state.items()} if is_main else {}
+    for key, param in ds.module.named_parameters():
+        if param.requires_grad:
+            tensor = safe_get_full_fp32_param(param)
+            if is_main:
+                full[key] = tensor.detach().to("cpu").contiguous()
+    return full if is_main else None

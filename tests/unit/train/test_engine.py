@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from diffusion_dpo.config import TrainConfig
 from diffusion_dpo.errors import ConfigError
 from diffusion_dpo.train import engine
 
@@ -37,4 +38,4 @@ def test_every_shipped_accelerate_config_loads_with_its_engine():
 def test_deepspeed_launch_without_deepspeed_is_one_line(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ConfigError, match=r"deepspeed is not installed: pip install 'diffusion-dpo\[deepspeed\]'"):
-        engine.build_accelerator("no", None, "unused")
+        engine.build_accelerator(TrainConfig(), None, "unused")
