@@ -103,6 +103,13 @@ def build_accelerator(train, log_with: Optional[str], project_dir: str):
         acc.state.deepspeed_plugins = ds_plugin
         acc.state.distributed_type = DistributedType.DEEPSPEED
         PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    if ds_plugin is not None:
+        # A selected ZeRO-3 plugin makes transformers build every from_pretrained model under deepspeed.zero.Init
+        # (partitioned as it is created). The frozen text encoders run outside DeepSpeed and must stay whole; the
+        # trained network is partitioned when prepared (deepspeed.initialize), the reference by shard_frozen
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     return acc
 
 
@@ -188,7 +195,9 @@ def shard_frozen(acc, module: torch.nn.Module) -> torch.nn.Module:
     config = {"train_micro_batch_size_per_gpu": policy["train_micro_batch_size_per_gpu"],
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
               "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
-    return deepspeed.initialize(model=module, config=config)[0].eval()
+    reference = deepspeed.initialize(model=module, config=config)[0]
+    reference.eval()  # DeepSpeedEngine.eval returns None
+    return reference
 
 
 def _unwrap(model):
