@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from safetensors.torch import load_file
 from diffusion_dpo.cli import main
 from diffusion_dpo.config import load_config
 from diffusion_dpo.train.trainer import train
-from test_train_fsdp import _assert_close_weights, _assert_same_metrics, _metrics, _overrides, launch
+from test_train_fsdp import CONFIGS, ROOT, _assert_close_weights, _assert_same_metrics, _metrics, _overrides, launch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                 reason="deepspeed is not installed (pip install 'diffusion-dpo[deepspeed]')")
@@ -61,6 +64,7 @@ def test_zero2_lora_equals_one_process(zero2_lora):
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in wb.items())  # trained, not the init
 
 
+@pytest.mark.slow
 def test_zero2_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(zero2_lora, tiny_sd, data, tmp_path):
     """The ZeRO-2 run's own checkpoint-2 (everything after it removed, as a kill after step 2 leaves it), resumed by
     the same command: weights, optimizer partitions, schedule, RNG and data position restored, steps 3-4 identical."""
@@ -115,3 +119,55 @@ def test_zero3_full_finetuning_equals_one_process_and_exports_a_stock_unet(tmp_p
     sa, sb, s0 = ua.state_dict(), ub.state_dict(), start.state_dict()
     _assert_close_weights(sa, sb)
     assert max((sb[k] - s0[k]).abs().max().item() for k in s0) > 1e-5  # the export holds trained weights
+
+
+# process 0's loss turns infinite at its 3rd micro-batch (step 2), its gradient stays finite; process 1's is finite
+NAN_ON_PROCESS_0 = """
+import os, sys
+from diffusion_dpo.train import trainer
+real, calls = trainer.preference_step, [0]
+def nan_once(*args, **kwargs):
+    out = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == 3 and os.environ["RANK"] == "0":
+        out.loss = out.loss + float("inf")
+    return out
+trainer.preference_step = nan_once
+from diffusion_dpo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.fault(input="under DeepSpeed, a non-finite loss (with finite gradients) on one process with "
+                         "`train.on_nonfinite=skip`",
+                   behaviour="every process skips that step (DeepSpeed's own overflow check on the NaN gradients), "
+                             "counted in skipped_steps; the LR schedule does not advance")
+def test_zero2_skips_a_nonfinite_step_on_every_process(tmp_path, tiny_sd, data):
+    """DeepSpeed steps inside the last backward, before the trainer sees the metrics: the infinite loss must still
+    skip the update on both processes, as train.on_nonfinite=skip does without DeepSpeed. Before: DeepSpeed applied
+    the step (its gradients were finite) while the trainer counted it as skipped."""
+    script = tmp_path / "nan_once.py"
+    script.write_text(NAN_ON_PROCESS_0)
+    out = tmp_path / "o"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "zero2.yaml"),
+           "--num_processes", "2", "--main_process_port", "29654", str(script), "train",
+           *_overrides(tiny_sd, data, out, "train.batch_size=1", "train.on_nonfinite=skip", "train.checkpoint_every=1",
+                         "train.checkpoints_total_limit=4")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(out)
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
+    assert [r["trained_pairs"] for r in rows] == [4, 4, 8, 12]
+    assert rows[1]["lr"] == rows[0]["lr"] != rows[2]["lr"]  # the skipped update did not advance the schedule
+    def adapters(step: int) -> dict[str, torch.Tensor]:  # the engine's checkpoint: the trainable tensors only
+        path = out / "checkpoints" / f"checkpoint-{step}" / "deepspeed" / "mp_rank_00_model_states.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+    before, skipped, after = adapters(1), adapters(2), adapters(3)
+    assert before and all(torch.equal(before[k], skipped[k]) for k in before)  # step 2 changed nothing
+    assert not all(torch.equal(skipped[k], after[k]) for k in skipped)  # step 3 trained
+    lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(v).all() for v in lora.values())

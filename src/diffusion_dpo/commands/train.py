@@ -10,6 +10,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="dotted overrides applied after the file, e.g. train.beta=5000 lora.rank=16")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--check-launch", metavar="ACCELERATE_CONFIG",
+                   help="check that `accelerate launch --config_file ACCELERATE_CONFIG` can run train here (e.g. "
+                        "deepspeed installed for zero2.yaml / zero3.yaml) and exit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -19,6 +22,11 @@ def run(args: argparse.Namespace) -> int:
     from diffusion_dpo.runtime import setup_logging
     from diffusion_dpo.train.trainer import train
 
+    if args.check_launch:
+        from diffusion_dpo.train.engine import check_launch
+
+        print(f"{args.check_launch}: {check_launch(args.check_launch)} can be launched here")
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -41,9 +41,25 @@ def _env_true(name: str) -> bool:
 
 def check_deepspeed_installed() -> None:
     """A DeepSpeed launch (ACCELERATE_USE_DEEPSPEED, set by zero2.yaml / zero3.yaml) needs the deepspeed package."""
-    if _env_true("ACCELERATE_USE_DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
+    if importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("this launch asks for DeepSpeed (zero2.yaml / zero3.yaml) but deepspeed is not installed: "
                           "pip install 'diffusion-dpo[deepspeed]', or launch with configs/accelerate/fsdp.yaml")
+
+
+def check_launch(config_file: str) -> str:
+    """`train --check-launch FILE`: what `accelerate launch --config_file FILE` would need here, checked before
+    launching (accelerate's own launcher stops with a traceback when DeepSpeed is missing). Returns the engine."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    try:
+        launch = load_config_from_file(config_file)
+    except Exception as err:  # a missing file or a YAML / key error: accelerate's message, on one line
+        why = (str(err).strip().splitlines() or [""])[0][:160]
+        raise ConfigError(f"--check-launch {config_file}: not an accelerate config ({type(err).__name__}: {why})") from err
+    engine = str(launch.distributed_type).split(".")[-1]
+    if engine == "DEEPSPEED":
+        check_deepspeed_installed()
+    return engine
 
 
 def build_accelerator(train, log_with: Optional[str], project_dir: str):
