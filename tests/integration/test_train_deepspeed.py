@@ -171,3 +171,21 @@ def test_zero2_skips_a_nonfinite_step_on_every_process(tmp_path, tiny_sd, data):
     assert not all(torch.equal(skipped[k], after[k]) for k in skipped)  # step 3 trained
     lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert all(torch.isfinite(v).all() for v in lora.values())
+
+
+@pytest.mark.slow
+def test_zero2_lora_with_the_recipe_precision_settings(tmp_path, tiny_sd, data):
+    """bf16 (DeepSpeed's bf16 mode: the network cast to bf16, fp32 master weights in the optimizer, the forward under
+    autocast for the fp32 inputs), a bf16 frozen base and gradient checkpointing: the exported adapters are the fp32
+    masters, trained."""
+    out = tmp_path / "o"
+    settings = ("train.batch_size=1", "train.max_steps=2", "train.mixed_precision=bf16", "model.frozen_dtype=bfloat16",
+                "train.gradient_checkpointing=true")
+    proc = launch("zero2.yaml", _overrides(tiny_sd, data, out, *settings), port=29655)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] == r["loss"] for r in rows)
+    assert all(r["grad_norm"] > 0 and r["skipped_steps"] == 0 for r in rows)
+    lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert {v.dtype for v in lora.values()} == {torch.float32}
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in lora.items())

@@ -11,8 +11,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides applied after the file, e.g. train.beta=5000 lora.rank=16")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--check-launch", metavar="ACCELERATE_CONFIG",
-                   help="check that `accelerate launch --config_file ACCELERATE_CONFIG` can run train here (e.g. "
-                        "deepspeed installed for zero2.yaml / zero3.yaml) and exit")
+                   help="check that `accelerate launch --config_file ACCELERATE_CONFIG` can run train here "
+                        "(deepspeed installed for zero2.yaml / zero3.yaml) and exit")
 
 
 def run(args: argparse.Namespace) -> int:

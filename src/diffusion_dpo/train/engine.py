@@ -55,7 +55,8 @@ def check_launch(config_file: str) -> str:
         launch = load_config_from_file(config_file)
     except Exception as err:  # a missing file or a YAML / key error: accelerate's message, on one line
         why = (str(err).strip().splitlines() or [""])[0][:160]
-        raise ConfigError(f"--check-launch {config_file}: not an accelerate config ({type(err).__name__}: {why})") from err
+        raise ConfigError(f"--check-launch {config_file}: not an accelerate config "
+                          f"({type(err).__name__}: {why})") from err
     engine = str(launch.distributed_type).split(".")[-1]
     if engine == "DEEPSPEED":
         check_deepspeed_installed()
@@ -68,14 +69,13 @@ def build_accelerator(train, log_with: Optional[str], project_dir: str):
     from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
     from accelerate.utils import DistributedType
 
-    mixed_precision = train.mixed_precision
+    mixed_precision, launched = train.mixed_precision, int(os.environ.get("WORLD_SIZE", "1"))
     ds_plugin = None
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
         check_deepspeed_installed()
         from accelerate.utils import DeepSpeedPlugin
 
         ds_plugin = DeepSpeedPlugin()  # every setting from the ACCELERATE_DEEPSPEED_* variables of the launch
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
         derived = deepspeed_config(ds_plugin.deepspeed_config, train, launched)
         ds_plugin.deepspeed_config.clear()  # in place: the plugin's HfDeepSpeedConfig reads the same dict
         ds_plugin.deepspeed_config.update(derived)
@@ -99,7 +99,6 @@ def build_accelerator(train, log_with: Optional[str], project_dir: str):
     acc = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
                       fsdp_plugin=fsdp_plugin, deepspeed_plugin=ds_plugin,
                       gradient_accumulation_steps=train.gradient_accumulation if ds_plugin else 1)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and acc.num_processes == 1:
         raise ConfigError(f"{launched} processes were launched but accelerate found no GPU and set each up as a single "
                           "process (they would train separately into one output.dir): set ACCELERATE_USE_CPU=true "
@@ -232,7 +231,8 @@ def micro_batch(acc, model, last: bool):
         return
     with acc.accumulate(model):
         if acc.sync_gradients != last:  # accelerate counts micro-batches itself: it must agree with the trainer
-            raise RuntimeError(f"accelerate's accumulation boundary ({acc.sync_gradients}) is not the trainer's ({last})")
+            raise RuntimeError(f"accelerate's accumulation boundary ({acc.sync_gradients}) is not the trainer's "
+                               f"({last})")
         yield
 
 
@@ -338,17 +338,19 @@ def load_sharded(folder: Path, model, optimizer) -> None:
     model: the prepared model, as for save_sharded."""
     deepspeed = type(model).__name__ == "DeepSpeedEngine"
     if _engine_of(folder) != ("DeepSpeed" if deepspeed else "FSDP"):
-        raise ConfigError(f"checkpoint {folder.parent} was written under {_engine_of(folder)} and this run trains under "
-                          f"{'DeepSpeed' if deepspeed else 'FSDP'}: resume with the accelerate config that wrote it, or "
-                          "train into a new output.dir")
+        here = "DeepSpeed" if deepspeed else "FSDP"
+        raise ConfigError(f"checkpoint {folder.parent} was written under {_engine_of(folder)} and this run trains "
+                          f"under {here}: resume with the accelerate config that wrote it, or train into a new "
+                          "output.dir")
     if deepspeed:
         try:
             path, _ = model.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=False,
                                             load_optimizer_states=True, load_lr_scheduler_states=False)
         except Exception as err:  # another model, another process count or ZeRO stage: DeepSpeed says which
             why = (str(err).strip().splitlines() or [""])[0][:200]
-            raise ConfigError(f"checkpoint {folder.parent} does not fit this run ({type(err).__name__}: {why}): resume "
-                              "with the checkpoint's settings and process count, or train into a new output.dir") from err
+            raise ConfigError(f"checkpoint {folder.parent} does not fit this run ({type(err).__name__}: {why}): "
+                              "resume with the checkpoint's settings and process count, or train into a new "
+                              "output.dir") from err
         if path is None:
             raise CheckpointError(f"{folder} cannot be read by DeepSpeed")
         return

@@ -1,7 +1,8 @@
 """The Diffusion-DPO / SFT training recipe.
 
 `Trainer(cfg).setup()` builds everything in a fixed order; `train()` runs the loop top to bottom.
-Runs unchanged on one CPU or under `accelerate launch` with DDP, FSDP2 or DeepSpeed ZeRO (train.engine, docs/scaling.md).
+Runs unchanged on one CPU or under `accelerate launch` with DDP, FSDP2 or DeepSpeed ZeRO (train.engine,
+docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -350,7 +351,8 @@ class Trainer:
             if self.is_main:
                 ckpt.start(root, self.step)
             acc.wait_for_everyone()
-            engine.save_sharded(ckpt.staging(root, self.step) / engine.checkpoint_folder(acc), self.unet, self.optimizer)
+            folder = ckpt.staging(root, self.step) / engine.checkpoint_folder(acc)
+            engine.save_sharded(folder, self.unet, self.optimizer)
             acc.wait_for_everyone()
         if self.is_main:
             extra = self.counts if self.ranks is None else {**self.counts, "lora_rank": self.lora_rank()}
