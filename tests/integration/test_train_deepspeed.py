@@ -189,3 +189,21 @@ def test_zero2_lora_with_the_recipe_precision_settings(tmp_path, tiny_sd, data):
     lora = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert {v.dtype for v in lora.values()} == {torch.float32}
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in lora.items())
+
+
+@pytest.mark.slow
+@pytest.mark.fault(input="under DeepSpeed, a micro-batch of one process holding only corrupt pairs",
+                   behaviour="the process reruns its last good micro-batch weighted 0 (ZeRO's collectives stay in "
+                             "step); the pairs are counted as skipped")
+def test_zero2_micro_batch_of_corrupt_pairs_keeps_processes_in_step(tmp_path, tiny_sd):
+    from diffusion_dpo.data.synthetic import write_manifest
+
+    source = write_manifest(tmp_path / "bad", n=8, corrupt=1)
+    out = tmp_path / "o"
+    proc = launch("zero2.yaml", _overrides(tiny_sd, source, out, "train.batch_size=1"), port=29656, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["skipped_pairs"] == 2  # the corrupt pair, once in each of the two epochs
+    assert rows[-1]["trained_pairs"] == 16 - 2
+    assert all(r["loss"] == r["loss"] for r in rows)  # finite: the stand-in micro-batch adds nothing

@@ -198,14 +198,15 @@ class Trainer:
 
     def empty_micro_step(self, raw: dict[str, Any]):
         """A zero loss for a micro-batch of corrupt pairs only. DDP reduces its (zero) gradient like any other; FSDP2
-        gathers and reduces only inside forward and backward, which every process must run together, so this
+        and DeepSpeed gather and reduce inside forward and backward, which every process must run together, so this
         process runs its last good micro-batch again, weighted 0."""
         if not self.sharded:
             return sum(p.sum() for p in self.params) * 0.0, {}, 0
         if self.last_raw is None:
-            raise DataError(f"under FSDP process {self.accelerator.process_index}'s first micro-batch holds only corrupt "
-                            f"pairs ({raw.get('num_skipped', 0)} skipped), so it cannot take part in the step: fix the "
-                            "images, or prepare a cache (data.cache_dir), which drops corrupt pairs before training")
+            raise DataError(f"under {engine.name(self.accelerator)} process {self.accelerator.process_index}'s first "
+                            f"micro-batch holds only corrupt pairs ({raw.get('num_skipped', 0)} skipped), so it cannot "
+                            "take part in the step: fix the images, or prepare a cache (data.cache_dir), which drops "
+                            "corrupt pairs before training")
         loss, _, _ = self.micro_step(self.last_raw)
         return loss * 0.0, {}, 0
 
