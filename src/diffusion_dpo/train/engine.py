@@ -215,11 +215,6 @@ def shard_frozen(acc, module: torch.nn.Module) -> torch.nn.Module:
     return reference
 
 
-def _unwrap(model):
-    """The network inside a DeepSpeed engine (FSDP2 modifies the network in place: it is its own)."""
-    return getattr(model, "module", model) if type(model).__name__ == "DeepSpeedEngine" else model
-
-
 @contextlib.contextmanager
 def micro_batch(acc, model, last: bool):
     """One micro-batch of a step; `last`: the step's final one, where gradients are reduced (and, under DeepSpeed,
