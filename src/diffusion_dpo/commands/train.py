@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "on the detected model family, such as lora.target_modules, print as null)")
     p.epilog = ("lora.target_modules default: the detected family's set (train.method=consistency_dpo: the LCM-LoRA "
                 "set); table in docs/recipes.md, \"LoRA targets\". output.dir/config.yaml records the list trained.")
+    p.add_argument("--check-launch", metavar="ACCELERATE_CONFIG",
+                   help="check that `accelerate launch --config_file ACCELERATE_CONFIG` can run train here "
+                        "(deepspeed installed for zero2.yaml / zero3.yaml) and exit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,6 +25,11 @@ def run(args: argparse.Namespace) -> int:
     from diffusion_dpo.runtime import setup_logging
     from diffusion_dpo.train.trainer import train
 
+    if args.check_launch:
+        from diffusion_dpo.train.engine import check_launch
+
+        print(f"{args.check_launch}: {check_launch(args.check_launch)} can be launched here")
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))

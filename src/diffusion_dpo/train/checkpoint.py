@@ -8,7 +8,8 @@ replacement is complete, and no checkpoint is pruned before the new one is in pl
 that cannot be read (a truncated file, a bad disk) is reported by file name and resume falls back to
 the one before it. Only the trainable parameters are stored (for LoRA: megabytes, not the whole UNet).
 Under FSDP2 the trainable weights and the optimizer state are a `sharded/` folder instead of trainable.safetensors
-and optimizer.pt: every process writes its own shard (train.engine.save_sharded) between `start` and `save`.
+and optimizer.pt (under DeepSpeed ZeRO a `deepspeed/` folder): every process writes its own shard
+(train.sharded_state.save_sharded) between `start` and `save`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ _OLD = ".old-"  # prefix of a checkpoint folder being replaced by a new one of t
 # Settings that decide which tensors are trainable and their shapes: named when a checkpoint does not fit.
 _SHAPE_KEYS = (("train", "finetune"), ("lora", "rank"), ("lora", "target_modules"))
 SHARDED = "sharded"  # the folder of a checkpoint written under FSDP2: one torch.distributed.checkpoint
+DEEPSPEED = "deepspeed"  # the same under DeepSpeed ZeRO: its engine's save_checkpoint (one file per process)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -88,7 +90,7 @@ def start(root: Path, step: int) -> Path:
 def save(root: Path, step: int, model, optimizer, lr_scheduler, cfg, extra: dict, keep: Optional[int],
          scaler=None) -> Path:
     """Write checkpoint `step` (main process). model None: the weights and optimizer state are already in the
-    staging folder's sharded/ (start, then train.engine.save_sharded on every process)."""
+    staging folder's sharded/ (start, then train.sharded_state.save_sharded on every process)."""
     final = root / f"checkpoint-{step}"
     if model is None:
         tmp = staging(root, step)
@@ -141,7 +143,7 @@ class Checkpoint:
     scheduler: dict
     rng: dict
     scaler: Optional[dict]
-    sharded: Optional[Path] = None  # the sharded/ folder of weights and optimizer state (FSDP2), read by apply
+    sharded: Optional[Path] = None  # the sharded/ (FSDP2) or deepspeed/ folder of weights and optimizer state
 
 
 def read(path: Path) -> Checkpoint:
@@ -157,9 +159,9 @@ def read(path: Path) -> Checkpoint:
     def pt(p: Path):
         return torch.load(p, weights_only=True, map_location="cpu")
 
-    sharded = (path / SHARDED) if (path / SHARDED).is_dir() else None
+    sharded = next((path / name for name in (SHARDED, DEEPSPEED) if (path / name).is_dir()), None)
     if sharded is not None:
-        from diffusion_dpo.train.engine import check_sharded
+        from diffusion_dpo.train.sharded_state import check_sharded
 
         check_sharded(sharded)  # the shard index; the shards themselves are read straight into the sharded model
     return Checkpoint(
@@ -195,9 +197,11 @@ def read_latest(root: Path) -> Optional[Checkpoint]:
 def apply(ckpt: Checkpoint, cfg: RunConfig, model, optimizer, lr_scheduler, scaler=None, load_sharded=None) -> None:
     """Load a checkpoint into the model, optimizer, LR schedule and fp16 loss scaler (not the RNG: see
     restore_rng). A checkpoint written with other trainable tensors raises ConfigError naming the settings.
-    load_sharded: train.engine.load_sharded when the model is sharded (FSDP2), else None."""
+    load_sharded: train.sharded_state.load_sharded when the model is sharded (FSDP2, DeepSpeed), else None."""
     if (ckpt.sharded is None) != (load_sharded is None):
-        there, here = ("under FSDP", "without it") if ckpt.sharded is not None else ("without FSDP", "under FSDP")
+        engine = "FSDP" if ckpt.sharded is None or ckpt.sharded.name == SHARDED else "DeepSpeed"
+        there, here = (f"under {engine}", "without it") if ckpt.sharded is not None else ("without FSDP or DeepSpeed",
+                                                                                          "with one of them")
         raise ConfigError(f"checkpoint {ckpt.path} was written {there} and this run trains {here}: resume with the "
                           "accelerate config that wrote it, or train into a new output.dir")
     if load_sharded is not None:

@@ -16,7 +16,7 @@ from diffusion_dpo.train.run_dir import describe_changes, forced_resumes
 
 def write_final_outputs(out: Path, unet, cfg: RunConfig, family: ModelFamily, summary: dict,
                         state: Optional[dict[str, torch.Tensor]] = None) -> list[Path]:
-    """state: the consolidated tensors of a sharded (FSDP2) UNet (train.engine.consolidate); None: the UNet's own."""
+    """state: the consolidated tensors of a sharded (FSDP2) UNet (train.sharded_state.consolidate); None: the UNet's own."""
     spec = family.spec
     written: list[Path] = []
     if cfg.train.finetune == "lora":
@@ -25,7 +25,7 @@ def write_final_outputs(out: Path, unet, cfg: RunConfig, family: ModelFamily, su
         written += save_lora(unet, out, family, export_kohya=cfg.lora.export_kohya, state=state)
     else:
         if state is not None:
-            from diffusion_dpo.train.engine import unsharded_copy
+            from diffusion_dpo.train.sharded_state import unsharded_copy
 
             unet = unsharded_copy(unet, state)
         folder = family.network_folder  # what the pipeline's from_pretrained(..., unet=/transformer=) takes

@@ -1,12 +1,12 @@
 """The Diffusion-DPO / SFT training recipe.
 
 `Trainer(cfg).setup()` builds everything in a fixed order; `train()` runs the loop top to bottom.
-Runs unchanged on one CPU or under `accelerate launch` on many GPUs with DDP or FSDP2 (train.engine, docs/scaling.md).
+Runs unchanged on one CPU or under `accelerate launch` with DDP, FSDP2 or DeepSpeed ZeRO (train.engine,
+docs/scaling.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -23,7 +23,7 @@ from diffusion_dpo.models.loading import spec_dict
 from diffusion_dpo.runtime import ProcessInfo, torch_dtype
 from diffusion_dpo.typed_config import flatten
 from diffusion_dpo.train import checkpoint as ckpt
-from diffusion_dpo.train import engine
+from diffusion_dpo.train import engine, sharded_state
 from diffusion_dpo.train.batch import EpochItems, open_pairs
 from diffusion_dpo.train.interrupt import StopSignals
 from diffusion_dpo.train.optim import apply_gradients, build_lr_scheduler, build_optimizer
@@ -66,14 +66,13 @@ class Trainer:
             report = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
         self.report_to = report
         if self.accelerator is None:
-            self.accelerator = engine.build_accelerator(cfg.train.mixed_precision, None if report == "none" else report,
-                                                        str(self.out))
+            self.accelerator = engine.build_accelerator(cfg.train, None if report == "none" else report, str(self.out))
         acc = self.accelerator
         self.ranks = RankSchedule.of(cfg)  # train.curriculum.rank_schedule (Curriculum-DPO++): None when off
         if self.ranks is not None and acc.num_processes > 1:
             raise ConfigError("train.curriculum.rank_schedule runs on one process only (DDP cannot swap the "
                               "parameters it synchronises mid-run): launch one process, or remove the rank schedule")
-        self.sharded = engine.is_sharded(acc)  # FSDP2: checkpoints and final outputs are gathered through engine
+        self.sharded = engine.is_sharded(acc)  # FSDP2, DeepSpeed: checkpoints and final outputs go through engine
         self.last_raw: Optional[dict[str, Any]] = None  # this process's last micro-batch with a pair (empty_micro_step)
         engine.check_config(acc, cfg.model.reference_on_cpu)
         log.info("engine: %s, %d process(es)", engine.name(acc), acc.num_processes)
@@ -159,8 +158,8 @@ class Trainer:
             if state is not None:
                 if self.ranks is not None:  # the checkpoint's adapter may have grown already: grow this one first
                     self.grow(state.state.get("lora_rank", self.ranks.rank_after(state.state["step"])))
-                ckpt.apply(state, cfg, acc.unwrap_model(self.unet), self.optimizer, self.lr_scheduler, acc.scaler,
-                           engine.load_sharded if self.sharded else None)
+                ckpt.apply(state, cfg, self.unet if self.sharded else acc.unwrap_model(self.unet), self.optimizer,
+                           self.lr_scheduler, acc.scaler, sharded_state.load_sharded if self.sharded else None)
                 self.step = state.state["step"]
                 self.counts = {k: state.state.get(k, 0) for k in COUNTS}
                 if "trained_pairs" not in state.state:  # older checkpoints did not count it; their steps trained
@@ -198,7 +197,7 @@ class Trainer:
         self.last_raw = raw
         if self.reference_store is not None:
             batch.ref_errors = self.reference_store.lookup(raw["epochs"], raw["indices"])
-        with self.accelerator.autocast():
+        with engine.autocast(self.accelerator):
             out = preference_step(self.unet, self.reference, self.loss_fn, self.family, self.noise_scheduler, batch,
                                   self.cfg.train.error_reduction)
         metrics = {"loss": out.loss.detach(), **out.metrics}
@@ -206,14 +205,15 @@ class Trainer:
 
     def empty_micro_step(self, raw: dict[str, Any]):
         """A zero loss for a micro-batch of corrupt pairs only. DDP reduces its (zero) gradient like any other; FSDP2
-        gathers and reduces only inside forward and backward, which every process must run together, so this
+        and DeepSpeed gather and reduce inside forward and backward, which every process must run together, so this
         process runs its last good micro-batch again, weighted 0."""
         if not self.sharded:
             return sum(p.sum() for p in self.params) * 0.0, {}, 0
         if self.last_raw is None:
-            raise DataError(f"under FSDP process {self.accelerator.process_index}'s first micro-batch holds only corrupt "
-                            f"pairs ({raw.get('num_skipped', 0)} skipped), so it cannot take part in the step: fix the "
-                            "images, or prepare a cache (data.cache_dir), which drops corrupt pairs before training")
+            raise DataError(f"under {engine.name(self.accelerator)} process {self.accelerator.process_index}'s first "
+                            f"micro-batch holds only corrupt pairs ({raw.get('num_skipped', 0)} skipped), so it cannot "
+                            "take part in the step: fix the images, or prepare a cache (data.cache_dir), which drops "
+                            "corrupt pairs before training")
         loss, _, _ = self.micro_step(self.last_raw)
         return loss * 0.0, {}, 0
 
@@ -272,11 +272,9 @@ class Trainer:
             for micro in range(ga):
                 raw = next(batches)
                 skipped += int(raw.get("num_skipped", 0))
-                sync = micro == ga - 1
-                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.unet)
-                with ctx:
+                with engine.micro_batch(acc, self.unet, last=micro == ga - 1):
                     loss, metrics, n = self.micro_step(raw)
-                    acc.backward(loss / ga)
+                    acc.backward(engine.backward_loss(acc, loss, ga))
                 pairs += n
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -287,8 +285,11 @@ class Trainer:
                                              device=self.device), "sum").tolist()
             pairs, stop = int(totals[0]), totals[2] > 0
             self.counts["skipped_pairs"] += int(totals[1])
-            grad_norm, outcome = apply_gradients(acc, self.optimizer, self.lr_scheduler, self.params,
-                                                 cfg.train.max_grad_norm, metrics)
+            if engine.is_deepspeed(acc):  # its engine clipped and stepped (or skipped) in the last backward
+                grad_norm, outcome = engine.step_outcome(self.unet, self.lr_scheduler, metrics)
+            else:
+                grad_norm, outcome = apply_gradients(acc, self.optimizer, self.lr_scheduler, self.params,
+                                                     cfg.train.max_grad_norm, metrics)
             if outcome == "nonfinite":
                 if cfg.train.on_nonfinite == "stop":
                     raise NonFiniteLossError(
@@ -301,14 +302,14 @@ class Trainer:
             elif outcome == "overflow":
                 self.counts["overflow_steps"] += 1
                 log.warning("step %d: fp16 gradients overflowed, step skipped and loss scale lowered to %g (%d so far)",
-                            self.step + 1, acc.scaler.get_scale(), self.counts["overflow_steps"])
+                            self.step + 1, engine.loss_scale(acc, self.unet), self.counts["overflow_steps"])
             else:
                 self.counts["trained_pairs"] += pairs
             self.step += 1
             record = {"step": self.step, **metrics, "grad_norm": grad_norm, "lr": self.lr_scheduler.get_last_lr()[0],
                       "pairs": pairs, **self.counts, **self.pair_order.log_fields((self.step - 1) * ga)}
-            if acc.scaler is not None:
-                record["loss_scale"] = acc.scaler.get_scale()
+            if engine.loss_scale(acc, self.unet) is not None:
+                record["loss_scale"] = engine.loss_scale(acc, self.unet)
             if self.ranks is not None:
                 record["lora_rank"] = self.lora_rank()
             history.append(record)
@@ -358,7 +359,8 @@ class Trainer:
             if self.is_main:
                 ckpt.start(root, self.step)
             acc.wait_for_everyone()
-            engine.save_sharded(ckpt.staging(root, self.step) / ckpt.SHARDED, model, self.optimizer)
+            folder = ckpt.staging(root, self.step) / sharded_state.checkpoint_folder(acc)
+            sharded_state.save_sharded(folder, self.unet, self.optimizer)
             acc.wait_for_everyone()
         if self.is_main:
             extra = self.counts if self.ranks is None else {**self.counts, "lora_rank": self.lora_rank()}
@@ -381,7 +383,7 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.unet)
         state = None
         if self.sharded:  # every process takes part in gathering the full tensors onto the main one
-            state = engine.consolidate(model, self.is_main, trainable_only=self.cfg.train.finetune == "lora")
+            state = sharded_state.consolidate(self.accelerator, self.unet, trainable_only=self.cfg.train.finetune == "lora")
         if self.is_main:
             write_final_outputs(self.out, model, self.cfg, self.family, summary, state)
         return summary
