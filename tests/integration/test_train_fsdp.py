@@ -109,6 +109,7 @@ def test_fsdp_lora_equals_one_process_and_exports_a_stock_lora(fsdp_lora, tiny_s
     assert torch.equal(loaded.detach(), wb[key])
 
 
+@pytest.mark.slow  # a 2-process launch each (~1 min on 2 cores); the LoRA equality test is the quick one
 def test_fsdp_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(fsdp_lora, tiny_sd, data, tmp_path):
     """The FSDP run's own sharded checkpoint-2, with everything written after it removed (as a run killed after
     step 2 leaves it), resumed by the same command: steps 3-4 and the final adapters are bit-identical."""
@@ -128,6 +129,7 @@ def test_fsdp_resume_from_a_mid_run_checkpoint_equals_the_uninterrupted_run(fsdp
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow  # a 2-process launch each (~1 min on 2 cores); the LoRA equality test is the quick one
 def test_fsdp_full_finetuning_equals_one_process_and_exports_a_stock_unet(tmp_path, tiny_sd, data):
     """Full fine-tuning: the policy and its frozen reference are both sharded; the unet/ folder is consolidated."""
     from diffusers import UNet2DConditionModel
@@ -193,6 +195,7 @@ def test_a_sharded_checkpoint_is_not_resumed_by_another_engine(fsdp_lora, tiny_s
     assert "resume with the accelerate config that wrote it" in last
 
 
+@pytest.mark.slow  # a 2-process launch each (~1 min on 2 cores); the LoRA equality test is the quick one
 def test_fsdp_from_a_prepared_cache_equals_one_process(tmp_path, tiny_sd, data):
     """Each process reads its own share of the cached pairs (memory-mapped shards, opened lazily): the 2-process
     FSDP2 run from the cache equals the single-process run from the same cache."""
@@ -212,6 +215,7 @@ def test_fsdp_from_a_prepared_cache_equals_one_process(tmp_path, tiny_sd, data):
                           load_file(str(multi / "pytorch_lora_weights.safetensors")))
 
 
+@pytest.mark.slow  # a 2-process launch (~1 min on 2 cores)
 @pytest.mark.fault(input="under FSDP, a micro-batch of one process holding only corrupt pairs",
                    behaviour="the process reruns its last good micro-batch weighted 0 (FSDP2 collectives stay in step); "
                              "the pairs are counted as skipped")
@@ -229,6 +233,7 @@ def test_fsdp_micro_batch_of_corrupt_pairs_keeps_processes_in_step(tmp_path, tin
     assert all(r["loss"] == r["loss"] for r in rows)  # finite: the stand-in micro-batch adds nothing
 
 
+@pytest.mark.slow  # a 2-process launch each (~1 min on 2 cores); the LoRA equality test is the quick one
 def test_fsdp_lora_with_the_recipe_precision_settings(tmp_path, tiny_sd, data):
     """bf16 mixed precision, a bf16 frozen base and gradient checkpointing (the 24 GB LoRA recipes' settings). Before:
     FSDP2 took its dtypes at the first forward, the reference's, where peft had marked the adapters frozen, so it
