@@ -30,10 +30,20 @@ def setup_work(work: Path, arch: str, family: str, res: int, pairs: int, seed: i
     model = work / f"model-{arch}{'-shrunk' if shrink else ''}-{family}-{res}-vae-{vae}"
     if not (model / "model_index.json").is_file():
         if arch in FLOW_ARCHS:
-            pipe = build_real_flow_pipeline(arch, resolution=res, words=WORDS, seed=seed, shrink=shrink)
+            import torch
+
+            # built on the GPU when there is one (random init of Flux's 11.9B parameters is slow on a CPU) and saved
+            # in bf16 as the published SD3.5 / Flux checkpoints are (Flux: 24 GB on disk, not 48); the trainer loads
+            # it in float32 as it loads those
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                pipe = build_real_flow_pipeline(arch, resolution=res, words=WORDS, seed=seed, shrink=shrink)
+            pipe.transformer.to(torch.bfloat16)
         else:
             pipe = build_pipeline(family, arch, resolution=res, words=WORDS, seed=seed, vae=vae)
         pipe.save_pretrained(model, safe_serialization=True)
+        del pipe  # the children need the device's memory
+        if arch in FLOW_ARCHS:
+            torch.cuda.empty_cache()
     parquet = work / f"pairs-{res}.parquet"
     if not parquet.is_file():
         write_pickapic_parquet(parquet, n=max(8, 4 * pairs), seed=seed, size=(res * 9 // 8, res * 5 // 4))
