@@ -124,3 +124,10 @@ def test_bench_flow_arch_refuses_the_unet_only_variants(tmp_path, capsys):
 def test_bench_flow_arch_refuses_another_vae(tmp_path, capsys):
     assert main(["bench", "--arch", "flux", "--vae", "sd", "--workdir", str(tmp_path)]) == 2
     assert "--vae sd: --arch flux has its own 16-channel stand-in VAE" in capsys.readouterr().err
+
+
+@pytest.mark.fault(input="`bench --arch mid --shrink` (the test-only flag on a UNet arch)",
+                   behaviour="exit 2: `--shrink reduces a flow transformer (--arch sd35m, sd35l, flux); drop it`")
+def test_bench_shrink_is_for_the_flow_archs_only(tmp_path, capsys):
+    assert main(["bench", "--arch", "mid", "--shrink", "--workdir", str(tmp_path)]) == 2
+    assert "--shrink reduces a flow transformer" in capsys.readouterr().err
