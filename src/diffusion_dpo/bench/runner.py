@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from diffusion_dpo.bench.child import RESULT_PREFIX
 
