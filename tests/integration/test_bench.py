@@ -78,3 +78,56 @@ def test_bench_gradient_checkpointing_counts_model_and_recomputed_flops(tmp_path
         assert plain["hw_gflop_per_step"] == plain["gflop_per_step"]
         assert abs(ckpt["gflop_per_step"] / plain["gflop_per_step"] - 1) < 1e-6  # same model FLOPs
         assert ckpt["hw_gflop_per_step"] > 1.1 * ckpt["gflop_per_step"]  # the blocks' forward ran twice
+
+
+@pytest.mark.parametrize("arch,network_class", [("sd35m", "SD3Transformer2DModel"), ("flux", "FluxTransformer2DModel")])
+def test_bench_flow_arch_times_the_trainer_step_of_the_real_transformer_shrunk(tmp_path, capsys, arch, network_class):
+    """`bench --arch sd35m|flux` end to end through the path a GPU run takes (build_real_flow_pipeline, prepare with
+    the stand-in encoders, the trainer's own step in a child), with the transformer shrunk to one layer for a CPU."""
+    out = tmp_path / "bench.json"
+    work = tmp_path / "work"
+    assert main(["bench", "--arch", arch, "--shrink", "--resolution", "64", "--steps", "1", "--warmup", "1",
+                 "--threads", "1", "--variants", "af", "--workdir", str(work), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert sorted(results["results"]) == ["a", "f"]
+    for v in "af":
+        r = results["results"][v]
+        assert r["pairs_per_s"] > 0 and r["peak_mem_mb"] > 0 and r["gflop_per_step"] > 0
+        assert r["s_per_step"] > 0 and r["pairs_per_s"] == pytest.approx(2 / r["s_per_step"])
+    # no reference in (f): a's FLOPs are one reference forward more
+    flops = {v: results["results"][v]["gflop_per_step"] for v in "af"}
+    assert flops["a"] > 1.3 * flops["f"]
+    assert "stand-ins with the real output shapes" in text and "(a) ours: cached latents, LoRA" in text
+    # the saved pipeline holds the real transformer class, counted under the name 'transformer'
+    (model,) = work.glob(f"model-{arch}-shrunk-*")
+    assert json.loads((model / "model_index.json").read_text())["transformer"][1] == network_class
+    from safetensors import safe_open
+
+    (weights,) = (model / "transformer").glob("*.safetensors")
+    with safe_open(str(weights), "pt") as f:  # saved in bf16, as the published checkpoints
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert results["parameters"]["transformer"] > 0 and "text encoder 2" in results["parameters"]
+    assert "parameters (counted on the models): transformer " in text
+
+
+@pytest.mark.fault(input="`bench --arch sd35m --variants c` (or d, p: UNet-only variants)",
+                   behaviour="exit 2: `--variants: c, d and p time UNet pipelines ...; use letters from 'abef'`")
+def test_bench_flow_arch_refuses_the_unet_only_variants(tmp_path, capsys):
+    for v in "cdp":
+        assert main(["bench", "--arch", "sd35m", "--variants", f"a{v}", "--workdir", str(tmp_path)]) == 2
+        assert "use letters from 'abef'" in capsys.readouterr().err
+
+
+@pytest.mark.fault(input="`bench --arch flux --vae sd`", behaviour="exit 2: `--vae sd: --arch flux has its own 16-channel "
+                   "stand-in VAE; drop --vae`")
+def test_bench_flow_arch_refuses_another_vae(tmp_path, capsys):
+    assert main(["bench", "--arch", "flux", "--vae", "sd", "--workdir", str(tmp_path)]) == 2
+    assert "--vae sd: --arch flux has its own 16-channel stand-in VAE" in capsys.readouterr().err
+
+
+@pytest.mark.fault(input="`bench --arch mid --shrink` (the test-only flag on a UNet arch)",
+                   behaviour="exit 2: `--shrink reduces a flow transformer (--arch sd35m, sd35l, flux); drop it`")
+def test_bench_shrink_is_for_the_flow_archs_only(tmp_path, capsys):
+    assert main(["bench", "--arch", "mid", "--shrink", "--workdir", str(tmp_path)]) == 2
+    assert "--shrink reduces a flow transformer" in capsys.readouterr().err

@@ -20,6 +20,10 @@ own child process (child.py: clean peak-memory numbers), warms up, and times sev
                         the cache saves per pair and pass over the data: the trainer's data path (loader +
                         Trainer.batch_encoder) on the raw images minus the same on the cache (prepare_cost.py)
 
+The flow-matching archs (sd35m, sd35l, flux: models.build.build_real_flow_pipeline) are the real transformers with
+stand-in text encoders and VAE of the real output shapes, which only fill the cache; they run a, b, e, f (c, d and
+p time UNet pipelines).
+
 Measured (measure.py): pairs/s, seconds per step, peak memory (child RSS on CPU, max allocated on CUDA), FLOPs
 per step (torch's FlopCounterMode), MFU on a GPU; runner.py adds the ratios a/c, a/d, a/b, e/a, e/c, f/a, f/c
 and prepare's break-even passes. Every DPO logit here is losses.dpo_logit.

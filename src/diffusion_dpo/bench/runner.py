@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from diffusion_dpo.bench.child import RESULT_PREFIX
 
@@ -16,19 +15,34 @@ WORDS = ["a", "photo", "of", "small", "large", "red", "green", "blue", "circle",
 
 
 def setup_work(work: Path, arch: str, family: str, res: int, pairs: int, seed: int,
-               vae: str | None = None) -> tuple[Path, Path, Path]:
+               vae: str | None = None, shrink: bool = False) -> tuple[Path, Path, Path]:
     """Random-init pipeline folder, a synthetic dataset (JPEGs a bit larger than `res`) and its cache, each
-    made once per work folder (`family`: models.build.arch_family(arch))."""
+    made once per work folder (`family`: models.build.arch_family(arch)). The flow archs (models.build.FLOW_ARCHS)
+    get build_real_flow_pipeline's real transformer with stand-in encoders (`shrink`: its test-only reduced
+    transformer)."""
     from diffusion_dpo.cache.prepare import prepare_cache
     from diffusion_dpo.config import load_config
     from diffusion_dpo.data.synthetic import write_pickapic_parquet
-    from diffusion_dpo.models.build import build_pipeline
+    from diffusion_dpo.models.build import FLOW_ARCHS, build_pipeline, build_real_flow_pipeline
 
     vae = vae or arch
-    model = work / f"model-{arch}-{family}-{res}-vae-{vae}"
+    model = work / f"model-{arch}{'-shrunk' if shrink else ''}-{family}-{res}-vae-{vae}"
     if not (model / "model_index.json").is_file():
-        pipe = build_pipeline(family, arch, resolution=res, words=WORDS, seed=seed, vae=vae)
+        if arch in FLOW_ARCHS:
+            import torch
+
+            # built on the GPU when there is one (random init of Flux's 11.9B parameters is slow on a CPU) and saved
+            # in bf16 as the published SD3.5 / Flux checkpoints are (Flux: 24 GB on disk, not 48); the trainer loads
+            # it in float32 as it loads those
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                pipe = build_real_flow_pipeline(arch, resolution=res, words=WORDS, seed=seed, shrink=shrink)
+            pipe.transformer.to(torch.bfloat16)
+        else:
+            pipe = build_pipeline(family, arch, resolution=res, words=WORDS, seed=seed, vae=vae)
         pipe.save_pretrained(model, safe_serialization=True)
+        del pipe  # the children need the device's memory
+        if arch in FLOW_ARCHS:
+            torch.cuda.empty_cache()
     parquet = work / f"pairs-{res}.parquet"
     if not parquet.is_file():
         write_pickapic_parquet(parquet, n=max(8, 4 * pairs), seed=seed, size=(res * 9 // 8, res * 5 // 4))
@@ -40,18 +54,17 @@ def setup_work(work: Path, arch: str, family: str, res: int, pairs: int, seed: i
 
 def parameter_counts(model: Path) -> dict[str, int]:
     """Parameters of each network of a saved pipeline, counted on the model objects (the real classes built
-    from the saved configs on the meta device: no weights are read or allocated)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from the saved configs on the meta device by the planner's builders: no weights are read or allocated)."""
+    import torch
 
-    nets: dict[str, Any] = {}
-    with init_empty_weights():
-        for name, cls in (("UNet", UNet2DConditionModel), ("VAE", AutoencoderKL)):
-            nets[name] = cls.from_config(cls.load_config(model, subfolder=name.lower()))
-        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-            if (model / name).is_dir():
-                nets[name.replace("_", " ")] = cls(CLIPTextConfig.from_pretrained(model / name))
+    from diffusion_dpo.plan.model import build_encoders, build_network, describe_folder
+
+    desc = describe_folder(model)
+    with torch.device("meta"):
+        network = build_network(desc)
+        vae, encoders = build_encoders(desc, torch.float32)
+    nets = {"UNet" if desc.network_class == "UNet2DConditionModel" else "transformer": network, "VAE": vae}
+    nets.update({sub.replace("_", " "): enc for (sub, *_), (enc, _) in zip(desc.encoders, encoders)})
     return {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
 
 

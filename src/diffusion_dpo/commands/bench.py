@@ -18,7 +18,9 @@ from diffusion_dpo.models.build import ARCH_LATENT
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="mid", choices=list(ARCH_LATENT),
                    help="model size: tiny (smoke test), mid (a 50M-parameter UNet), sd15, sdxl (real sizes, random "
-                        "weights); the parameter counts are printed")
+                        "weights), sd35m, sd35l, flux (the real transformers, random weights, with small stand-in "
+                        "text encoders and VAE of the real output shapes: the timed step runs on the prepared cache; "
+                        "variants a, b, e, f only); the parameter counts are printed")
     p.add_argument("--resolution", type=int,
                    help="image size in pixels (default: the arch's latent size x the VAE's downsampling: tiny 32, "
                         "mid 256, sd15 512, sdxl 1024)")
@@ -29,8 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=int, default=2, help="preference pairs per step (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per variant (default 2)")
-    p.add_argument("--variants", default="abcdefp",
-                   help="which variants to run, e.g. 'ace' (default abcdefp; e: cached reference, f: no reference)")
+    p.add_argument("--variants",
+                   help="which variants to run, e.g. 'ace' (default abcdefp; e: cached reference, f: no reference; "
+                        "sd35m, sd35l, flux: default aef, and c, d, p are refused: they time UNet pipelines)")
     p.add_argument("--prepare-batch-size", type=int,
                    help="p: pairs per encoder call of `prepare` (default: prepare's own default for the device)")
     p.add_argument("--repeat", type=int, default=1,
@@ -53,14 +56,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="keep the saved models, data and cache here (default: a temp folder)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shrink", action="store_true", help=argparse.SUPPRESS)  # tests: a 1-layer flow transformer
 
 
 def run(args: argparse.Namespace) -> int:
     from diffusion_dpo.bench.runner import least_disturbed, parameter_counts, ratios, run_child, setup_work
     from diffusion_dpo.errors import ConfigError
-    from diffusion_dpo.models.build import arch_family, vae_downsampling
+    from diffusion_dpo.models.build import FLOW_ARCHS, arch_family, vae_downsampling
     from diffusion_dpo.runtime import setup_logging
 
+    flow = args.arch in FLOW_ARCHS
+    if args.variants is None:
+        args.variants = "aef" if flow else "abcdefp"
     bad = set(args.variants) - set(VARIANTS)
     if bad or not args.variants:
         raise ConfigError(f"--variants: unknown {''.join(sorted(bad))!r}; use letters from 'abcdefp'")
@@ -68,6 +75,13 @@ def run(args: argparse.Namespace) -> int:
                         ("--prepare-batch-size", args.prepare_batch_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if flow and set(args.variants) & set("cdp"):
+        raise ConfigError(f"--variants: c, d and p time UNet pipelines (the official SD script, the bare UNet step, "
+                          f"prepare with the real encoders); for --arch {args.arch} use letters from 'abef'")
+    if flow and args.vae != "arch":
+        raise ConfigError(f"--vae {args.vae}: --arch {args.arch} has its own 16-channel stand-in VAE; drop --vae")
+    if args.shrink and not flow:
+        raise ConfigError("--shrink reduces a flow transformer (--arch sd35m, sd35l, flux); drop it")
     setup_logging()
     vae = args.arch if args.vae == "arch" else args.vae
     res = args.resolution or ARCH_LATENT[args.arch] * vae_downsampling(vae)  # same latent size for every VAE
@@ -76,9 +90,14 @@ def run(args: argparse.Namespace) -> int:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        model, parquet, cache = setup_work(work, args.arch, family, res, args.pairs, args.seed, vae)
-        print(f"bench: arch {args.arch} ({family}), VAE {vae}, {res} px, {args.pairs} pairs/step, {args.warmup} warm-up + "
-              f"{args.steps} timed steps per variant; set-up {time.perf_counter() - t0:.0f} s", flush=True)
+        model, parquet, cache = setup_work(work, args.arch, family, res, args.pairs, args.seed, vae, args.shrink)
+        print(f"bench: arch {args.arch}{' (shrunk: 1 layer, 2 heads)' if args.shrink else ''} ({family}), VAE {vae}, "
+              f"{res} px, {args.pairs} pairs/step, {args.warmup} warm-up + {args.steps} timed steps per variant; set-up "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        if flow:
+            print("note: the transformer is the real architecture; the text encoders and the VAE are small stand-ins "
+                  "with the real output shapes (T5 states 4096 wide, pooled CLIP widths, 16 latent channels), which "
+                  "only fill the cache: the timed step does not run them", flush=True)
         params = parameter_counts(model)
         print("parameters (counted on the models): " + ", ".join(f"{name} {_count(n)}" for name, n in params.items()),
               flush=True)

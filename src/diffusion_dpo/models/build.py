@@ -123,14 +123,14 @@ def build_vae(arch: str = "tiny", sample_size: int = 64):
     raise ValueError(f"unknown VAE arch {arch!r}; choose tiny, small, mid, sd15, sdxl or sd")
 
 
-ARCH_LATENT = {"tiny": 16, "mid": 32, "sd15": 64, "sdxl": 128}
-"""Latent side per arch, the size its UNet is built for (bench's default resolution is this times the VAE's
-downsampling: tiny 32 px, mid 256 px, sd15 512 px, sdxl 1024 px)."""
+ARCH_LATENT = {"tiny": 16, "mid": 32, "sd15": 64, "sdxl": 128, "sd35m": 128, "sd35l": 128, "flux": 128}
+"""Latent side per arch, the size its network is built for (bench's default resolution is this times the VAE's
+downsampling: tiny 32 px, mid 256 px, sd15 512 px, sdxl and the flow archs (build_real_flow_pipeline) 1024 px)."""
 
 
 def arch_family(arch: str) -> Family:
-    """The family build_pipeline builds for an arch of ARCH_LATENT: SDXL for sdxl, SD for the others."""
-    return "sdxl" if arch == "sdxl" else "sd"
+    """The family of an arch of ARCH_LATENT: SDXL for sdxl, SD3 for sd35m/sd35l, Flux for flux, SD for the others."""
+    return "sdxl" if arch == "sdxl" else FLOW_ARCHS.get(arch, "sd")
 
 
 def vae_downsampling(arch: str) -> int:
@@ -233,11 +233,13 @@ def build_t5_tokenizer(words: Iterable[str] = ()):
     return T5TokenizerFast(vocab=list(pieces.items()), extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
-def build_t5_encoder(d_model: int = 32, layers: int = 1, heads: int = 2, vocab_size: int = 128):
-    """A random-init T5EncoderModel (the real class) from a small T5Config."""
+def build_t5_encoder(d_model: int = 32, layers: int = 1, heads: int = 2, vocab_size: int = 128, d_kv: int | None = None,
+                     d_ff: int | None = None):
+    """A random-init T5EncoderModel (the real class) from a small T5Config (d_kv, d_ff: d_model / heads, 2 d_model)."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model, num_layers=layers,
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_kv or d_model // heads, d_ff=d_ff or 2 * d_model,
+                      num_layers=layers,
                       num_heads=heads, relative_attention_num_buckets=8, relative_attention_max_distance=32,
                       feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     return T5EncoderModel(config)
@@ -258,8 +260,7 @@ def build_flow_pipeline(family: Family = "sd3", resolution: int = 32, words: Ite
     T5) or FluxPipeline (flux: 1 double + 1 single stream block with the guidance embedding of the guidance-distilled
     dev checkpoints; CLIP-L, T5), of the real classes, with a FlowMatchEulerDiscreteScheduler configured as the real
     pipelines' (SD3: shift 3.0; Flux dev: dynamic, resolution-dependent shift). Latents are resolution / 2 pixels."""
-    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     torch.manual_seed(seed)
     clip_tok = build_clip_tokenizer(words)
@@ -276,10 +277,7 @@ def build_flow_pipeline(family: Family = "sd3", resolution: int = 32, words: Ite
                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                             caption_projection_dim=16, pooled_projection_dim=40,
                                             pos_embed_max_size=max(latent // 2, 8))
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3/3.5's scheduler config
-        return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
-                                        tokenizer=clip_tok, text_encoder_2=clip_g, tokenizer_2=clip_tok,
-                                        text_encoder_3=t5, tokenizer_3=t5_tok)
+        return _flow_pipeline("sd3", transformer, vae, [clip_l, clip_g, t5], clip_tok, t5_tok)
     if family != "flux":
         raise ValueError(f"build_flow_pipeline builds sd3 or flux, not {family!r}")
     clip_l = build_text_encoder(hidden_size=16, vocab_size=vocab, heads=2)
@@ -287,9 +285,75 @@ def build_flow_pipeline(family: Family = "sd3", resolution: int = 32, words: Ite
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                          pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    return _flow_pipeline("flux", transformer, vae, [clip_l, t5], clip_tok, t5_tok)
+
+
+def _flow_pipeline(family: Family, transformer, vae, encoders: list, clip_tok, t5_tok):
+    """The real pipeline class of a flow family around its parts (`encoders` in the pipeline's order: SD3 CLIP-L,
+    CLIP-G, T5; Flux CLIP-L, T5), with a FlowMatchEulerDiscreteScheduler configured as the real pipelines'."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    if family == "sd3":
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3/3.5's scheduler config
+        clip_l, clip_g, t5 = encoders
+        return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip_l,
+                                        tokenizer=clip_tok, text_encoder_2=clip_g, tokenizer_2=clip_tok,
+                                        text_encoder_3=t5, tokenizer_3=t5_tok)
     # FLUX.1-dev's scheduler config: shift 3.0 unused, dynamic shifting over 256..4096 image tokens
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096)
+    clip_l, t5 = encoders
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip_l, tokenizer=clip_tok, text_encoder_2=t5,
                         tokenizer_2=t5_tok, transformer=transformer)
+
+
+FLOW_ARCHS = {"sd35m": "sd3", "sd35l": "sd3", "flux": "flux"}
+"""The real flow-matching architectures of models.arch_configs -> their family."""
+
+
+def build_real_flow_pipeline(arch: str, resolution: int = 1024, words: Iterable[str] = (), seed: int = 0,
+                             shrink: bool = False):
+    """The real pipeline class around the real transformer of `arch` (FLOW_ARCHS; models.arch_configs), random
+    weights, with STAND-IN text encoders and VAE: what `bench` times is the training step on a prepared cache, which
+    runs the transformer only, so the encoders need only the real OUTPUT shapes. T5: one layer of the real d_model
+    (joint_attention_dim 4096) with 2 heads of 16 and d_ff 32 (the real T5-XXL encoder is 4.76B parameters, 19 GB in
+    fp32); each CLIP: one layer of its real hidden and projection sizes (pooled widths 768 + 1280 for SD3, 768 for
+    Flux); VAE: the real 16-channel config (8x downsampling, scale, shift) at 32 channels per level, one layer each.
+    `shrink` (tests only): one joint layer (Flux: one double + one single block) of 2 heads, for a CPU run."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+
+    from diffusion_dpo.models.arch_configs import text_encoder_configs, transformer_config, vae_config
+
+    if arch not in FLOW_ARCHS:
+        raise ValueError(f"unknown flow arch {arch!r}; choose one of {', '.join(FLOW_ARCHS)}")
+    family = FLOW_ARCHS[arch]
+    torch.manual_seed(seed)
+    cfg = transformer_config(arch)
+    if shrink:
+        cfg.update(num_layers=1, num_attention_heads=2)
+        if family == "sd3":
+            cfg.update(caption_projection_dim=2 * cfg["attention_head_dim"],
+                       dual_attention_layers=[0] if cfg.get("dual_attention_layers") else [])
+        else:
+            cfg["num_single_layers"] = 1
+    latent = resolution // 8
+    if family == "sd3":
+        transformer = SD3Transformer2DModel(**dict(cfg, sample_size=latent))
+    else:
+        transformer = FluxTransformer2DModel(**cfg)
+    vae = AutoencoderKL(**dict(vae_config(arch), block_out_channels=[32] * 4, layers_per_block=1,
+                               sample_size=resolution))
+    clip_tok, t5_tok = build_clip_tokenizer(words), build_t5_tokenizer(words)
+    vocab = max(len(clip_tok), 64)
+    encoders = []
+    for _, cls, real, _ in text_encoder_configs(arch):
+        if cls == "T5EncoderModel":
+            encoders.append(build_t5_encoder(d_model=real["d_model"], heads=2, d_kv=16, d_ff=32,
+                                             vocab_size=max(len(t5_tok), 64)))
+        else:
+            encoders.append(build_text_encoder(hidden_size=real["hidden_size"], layers=1,
+                                               heads=real["num_attention_heads"], vocab_size=vocab,
+                                               projection_dim=real["projection_dim"],
+                                               with_projection=cls == "CLIPTextModelWithProjection"))
+    return _flow_pipeline(family, transformer, vae, encoders, clip_tok, t5_tok)
