@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from diffusion_dpo.config import RunConfig, save_config, to_dict
 from diffusion_dpo.errors import CheckpointError, ConfigError
 from diffusion_dpo.runtime import write_text_atomic
+from diffusion_dpo.train.sharded_state import DEEPSPEED, SHARDED, check_sharded
 
 log = logging.getLogger("diffusion_dpo")
 
@@ -36,8 +37,6 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 _OLD = ".old-"  # prefix of a checkpoint folder being replaced by a new one of the same step
 # Settings that decide which tensors are trainable and their shapes: named when a checkpoint does not fit.
 _SHAPE_KEYS = (("train", "finetune"), ("lora", "rank"), ("lora", "target_modules"))
-SHARDED = "sharded"  # the folder of a checkpoint written under FSDP2: one torch.distributed.checkpoint
-DEEPSPEED = "deepspeed"  # the same under DeepSpeed ZeRO: its engine's save_checkpoint (one file per process)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -161,8 +160,6 @@ def read(path: Path) -> Checkpoint:
 
     sharded = next((path / name for name in (SHARDED, DEEPSPEED) if (path / name).is_dir()), None)
     if sharded is not None:
-        from diffusion_dpo.train.sharded_state import check_sharded
-
         check_sharded(sharded)  # the shard index; the shards themselves are read straight into the sharded model
     return Checkpoint(
         path=path,

@@ -18,6 +18,9 @@ import torch
 from diffusion_dpo.errors import CheckpointError, ConfigError
 from diffusion_dpo.train.engine import is_deepspeed
 
+SHARDED = "sharded"  # the folder of a checkpoint written under FSDP2: one torch.distributed.checkpoint
+DEEPSPEED = "deepspeed"  # the same under DeepSpeed ZeRO: its engine's save_checkpoint (one file per process)
+
 
 # Sharded checkpoints. Only trainable tensors are stored (LoRA: the adapters; the frozen base is in the model
 # folder), as in the single-file checkpoints of train.checkpoint.
@@ -31,15 +34,11 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_folder(acc) -> str:
-    """The folder of a checkpoint that holds the engine's shards (train.checkpoint.SHARDED or DEEPSPEED)."""
-    from diffusion_dpo.train.checkpoint import DEEPSPEED, SHARDED
-
+    """The folder of a checkpoint that holds the engine's shards (SHARDED or DEEPSPEED)."""
     return DEEPSPEED if is_deepspeed(acc) else SHARDED
 
 
 def _engine_of(folder: Path) -> str:
-    from diffusion_dpo.train.checkpoint import DEEPSPEED
-
     return "DeepSpeed" if folder.name == DEEPSPEED else "FSDP"
 
 
