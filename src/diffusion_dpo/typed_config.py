@@ -188,9 +188,6 @@ def load_typed(schema: type, path: str | Path | None = None, overrides: list[str
     for override in overrides or []:
         apply_override(data, override, schema)
     cfg = from_dict(schema, data)
-    resolve = getattr(cfg, "resolve_defaults", None)  # defaults that depend on other keys, where `data` sets none
-    if resolve is not None:
-        resolve(data)
     validate = getattr(cfg, "validate", None)
     if validate is not None:
         validate()
