@@ -21,6 +21,7 @@ pair: counted as "wrong" it would silently lower the accuracy.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +47,29 @@ def _load_policy(base: str, family: Any, lora: str | None, unet: str | None, dty
     if lora:
         return policy, Reference(policy, lora=True), encoders
     return policy, Reference(freeze(family.load_network(torch_dtype(dtype))), lora=False), encoders
+
+
+def run_flow_settings(tuned: str) -> Any:
+    """The `flow:` section of the training run that wrote `tuned` (its output.dir, or the unet/ / transformer/ folder
+    inside it: train writes config.yaml there), as a FlowConfig; None when no run config is found (defaults)."""
+    import yaml
+
+    from diffusion_dpo.flow_config import FlowConfig
+    from diffusion_dpo.typed_config import from_dict
+
+    folder = Path(tuned)
+    for candidate in (folder / "config.yaml", folder.parent / "config.yaml"):
+        if candidate.is_file():
+            try:
+                loaded = yaml.safe_load(candidate.read_text())
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{candidate}: not valid YAML ({err}); remove it or restore the run's config.yaml") from err
+            if isinstance(loaded, dict) and isinstance(loaded.get("flow"), dict):
+                flow = from_dict(FlowConfig, loaded["flow"], "flow.")
+                flow.validate()
+                return flow
+            return None
+    return None
 
 
 def check_finite_logits(diff: torch.Tensor, pairs: Sequence[int], source: Any, timestep: int, dtype: str) -> None:
@@ -90,7 +114,9 @@ def implicit_accuracy(base: str, pairs: str, lora: str | None = None, unet: str 
         raise ConfigError(f"--implicit-timesteps must be >= 1, got {num_timesteps}")
     parse_dtype(dtype, "--dtype")
     spec = detect_spec(base)
-    family = family_of(spec)  # flow families: the default `flow` settings (sigma sampling, Flux guidance 3.5)
+    # flow families: the tuned run's own `flow` settings (sigma sampling, shifts, Flux guidance) when its folder holds
+    # the run's config.yaml, else the defaults
+    family = family_of(spec, flow=run_flow_settings(lora or unet))
     scheduler = family.load_noise_scheduler()
     # float32 whatever `dtype` is: SDXL's VAE overflows in float16 and its NaN latents would make every
     # logit of the pair NaN. Each image is encoded once, so this costs little next to the 4K UNet passes.

@@ -341,3 +341,26 @@ def test_a_flow_policy_fit_to_winners_ranks_them_first_with_a_positive_logit(fix
     r = implicit_accuracy(str(base), str(train), unet=str(tmp_path / "policy"), num_timesteps=4, resolution=32)
     assert r["pairs"] == 8 and r["ties"] == 0
     assert r["accuracy"] >= 0.75 and r["mean_dpo_logit"] > 0  # measured here: SD3 1.0, Flux 0.875
+
+
+def test_implicit_accuracy_samples_sigma_as_the_tuned_run_did(tiny_sd3, bright_pairs, tmp_path):
+    """A run folder (train's output.dir: config.yaml + transformer/) trained with flow.weighting_scheme=uniform and no
+    shift is evaluated at that run's sigma quantiles: K = 2, p = 1/4, 3/4 -> table index 250, 750 -> sigma 0.75, 0.25
+    -> timesteps [250, 750]; the same transformer without the run's config.yaml gets the defaults (logit-normal,
+    the scheduler's shift 3)."""
+    import shutil
+
+    import yaml
+
+    from diffusion_dpo.evaluate.implicit import implicit_accuracy
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sd3 / "transformer", run / "transformer")
+    (run / "config.yaml").write_text(yaml.safe_dump({"flow": {"weighting_scheme": "uniform", "shift": 1.0}}))
+    r = implicit_accuracy(str(tiny_sd3), str(bright_pairs), unet=str(run), num_timesteps=2, resolution=32, max_pairs=1)
+    assert r["timesteps"] == pytest.approx([250.0, 750.0])
+    (run / "config.yaml").unlink()
+    r = implicit_accuracy(str(tiny_sd3), str(bright_pairs), unet=str(run), num_timesteps=2, resolution=32, max_pairs=1)
+    z = 0.6744897501960817
+    sigmas = [(1000 - math.floor(1000 / (1 + math.exp(-x)))) / 1000 for x in (z, -z)]
+    assert r["timesteps"] == pytest.approx([1000 * 3 * s / (1 + 2 * s) for s in sigmas], rel=1e-6)
