@@ -163,5 +163,18 @@ def test_a_rank_schedule_is_refused_on_several_processes(tmp_path, tiny_sd, rank
     out = tmp_path / "run"
     assert main(["train", *_overrides(tiny_sd, ranked, out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "rank_schedule runs on one process only" in err
+    assert len(err.splitlines()) == 1 and "rank_schedule runs on one process without FSDP / DeepSpeed only" in err
     assert not (out / "train_run.json").exists()  # refused before the folder is claimed
+
+
+@pytest.mark.fault(input="`train.curriculum.rank_schedule` under FSDP2 or DeepSpeed, even on one process",
+                   behaviour="exit 2 at setup: one line, a plain process only")
+def test_a_rank_schedule_is_refused_under_a_sharding_engine(tmp_path, tiny_sd, ranked, capsys, monkeypatch):
+    from diffusion_dpo.train import engine
+
+    monkeypatch.setattr(engine, "is_sharded", lambda acc: True)  # as a one-process DeepSpeed / FSDP2 launch
+    out = tmp_path / "run"
+    assert main(["train", *_overrides(tiny_sd, ranked, out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "without FSDP / DeepSpeed" in err
+    assert not (out / "train_run.json").exists()

@@ -69,10 +69,10 @@ class Trainer:
             self.accelerator = engine.build_accelerator(cfg.train, None if report == "none" else report, str(self.out))
         acc = self.accelerator
         self.ranks = RankSchedule.of(cfg)  # train.curriculum.rank_schedule (Curriculum-DPO++): None when off
-        if self.ranks is not None and acc.num_processes > 1:
-            raise ConfigError("train.curriculum.rank_schedule runs on one process only (DDP cannot swap the "
-                              "parameters it synchronises mid-run): launch one process, or remove the rank schedule")
         self.sharded = engine.is_sharded(acc)  # FSDP2, DeepSpeed: checkpoints and final outputs go through engine
+        if self.ranks is not None and (acc.num_processes > 1 or self.sharded):
+            raise ConfigError("train.curriculum.rank_schedule runs on one process without FSDP / DeepSpeed only (they "
+                              "cannot swap the parameters they hold mid-run): launch one plain process, or remove it")
         self.last_raw: Optional[dict[str, Any]] = None  # this process's last micro-batch with a pair (empty_micro_step)
         engine.check_config(acc, cfg.model.reference_on_cpu)
         log.info("engine: %s, %d process(es)", engine.name(acc), acc.num_processes)
