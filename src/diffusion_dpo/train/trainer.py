@@ -22,8 +22,7 @@ from diffusion_dpo.models.families import detect_spec, family_of
 from diffusion_dpo.models.loading import spec_dict
 from diffusion_dpo.runtime import ProcessInfo, torch_dtype
 from diffusion_dpo.typed_config import flatten
-from diffusion_dpo.train import checkpoint as ckpt
-from diffusion_dpo.train import engine, sharded_state
+from diffusion_dpo.train import checkpoint as ckpt, engine, sharded_state
 from diffusion_dpo.train.batch import EpochItems, open_pairs
 from diffusion_dpo.train.interrupt import StopSignals
 from diffusion_dpo.train.optim import apply_gradients, build_lr_scheduler, build_optimizer
@@ -334,6 +333,7 @@ class Trainer:
         self.check_something_trained(run_done=True)
         elapsed = time.perf_counter() - t0
         summary = self.save_outputs(history, elapsed, self.step - start_step)
+        acc.wait_for_everyone()  # no process tears its process group down while another still writes or reduces
         acc.end_training()
         log.info("finished: %s", json.dumps(summary))
         return summary
