@@ -50,26 +50,14 @@ def _load_policy(base: str, family: Any, lora: str | None, unet: str | None, dty
 
 
 def run_flow_settings(tuned: str) -> Any:
-    """The `flow:` section of the training run that wrote `tuned` (its output.dir, or the unet/ / transformer/ folder
-    inside it: train writes config.yaml there), as a FlowConfig; None when no run config is found (defaults)."""
-    import yaml
-
-    from diffusion_dpo.flow_config import FlowConfig
-    from diffusion_dpo.typed_config import from_dict
+    """The `flow:` settings of the training run that wrote `tuned` (its output.dir, or the unet/ / transformer/ folder
+    inside it: train writes config.yaml there), read as any config is (config.load_config); None when no run config
+    is found (the defaults)."""
+    from diffusion_dpo.config import load_config
 
     folder = Path(tuned)
-    for candidate in (folder / "config.yaml", folder.parent / "config.yaml"):
-        if candidate.is_file():
-            try:
-                loaded = yaml.safe_load(candidate.read_text())
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{candidate}: not valid YAML ({err}); remove it or restore the run's config.yaml") from err
-            if isinstance(loaded, dict) and isinstance(loaded.get("flow"), dict):
-                flow = from_dict(FlowConfig, loaded["flow"], "flow.")
-                flow.validate()
-                return flow
-            return None
-    return None
+    found = next((c for c in (folder / "config.yaml", folder.parent / "config.yaml") if c.is_file()), None)
+    return None if found is None else load_config(found).flow
 
 
 def check_finite_logits(diff: torch.Tensor, pairs: Sequence[int], source: Any, timestep: int, dtype: str) -> None:
